@@ -1,0 +1,109 @@
+//! LoRA-capable linear projections: `W x + b + sum_i s_i B_i (A_i x)`.
+//!
+//! The base weights never change. Adapters are resolved once against the UNet's projection
+//! table (`ResolvedAdapter`: one optional low-rank pair per projection slot) and passed to each
+//! forward call, so attaching, detaching or pinning an adapter per request costs nothing and
+//! never mutates shared state mid-forward. Training builds a `ResolvedAdapter` from `Var`s, so
+//! gradients reach A and B through the same code path.
+
+use std::sync::Arc;
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Linear, VarBuilder};
+
+/// One LoRA pair prepared for the forward pass: `A^T` (in, r) and `s * B^T` (r, out).
+#[derive(Debug, Clone)]
+pub struct LoraDelta {
+    down_t: Tensor,
+    up_t_scaled: Tensor,
+}
+
+impl LoraDelta {
+    /// `down` is A (r, in), `up` is B (out, r), `scale` is alpha / r.
+    pub fn new(down: &Tensor, up: &Tensor, scale: f64) -> Result<Self> {
+        Ok(Self {
+            down_t: down.t()?.contiguous()?,
+            up_t_scaled: (up.t()? * scale)?.contiguous()?,
+        })
+    }
+
+    fn apply(&self, xs: &Tensor) -> Result<Tensor> {
+        xs.broadcast_matmul(&self.down_t)?
+            .broadcast_matmul(&self.up_t_scaled)
+    }
+}
+
+/// An adapter resolved against one UNet: `deltas[slot]` for each LoRA-capable projection.
+#[derive(Debug, Clone)]
+pub struct ResolvedAdapter {
+    pub name: String,
+    pub deltas: Vec<Option<LoraDelta>>,
+}
+
+/// The adapters active for one forward call, applied in order.
+pub type ActiveAdapters<'a> = &'a [Arc<ResolvedAdapter>];
+
+/// A linear projection with a slot number in its model's projection table.
+#[derive(Debug, Clone)]
+pub struct LoraLinear {
+    base: Linear,
+    slot: usize,
+}
+
+impl LoraLinear {
+    pub fn new(
+        vb: VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        table: &mut ProjectionTable,
+    ) -> Result<Self> {
+        let path = vb.prefix();
+        let base = if bias {
+            candle_nn::linear(in_dim, out_dim, vb)?
+        } else {
+            candle_nn::linear_no_bias(in_dim, out_dim, vb)?
+        };
+        let slot = table.register(path, in_dim, out_dim);
+        Ok(Self { base, slot })
+    }
+
+    pub fn forward(&self, xs: &Tensor, adapters: ActiveAdapters) -> Result<Tensor> {
+        let mut ys = self.base.forward(xs)?;
+        for adapter in adapters {
+            if let Some(Some(delta)) = adapter.deltas.get(self.slot) {
+                ys = (ys + delta.apply(xs)?)?;
+            }
+        }
+        Ok(ys)
+    }
+}
+
+/// Every LoRA-capable projection of a model: its module path (as in the checkpoint) and shape,
+/// indexed by slot.
+#[derive(Debug, Clone, Default)]
+pub struct ProjectionTable {
+    pub entries: Vec<ProjectionInfo>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProjectionInfo {
+    pub path: String,
+    pub in_features: usize,
+    pub out_features: usize,
+}
+
+impl ProjectionTable {
+    fn register(&mut self, path: String, in_features: usize, out_features: usize) -> usize {
+        self.entries.push(ProjectionInfo {
+            path,
+            in_features,
+            out_features,
+        });
+        self.entries.len() - 1
+    }
+
+    pub fn slot_of(&self, path: &str) -> Option<usize> {
+        self.entries.iter().position(|e| e.path == path)
+    }
+}

@@ -1,0 +1,367 @@
+//! MagicBrush-compatible evaluation: scores generated edits turn by turn and averages them in
+//! MagicBrush's two settings.
+//!
+//! - all turns ("all_turn"): every turn edited independently from the ground-truth source of that
+//!   turn; generated files `<id>/<id>_1.png` for turn 1 and `<id>/<id>_inde_<k>.png` for turn k > 1.
+//! - final turn ("final_turn"): each session edited iteratively from its input (turn k from the
+//!   model's own turn k-1), scored on its last turn only; `<id>/<id>_iter_<k>.png` (turn 1 is
+//!   `<id>_1.png` in both settings). Preservation L1 is then measured against that turn's
+//!   ground-truth source, outside that turn's mask.
+//!
+//! Generated images of another size are resized to the ground truth's with PIL-exact bicubic (what
+//! MagicBrush's script does); sources and masks of another size likewise (masks bilinearly).
+
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{read_image_file, DataError, Session, Turn};
+use crate::metrics::{self, ClipScorer, MetricError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    /// Each turn from the ground-truth source.
+    Independent,
+    /// Each turn from the previous generated turn.
+    Iterative,
+}
+
+/// MagicBrush's name of a generated image: `<id>_1.png`, `<id>_inde_<k>.png`, `<id>_iter_<k>.png`.
+pub fn generated_file_name(session_id: &str, turn_index: usize, setting: Setting) -> String {
+    match (turn_index, setting) {
+        (1, _) => format!("{session_id}_1.png"),
+        (k, Setting::Independent) => format!("{session_id}_inde_{k}.png"),
+        (k, Setting::Iterative) => format!("{session_id}_iter_{k}.png"),
+    }
+}
+
+/// Where a generated image lives under a generated folder.
+pub fn generated_path(root: &Path, session_id: &str, turn_index: usize, setting: Setting) -> PathBuf {
+    root.join(session_id)
+        .join(generated_file_name(session_id, turn_index, setting))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(
+        "generated image for session {session} turn {turn} ({setting}) is missing: {}",
+        path.display()
+    )]
+    MissingGenerated {
+        session: String,
+        turn: usize,
+        setting: &'static str,
+        path: PathBuf,
+    },
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("session {session} turn {turn}: {source}")]
+    Metric {
+        session: String,
+        turn: usize,
+        #[source]
+        source: MetricError,
+    },
+    #[error("editing session {session} turn {turn}: {message}")]
+    Edit {
+        session: String,
+        turn: usize,
+        message: String,
+    },
+}
+
+pub type Result<T> = std::result::Result<T, EvalError>;
+
+/// The metrics of one generated image.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TurnScores {
+    pub l1: f64,
+    pub l2: f64,
+    pub psnr: f64,
+    pub ssim: f64,
+    pub edit_l1: Option<f64>,
+    pub preserve_l1: Option<f64>,
+    pub clip_t: Option<f64>,
+}
+
+fn to_size(image: &RgbImage, size: (u32, u32)) -> std::borrow::Cow<'_, RgbImage> {
+    if image.dimensions() == size {
+        std::borrow::Cow::Borrowed(image)
+    } else {
+        std::borrow::Cow::Owned(metrics::resize_bicubic(image, size.0, size.1))
+    }
+}
+
+/// Scores `generated` against `turn` (resizing it to the ground truth's size first).
+pub fn score_turn(generated: &RgbImage, turn: &Turn, clip: Option<&ClipScorer>) -> Result<TurnScores> {
+    let wrap = |source: MetricError| EvalError::Metric {
+        session: turn.session_id.clone(),
+        turn: turn.turn_index,
+        source,
+    };
+    let size = turn.target.dimensions();
+    let generated = to_size(generated, size);
+    let source = to_size(&turn.source, size);
+    let mask = metrics::resize_mask(&turn.mask, size.0, size.1);
+    let l2 = metrics::mse(&generated, &turn.target).map_err(wrap)?;
+    let clip_t = match (clip, &turn.local_description) {
+        (Some(clip), Some(text)) => Some(clip.score(&generated, text).map_err(wrap)?),
+        _ => None,
+    };
+    Ok(TurnScores {
+        l1: metrics::l1(&generated, &turn.target).map_err(wrap)?,
+        l2,
+        psnr: metrics::psnr(l2),
+        ssim: metrics::ssim(&generated, &turn.target).map_err(wrap)?,
+        edit_l1: metrics::edit_region_l1(&generated, &turn.target, &mask).map_err(wrap)?,
+        preserve_l1: metrics::preservation_l1(&generated, &source, &mask).map_err(wrap)?,
+        clip_t,
+    })
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Mean {
+    sum: f64,
+    count: usize,
+}
+
+impl Mean {
+    fn add(&mut self, value: Option<f64>) {
+        if let Some(v) = value {
+            self.sum += v;
+            self.count += 1;
+        }
+    }
+
+    fn value(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum / self.count as f64)
+    }
+}
+
+/// Running means of one setting.
+#[derive(Debug, Default, Clone)]
+pub struct Accumulator {
+    count: usize,
+    l1: Mean,
+    l2: Mean,
+    psnr: Mean,
+    ssim: Mean,
+    edit_l1: Mean,
+    preserve_l1: Mean,
+    clip_t: Mean,
+    /// Turns scored without a local description while CLIP-T was asked for.
+    pub missing_descriptions: usize,
+}
+
+impl Accumulator {
+    pub fn add(&mut self, scores: &TurnScores) {
+        self.count += 1;
+        self.l1.add(Some(scores.l1));
+        self.l2.add(Some(scores.l2));
+        self.psnr.add(Some(scores.psnr));
+        self.ssim.add(Some(scores.ssim));
+        self.edit_l1.add(scores.edit_l1);
+        self.preserve_l1.add(scores.preserve_l1);
+        self.clip_t.add(scores.clip_t);
+    }
+
+    pub fn summary(&self) -> SettingSummary {
+        SettingSummary {
+            count: self.count,
+            l1: self.l1.value(),
+            l2: self.l2.value(),
+            psnr: self.psnr.value(),
+            ssim: self.ssim.value(),
+            edit_l1: self.edit_l1.value(),
+            preserve_l1: self.preserve_l1.value(),
+            clip_t: self.clip_t.value(),
+        }
+    }
+}
+
+/// Averages of one setting; a metric nothing was measured for is `null` (and CLIP-T absent).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SettingSummary {
+    pub count: usize,
+    pub l1: Option<f64>,
+    pub l2: Option<f64>,
+    pub psnr: Option<f64>,
+    pub ssim: Option<f64>,
+    pub edit_l1: Option<f64>,
+    pub preserve_l1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub clip_t: Option<f64>,
+}
+
+/// The evaluation's result, in the JSON shape the issue fixes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalReport {
+    pub all_turn: SettingSummary,
+    pub final_turn: SettingSummary,
+}
+
+impl EvalReport {
+    /// A markdown table in the paper's column order, plus our two columns.
+    pub fn to_markdown(&self) -> String {
+        let cell = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+        let psnr = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+        let mut out = String::from(
+            "| setting | turns | L1 | L2 | CLIP-T | SSIM | PSNR | edit-region L1 | preservation L1 |\n\
+             | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        for (name, s) in [("all turns", &self.all_turn), ("final turn", &self.final_turn)] {
+            out.push_str(&format!(
+                "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                s.count,
+                cell(s.l1),
+                cell(s.l2),
+                cell(s.clip_t),
+                cell(s.ssim),
+                psnr(s.psnr),
+                cell(s.edit_l1),
+                cell(s.preserve_l1),
+            ));
+        }
+        out
+    }
+}
+
+/// Where generated images come from: a folder written earlier, or a model run now.
+pub trait GeneratedImages {
+    /// The generated image of `session`'s turn `turn_index` (1-based) in `setting`. Iterative turns
+    /// are asked for in order, so a model can chain them.
+    fn generated(&mut self, session: &Session, turn_index: usize, setting: Setting) -> Result<RgbImage>;
+}
+
+/// A folder in MagicBrush's generated layout.
+pub struct GeneratedFolder {
+    pub root: PathBuf,
+}
+
+impl GeneratedImages for GeneratedFolder {
+    fn generated(&mut self, session: &Session, turn_index: usize, setting: Setting) -> Result<RgbImage> {
+        let path = generated_path(&self.root, &session.id, turn_index, setting);
+        if !path.is_file() {
+            return Err(EvalError::MissingGenerated {
+                session: session.id.clone(),
+                turn: turn_index,
+                setting: match setting {
+                    Setting::Independent => "all-turn setting",
+                    Setting::Iterative => "iterative setting",
+                },
+                path,
+            });
+        }
+        Ok(read_image_file(&path)?.to_rgb8())
+    }
+}
+
+/// Scores sessions one by one into the two settings.
+pub struct Evaluator<'a> {
+    clip: Option<&'a ClipScorer>,
+    all_turn: Accumulator,
+    final_turn: Accumulator,
+}
+
+impl<'a> Evaluator<'a> {
+    pub fn new(clip: Option<&'a ClipScorer>) -> Self {
+        Evaluator {
+            clip,
+            all_turn: Accumulator::default(),
+            final_turn: Accumulator::default(),
+        }
+    }
+
+    /// Scores every turn of `session` (all-turn setting) and its last turn edited iteratively
+    /// (final-turn setting). Iterative turns before the last are requested too, so a model that
+    /// generates them writes the whole chain.
+    pub fn add_session(&mut self, session: &Session, images: &mut dyn GeneratedImages) -> Result<()> {
+        for turn in &session.turns {
+            let generated = images.generated(session, turn.turn_index, Setting::Independent)?;
+            let scores = score_turn(&generated, turn, self.clip)?;
+            self.note_description(turn, true);
+            self.all_turn.add(&scores);
+        }
+        let Some(last) = session.turns.last() else {
+            return Ok(());
+        };
+        let mut final_image = None;
+        for turn in &session.turns {
+            if turn.turn_index > 1 {
+                final_image = Some(images.generated(session, turn.turn_index, Setting::Iterative)?);
+            } else if session.turns.len() == 1 {
+                final_image = Some(images.generated(session, 1, Setting::Iterative)?);
+            }
+        }
+        if let Some(image) = final_image {
+            let scores = score_turn(&image, last, self.clip)?;
+            self.note_description(last, false);
+            self.final_turn.add(&scores);
+        }
+        Ok(())
+    }
+
+    fn note_description(&mut self, turn: &Turn, all: bool) {
+        if self.clip.is_some() && turn.local_description.is_none() {
+            let acc = if all {
+                &mut self.all_turn
+            } else {
+                &mut self.final_turn
+            };
+            acc.missing_descriptions += 1;
+        }
+    }
+
+    pub fn missing_descriptions(&self) -> usize {
+        self.all_turn.missing_descriptions
+    }
+
+    pub fn report(&self) -> EvalReport {
+        EvalReport {
+            all_turn: self.all_turn.summary(),
+            final_turn: self.final_turn.summary(),
+        }
+    }
+}
+
+/// A stable per-turn seed, so a model's output for a turn does not depend on what ran before it.
+pub fn turn_seed(base: u64, session_id: &str, turn_index: usize, setting: Setting) -> u64 {
+    // FNV-1a: fixed across platforms and Rust versions, unlike std's hasher.
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let tag = match setting {
+        Setting::Independent => b'i',
+        Setting::Iterative => b't',
+    };
+    for byte in session_id
+        .bytes()
+        .chain((turn_index as u64).to_le_bytes())
+        .chain([tag])
+    {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    base ^ hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_follow_magicbrush() {
+        assert_eq!(generated_file_name("42", 1, Setting::Independent), "42_1.png");
+        assert_eq!(generated_file_name("42", 1, Setting::Iterative), "42_1.png");
+        assert_eq!(generated_file_name("42", 3, Setting::Independent), "42_inde_3.png");
+        assert_eq!(generated_file_name("42", 2, Setting::Iterative), "42_iter_2.png");
+    }
+
+    #[test]
+    fn seeds_differ_per_turn_and_setting() {
+        let a = turn_seed(0, "1", 1, Setting::Independent);
+        assert_ne!(a, turn_seed(0, "1", 2, Setting::Independent));
+        assert_ne!(a, turn_seed(0, "1", 1, Setting::Iterative));
+        assert_ne!(a, turn_seed(0, "2", 1, Setting::Independent));
+        assert_eq!(a, turn_seed(0, "1", 1, Setting::Independent));
+    }
+}

@@ -1,0 +1,7 @@
+//! rl4pix-training: data sets, the synthetic world, metrics, evaluation and the offline commands.
+
+pub mod commands;
+pub mod data;
+pub mod eval;
+pub mod metrics;
+pub mod synth;

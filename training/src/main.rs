@@ -1,0 +1,44 @@
+//! `rl4pix-train`: one binary for every offline job.
+
+use clap::{Parser, Subcommand};
+use rl4pix_training::commands;
+
+#[derive(Parser)]
+#[command(name = "rl4pix-train", version, about = "rl4pix offline tools: edit, synth, eval")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Edit one image with an instruction.
+    Edit(commands::edit::EditArgs),
+    /// Generate the synthetic world in MagicBrush's folder layout.
+    Synth(commands::synth::SynthArgs),
+    /// Score generated edits (or run the model) with MagicBrush's metrics.
+    Eval(commands::eval::EvalArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Edit(args) => commands::edit::run(args),
+        Command::Synth(args) => commands::synth::run(args),
+        Command::Eval(args) => commands::eval::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
