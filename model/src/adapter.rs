@@ -1022,9 +1022,9 @@ fn validate_layer(
 
 /// (rows, cols) of a weight matrix; kohya stores 1x1-conv LoRA weights as (r, in, 1, 1).
 fn matrix_shape(view: &TensorView) -> Option<(usize, usize)> {
-    match view.shape() {
-        &[rows, cols] => Some((rows, cols)),
-        &[rows, cols, 1, 1] => Some((rows, cols)),
+    match *view.shape() {
+        [rows, cols] => Some((rows, cols)),
+        [rows, cols, 1, 1] => Some((rows, cols)),
         _ => None,
     }
 }

@@ -79,13 +79,13 @@ fn layer_values(adapter: &LoraAdapter) -> LayerValues {
         .collect()
 }
 
+type RawTensors = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+type Header = HashMap<String, String>;
+type NamedTensor = (String, Vec<usize>, Vec<f32>);
+type Rename = Box<dyn Fn(&str) -> Option<String>>;
+
 /// Raw tensors and header of a safetensors file, as f32.
-fn raw_tensors(
-    bytes: &[u8],
-) -> (
-    BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    HashMap<String, String>,
-) {
+fn raw_tensors(bytes: &[u8]) -> (RawTensors, Header) {
     let file = SafeTensors::deserialize(bytes).unwrap();
     let (_, header) = SafeTensors::read_metadata(bytes).unwrap();
     let tensors = file
@@ -104,10 +104,7 @@ fn raw_tensors(
     (tensors, header.metadata().clone().unwrap_or_default())
 }
 
-fn build_file(
-    tensors: &[(String, Vec<usize>, Vec<f32>)],
-    metadata: Option<HashMap<String, String>>,
-) -> Vec<u8> {
+fn build_file(tensors: &[NamedTensor], metadata: Option<HashMap<String, String>>) -> Vec<u8> {
     let bytes: Vec<Vec<u8>> = tensors
         .iter()
         .map(|(_, _, values)| values.iter().flat_map(|v| v.to_le_bytes()).collect())
@@ -129,7 +126,7 @@ fn build_file(
 fn respelled(
     rename: impl Fn(&str) -> Option<String>,
     keep_header: bool,
-    extra: &[(String, Vec<usize>, Vec<f32>)],
+    extra: &[NamedTensor],
 ) -> Vec<u8> {
     let (tensors, header) = raw_tensors(&read(&pipelines_dir().join("sd1.lora.safetensors")));
     let mut out: Vec<_> = tensors
@@ -227,7 +224,7 @@ fn every_spelling_gives_the_same_layers() {
         let (attn, projection) = module.rsplit_once('.').unwrap();
         Some(format!("{attn}.processor.{projection}_lora.{part}.weight"))
     };
-    let spellings: Vec<(&str, Box<dyn Fn(&str) -> Option<String>>, AdapterFormat)> = vec![
+    let spellings: Vec<(&str, Rename, AdapterFormat)> = vec![
         (
             "no prefix",
             Box::new(|k: &str| Some(k.strip_prefix("unet.").unwrap().to_string())),
@@ -458,7 +455,7 @@ fn small_targets() -> LoraTargets {
     }
 }
 
-fn tensor(key: &str, shape: &[usize]) -> (String, Vec<usize>, Vec<f32>) {
+fn tensor(key: &str, shape: &[usize]) -> NamedTensor {
     let n = shape.iter().product::<usize>();
     (
         key.to_string(),
@@ -467,7 +464,7 @@ fn tensor(key: &str, shape: &[usize]) -> (String, Vec<usize>, Vec<f32>) {
     )
 }
 
-fn valid_tensors() -> Vec<(String, Vec<usize>, Vec<f32>)> {
+fn valid_tensors() -> Vec<NamedTensor> {
     vec![
         tensor(&format!("unet.{Q}.lora_A.weight"), &[2, 8]),
         tensor(&format!("unet.{Q}.lora_B.weight"), &[8, 2]),
