@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use serde::Deserialize;
 
+use crate::attention::softmax_last_dim;
 use crate::config::{read_json, unsupported};
 use crate::error::{ModelError, Result};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
@@ -115,10 +116,18 @@ impl VaeConfig {
         if levels == 0 {
             return Err(config_error("`block_out_channels` is empty".to_string()));
         }
-        if let Some(kind) = self.down_block_types.iter().find(|t| *t != ENCODER_BLOCK_TYPE) {
+        if let Some(kind) = self
+            .down_block_types
+            .iter()
+            .find(|t| *t != ENCODER_BLOCK_TYPE)
+        {
             return Err(unsupported(file, "down_block_types", kind));
         }
-        if let Some(kind) = self.up_block_types.iter().find(|t| *t != DECODER_BLOCK_TYPE) {
+        if let Some(kind) = self
+            .up_block_types
+            .iter()
+            .find(|t| *t != DECODER_BLOCK_TYPE)
+        {
             return Err(unsupported(file, "up_block_types", kind));
         }
         for (key, count) in [
@@ -246,16 +255,6 @@ impl SpatialSelfAttention {
     }
 }
 
-/// The fused kernel has no backward pass, so fall back to the composed softmax when the input is
-/// part of an autograd graph.
-fn softmax_last_dim(xs: &Tensor) -> candle_core::Result<Tensor> {
-    if xs.track_op() {
-        candle_nn::ops::softmax(xs, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(xs)
-    }
-}
-
 /// resnet, optional attention, resnet (`UNetMidBlock2D` without a time embedding).
 #[derive(Debug, Clone)]
 struct MidBlock {
@@ -366,21 +365,35 @@ impl Encoder {
         let mut in_channels = channels[0];
         for (i, &out_channels) in channels.iter().enumerate() {
             let block_vb = blocks_vb.pp(i.to_string());
-            let resnets = resnet_stack(&block_vb, cfg.layers_per_block, in_channels, out_channels, cfg)?;
+            let resnets = resnet_stack(
+                &block_vb,
+                cfg.layers_per_block,
+                in_channels,
+                out_channels,
+                cfg,
+            )?;
             let downsampler = if i + 1 < levels {
                 let vb = block_vb.pp("downsamplers").pp("0");
                 Some(Downsample2D::new(vb, out_channels, out_channels, 0)?)
             } else {
                 None
             };
-            down_blocks.push(DownEncoderBlock { resnets, downsampler });
+            down_blocks.push(DownEncoderBlock {
+                resnets,
+                downsampler,
+            });
             in_channels = out_channels;
         }
         Ok(Self {
             conv_in: conv3x3(vb.pp("conv_in"), cfg.in_channels, channels[0])?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), top, cfg)?,
-            conv_norm_out: group_norm(cfg.norm_num_groups, top, VAE_NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                cfg.norm_num_groups,
+                top,
+                VAE_NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv3x3(vb.pp("conv_out"), top, 2 * cfg.latent_channels)?,
         })
     }
@@ -392,7 +405,8 @@ impl Encoder {
             xs = block.forward(&xs)?;
         }
         let xs = self.mid_block.forward(&xs)?;
-        self.conv_out.forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
     }
 }
 
@@ -415,9 +429,19 @@ impl Decoder {
         let mut in_channels = top;
         for (i, &out_channels) in channels.iter().rev().enumerate() {
             let block_vb = blocks_vb.pp(i.to_string());
-            let resnets = resnet_stack(&block_vb, cfg.layers_per_block + 1, in_channels, out_channels, cfg)?;
+            let resnets = resnet_stack(
+                &block_vb,
+                cfg.layers_per_block + 1,
+                in_channels,
+                out_channels,
+                cfg,
+            )?;
             let upsampler = if i + 1 < levels {
-                Some(Upsample2D::new(block_vb.pp("upsamplers").pp("0"), out_channels, out_channels)?)
+                Some(Upsample2D::new(
+                    block_vb.pp("upsamplers").pp("0"),
+                    out_channels,
+                    out_channels,
+                )?)
             } else {
                 None
             };
@@ -428,7 +452,12 @@ impl Decoder {
             conv_in: conv3x3(vb.pp("conv_in"), cfg.latent_channels, top)?,
             mid_block: MidBlock::new(vb.pp("mid_block"), top, cfg)?,
             up_blocks,
-            conv_norm_out: group_norm(cfg.norm_num_groups, channels[0], VAE_NORM_EPS, vb.pp("conv_norm_out"))?,
+            conv_norm_out: group_norm(
+                cfg.norm_num_groups,
+                channels[0],
+                VAE_NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: conv3x3(vb.pp("conv_out"), channels[0], cfg.out_channels)?,
         })
     }
@@ -439,7 +468,8 @@ impl Decoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        self.conv_out.forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
     }
 }
 
@@ -459,13 +489,25 @@ impl AutoencoderKl {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let moments = 2 * cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
-            Some(conv2d(moments, moments, 1, Default::default(), vb.pp("quant_conv"))?)
+            Some(conv2d(
+                moments,
+                moments,
+                1,
+                Default::default(),
+                vb.pp("quant_conv"),
+            )?)
         } else {
             None
         };
         let post_quant_conv = if cfg.use_post_quant_conv {
             let latent = cfg.latent_channels;
-            Some(conv2d(latent, latent, 1, Default::default(), vb.pp("post_quant_conv"))?)
+            Some(conv2d(
+                latent,
+                latent,
+                1,
+                Default::default(),
+                vb.pp("post_quant_conv"),
+            )?)
         } else {
             None
         };

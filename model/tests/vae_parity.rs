@@ -29,7 +29,12 @@ fn reference_tensor<'a>(reference: &'a HashMap<String, Tensor>, key: &str) -> &'
 /// max |actual - expected| / max |expected|
 fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
     assert_eq!(actual.dims(), expected.dims(), "shape");
-    let diff = (actual - expected).unwrap().abs().unwrap().max_all().unwrap();
+    let diff = (actual - expected)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
     let scale = expected.abs().unwrap().max_all().unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.to_scalar::<f32>().unwrap()
 }
@@ -49,13 +54,19 @@ fn check_pipeline_vae(name: &str) {
     );
     let mode = vae.encode_mode(image).unwrap();
     let error = relative_error(&mode, expected_mode);
-    assert!(error <= MAX_RELATIVE_ERROR, "{name} encode: relative error {error}");
+    assert!(
+        error <= MAX_RELATIVE_ERROR,
+        "{name} encode: relative error {error}"
+    );
 
     let decoded = vae
         .decode(reference_tensor(&reference, "vae.decode_in"))
         .unwrap();
     let error = relative_error(&decoded, reference_tensor(&reference, "vae.decoded"));
-    assert!(error <= MAX_RELATIVE_ERROR, "{name} decode: relative error {error}");
+    assert!(
+        error <= MAX_RELATIVE_ERROR,
+        "{name} decode: relative error {error}"
+    );
 }
 
 #[test]
@@ -172,5 +183,59 @@ fn wrong_tensor_shape_names_the_tensor() {
         .unwrap_err()
         .to_string();
     assert!(message.contains(tensor), "{message}");
-    assert!(message.contains("diffusion_pytorch_model.safetensors"), "{message}");
+    assert!(
+        message.contains("diffusion_pytorch_model.safetensors"),
+        "{message}"
+    );
+}
+
+#[test]
+fn decode_gradient_matches_finite_difference() {
+    // f64 so a central difference is accurate enough to catch a wrong backward pass.
+    let dir = tempfile::tempdir().unwrap();
+    let config = VaeConfig::from_file(&write_config(
+        dir.path(),
+        &tiny_config_json(&["DownEncoderBlock2D"; 2]),
+    ))
+    .unwrap();
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    let vae = AutoencoderKl::new(vb, config).unwrap();
+
+    let initial = Tensor::randn(0f64, 1.0, (1, 4, 3, 2), &Device::Cpu).unwrap();
+    let latents = candle_core::Var::from_tensor(&initial).unwrap();
+    // A non-uniform weighting so the gradient is not the same for every pixel.
+    let weights = Tensor::randn(0f64, 1.0, (1, 3, 6, 4), &Device::Cpu).unwrap();
+    let objective = |z: &Tensor| {
+        (vae.decode(z).unwrap() * &weights)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+    };
+    let grads = objective(latents.as_tensor()).backward().unwrap();
+    let gradient: Vec<f64> = grads
+        .get(latents.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    let step = 1e-5;
+    let values: Vec<f64> = initial.flatten_all().unwrap().to_vec1().unwrap();
+    for index in [0, 7, 23] {
+        let shifted = |delta: f64| {
+            let mut v = values.clone();
+            v[index] += delta;
+            let z = Tensor::from_vec(v, initial.shape(), &Device::Cpu).unwrap();
+            objective(&z).to_scalar::<f64>().unwrap()
+        };
+        let numeric = (shifted(step) - shifted(-step)) / (2.0 * step);
+        let tolerance = 1e-6 * (1.0 + numeric.abs());
+        assert!(
+            (gradient[index] - numeric).abs() <= tolerance,
+            "latent {index}: autograd {} vs finite difference {numeric}",
+            gradient[index]
+        );
+    }
 }
