@@ -12,6 +12,11 @@ Rerun (from the repository root):
 
 Inputs are not stored: every case feeds the same closed-form tensors (see `pattern`), which the
 Rust test rebuilds with the same formula. Each step is evaluated on its own (not chained).
+
+DDIM's per-step scalars are evaluated with diffusers' own `step`, but from f64 cumulative alphas:
+in f32, `1 - alpha_prev - std^2` cancels to 0 when alpha_t is ~0 (first step of a cosine schedule
+at eta 1), which changes the result by ~2e-4. Our implementation computes these scalars in f64,
+so the f64 value is the one to match. Tensors stay f32.
 """
 
 import json
@@ -114,6 +119,8 @@ def ddpo_log_prob(prev_sample, mean, std):
 def ddim_case(name, config, steps, eta):
     scheduler = DDIMScheduler.from_config(config)
     scheduler.set_timesteps(steps)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.double()
+    scheduler.final_alpha_cumprod = scheduler.final_alpha_cumprod.double()
     train = scheduler.config.num_train_timesteps
     probes = sorted({0, 1, train // 2, train - 1})
     case = {

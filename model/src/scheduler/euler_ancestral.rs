@@ -5,8 +5,8 @@
 use candle_core::Tensor;
 
 use super::{
-    check_batch, check_same_shape, numpy_linspace, scale_per_sample, spaced_timesteps,
-    to_working_dtype, PredictionType, SchedulerConfig, TimestepSpacing,
+    check_batch, check_same_shape, scale_per_sample, spaced_timesteps, to_working_dtype,
+    PredictionType, SchedulerConfig, TimestepSpacing,
 };
 use crate::config::unsupported;
 use crate::error::Result;
@@ -188,6 +188,7 @@ fn interp(x: f64, values: &[f64]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::numpy_linspace;
 
     #[test]
     fn interp_matches_numpy_at_edges() {
