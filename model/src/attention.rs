@@ -4,9 +4,7 @@
 use std::cell::RefCell;
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{
-    conv2d, group_norm, layer_norm, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder,
-};
+use candle_nn::{conv2d, group_norm, layer_norm, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 
 use crate::lora::{ActiveAdapters, LoraLinear, ProjectionTable};
 
@@ -35,6 +33,16 @@ impl<'a> ForwardCtx<'a> {
             adapters: &[],
             capture: None,
         }
+    }
+}
+
+/// Softmax over the last dimension: candle's fused kernel, except inside an autograd graph
+/// (training), where the composed, differentiable form is needed.
+pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
+    if xs.track_op() {
+        candle_nn::ops::softmax(xs, D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(xs)
     }
 }
 
@@ -95,7 +103,7 @@ impl Attention {
         let k = self.split_heads(&self.to_k.forward(context, ctx.adapters)?)?;
         let v = self.split_heads(&self.to_v.forward(context, ctx.adapters)?)?;
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = softmax_last_dim(&scores)?;
         if let (true, Some(capture)) = (self.is_cross, ctx.capture) {
             capture.borrow_mut().push(CapturedAttention {
                 module: self.path.clone(),

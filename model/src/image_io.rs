@@ -30,7 +30,10 @@ pub fn load_image(path: &Path) -> Result<RgbImage> {
         path: path.to_path_buf(),
         source,
     })?;
-    decode_image(&bytes).map_err(|e| ModelError::Image(format!("{}: {e}", path.display())))
+    decode_image(&bytes).map_err(|e| match e {
+        ModelError::Image(message) => ModelError::Image(format!("{}: {message}", path.display())),
+        other => other,
+    })
 }
 
 /// The size diffusers' image processor uses: each side floored to a multiple of `factor`
@@ -52,7 +55,11 @@ pub fn resize_if_needed(img: &RgbImage, width: u32, height: u32) -> RgbImage {
 /// RGB u8 -> (3, H, W) f32 in [-1, 1].
 pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor> {
     let (w, h) = img.dimensions();
-    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+    let data: Vec<f32> = img
+        .as_raw()
+        .iter()
+        .map(|&v| v as f32 / 127.5 - 1.0)
+        .collect();
     Ok(Tensor::from_vec(data, (h as usize, w as usize, 3), device)?
         .permute((2, 0, 1))?
         .contiguous()?)
@@ -108,7 +115,8 @@ pub fn resize_bilinear(maps: &Tensor, out_h: usize, out_w: usize) -> candle_core
         return Ok(maps.clone());
     }
     let dev = maps.device();
-    let rows = Tensor::from_vec(bilinear_matrix(out_h, h), (out_h, h), dev)?.to_dtype(maps.dtype())?;
+    let rows =
+        Tensor::from_vec(bilinear_matrix(out_h, h), (out_h, h), dev)?.to_dtype(maps.dtype())?;
     let cols = Tensor::from_vec(bilinear_matrix(out_w, w), (out_w, w), dev)?
         .to_dtype(maps.dtype())?
         .t()?;
@@ -207,6 +215,9 @@ mod tests {
     #[test]
     fn garbage_is_not_an_image() {
         let err = decode_image(b"definitely not a png").unwrap_err();
-        assert!(err.to_string().contains("not a recognised image format"), "{err}");
+        assert!(
+            err.to_string().contains("not a recognised image format"),
+            "{err}"
+        );
     }
 }

@@ -142,15 +142,20 @@ impl InstructPix2Pix {
 
     pub fn load_with_dtype(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(ModelError::MissingFile {
-                path: dir.to_path_buf(),
-            });
+            return Err(ModelError::InvalidArgument(format!(
+                "model folder {} does not exist (expected the diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
+                dir.display()
+            )));
         }
         let index_path = dir.join("model_index.json");
         let index: ModelIndex = read_json(&index_path)?;
         if let Some(class) = &index.class_name {
             if !class.contains("InstructPix2Pix") && !class.contains("StableDiffusion") {
-                return Err(crate::config::unsupported(&index_path, "_class_name", class));
+                return Err(crate::config::unsupported(
+                    &index_path,
+                    "_class_name",
+                    class,
+                ));
             }
         }
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
@@ -277,7 +282,12 @@ impl InstructPix2Pix {
     }
 
     /// One edit with the attached adapters.
-    pub fn edit(&self, image: &RgbImage, instruction: &str, params: &EditParams) -> Result<EditOutput> {
+    pub fn edit(
+        &self,
+        image: &RgbImage,
+        instruction: &str,
+        params: &EditParams,
+    ) -> Result<EditOutput> {
         let request = EditRequest {
             image,
             instruction,
@@ -310,7 +320,8 @@ impl InstructPix2Pix {
         let (w, h) = image_io::size_for_vae(first.image.width(), first.image.height(), factor);
         for r in requests {
             validate_params(&r.params)?;
-            let same_grid = image_io::size_for_vae(r.image.width(), r.image.height(), factor) == (w, h);
+            let same_grid =
+                image_io::size_for_vae(r.image.width(), r.image.height(), factor) == (w, h);
             if !same_grid
                 || r.params.steps != params.steps
                 || r.params.scheduler != params.scheduler
@@ -330,14 +341,20 @@ impl InstructPix2Pix {
         prompts.push("");
         let (embeds, tokenized) = self.encode_prompts(&prompts)?;
         let cond = embeds.narrow(0, 0, b)?;
-        let uncond = embeds.narrow(0, b, 1)?.broadcast_as(cond.shape())?.contiguous()?;
+        let uncond = embeds
+            .narrow(0, b, 1)?
+            .broadcast_as(cond.shape())?
+            .contiguous()?;
         let context = Tensor::cat(&[&cond, &uncond, &uncond], 0)?;
         let resized: Vec<RgbImage> = requests
             .iter()
             .map(|r| image_io::resize_if_needed(r.image, w, h))
             .collect();
         let image_latents = self.encode_images(&resized.iter().collect::<Vec<_>>())?;
-        let image_cond = Tensor::cat(&[&image_latents, &image_latents, &image_latents.zeros_like()?], 0)?;
+        let image_cond = Tensor::cat(
+            &[&image_latents, &image_latents, &image_latents.zeros_like()?],
+            0,
+        )?;
 
         // Per-request noise streams: the initial latents, then one draw per noisy step.
         let shape = (1, latent_channels, lh, lw);
@@ -372,10 +389,17 @@ impl InstructPix2Pix {
         // text+image branch alone, which these weights reproduce.
         let guided = |p: &EditParams| p.guidance_scale > 1.0 && p.image_guidance_scale >= 1.0;
         let g_text = per_sample(&|p| if guided(p) { p.guidance_scale } else { 1.0 })?;
-        let g_image = per_sample(&|p| if guided(p) { p.image_guidance_scale } else { 0.0 })?;
+        let g_image = per_sample(&|p| {
+            if guided(p) {
+                p.image_guidance_scale
+            } else {
+                0.0
+            }
+        })?;
         let w_image = per_sample(&|p| if guided(p) { 1.0 } else { 0.0 })?;
 
-        let capture = params.capture_attention || requests.iter().any(|r| r.params.capture_attention);
+        let capture =
+            params.capture_attention || requests.iter().any(|r| r.params.capture_attention);
         let captured = RefCell::new(Vec::<CapturedAttention>::new());
         let mut token_maps: Option<Tensor> = None;
         let total = scheduler.num_steps();
@@ -389,7 +413,9 @@ impl InstructPix2Pix {
                 adapters,
                 capture: capture.then_some(&captured),
             };
-            let noise_pred = self.unet.forward_with(&model_in, &timesteps, &context, ctx)?;
+            let noise_pred = self
+                .unet
+                .forward_with(&model_in, &timesteps, &context, ctx)?;
             let e_text = noise_pred.narrow(0, 0, b)?;
             let e_image = noise_pred.narrow(0, b, b)?;
             let e_uncond = noise_pred.narrow(0, 2 * b, b)?;
@@ -470,7 +496,8 @@ fn average_layers(layers: &[CapturedAttention], b: usize, lh: usize, lw: usize) 
             None => maps,
         });
     }
-    let sum = sum.ok_or_else(|| ModelError::InvalidArgument("this UNet has no cross-attention".into()))?;
+    let sum =
+        sum.ok_or_else(|| ModelError::InvalidArgument("this UNet has no cross-attention".into()))?;
     Ok((sum / layers.len() as f64)?)
 }
 

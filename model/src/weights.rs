@@ -28,18 +28,14 @@ pub fn find_weight_file(dir: &Path) -> Result<PathBuf> {
 
 /// Memory-maps `file` as a `VarBuilder` whose tensors are converted to `dtype` on load
 /// (so f16 checkpoints are upcast to f32 on CPU).
-pub fn var_builder_from_file(file: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-    // Validate the header up front so a truncated or corrupt file is reported as such,
-    // not as a confusing error on the first tensor.
-    let data = std::fs::read(file).map_err(|source| ModelError::Io {
-        path: file.to_path_buf(),
-        source,
-    })?;
-    safetensors::SafeTensors::deserialize(&data).map_err(|e| ModelError::Weights {
-        path: file.to_path_buf(),
-        message: format!("not a valid safetensors file: {e}"),
-    })?;
-    drop(data);
+pub fn var_builder_from_file(
+    file: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
+    // Validate the header and the file length up front (without reading the data) so that a
+    // truncated or corrupt file is reported as such, not as a confusing error on a tensor.
+    check_safetensors_layout(file)?;
     // SAFETY: the file is opened read-only; we do not mutate it while mapped. A file replaced
     // on disk under us is the operator's problem, as with any mmap-based loader.
     unsafe { VarBuilder::from_mmaped_safetensors(&[file], dtype, device) }.map_err(|e| {
@@ -51,6 +47,51 @@ pub fn var_builder_from_file(file: &Path, dtype: DType, device: &Device) -> Resu
 }
 
 /// `VarBuilder` for the weight file inside a component folder.
-pub fn component_var_builder(dir: &Path, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+pub fn component_var_builder(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<VarBuilder<'static>> {
     var_builder_from_file(&find_weight_file(dir)?, dtype, device)
+}
+
+/// Checks that `file` has a parseable safetensors header and exactly the data it declares.
+pub fn check_safetensors_layout(file: &Path) -> Result<()> {
+    use std::io::Read;
+    let invalid = |message: String| ModelError::Weights {
+        path: file.to_path_buf(),
+        message: format!("not a valid safetensors file: {message}"),
+    };
+    let io = |source| ModelError::Io {
+        path: file.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(file).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len_bytes = [0u8; 8];
+    f.read_exact(&mut len_bytes)
+        .map_err(|_| invalid("shorter than its 8-byte header length".into()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100_000_000 || 8 + header_len > file_len {
+        return Err(invalid(format!(
+            "header length {header_len} does not fit a file of {file_len} bytes"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(io)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| invalid(format!("header is not JSON: {e}")))?;
+    let data_end = header
+        .iter()
+        .filter(|(k, _)| k.as_str() != "__metadata__")
+        .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let expected = 8 + header_len + data_end;
+    if file_len != expected {
+        return Err(invalid(format!(
+            "the header declares {expected} bytes but the file has {file_len} (truncated or corrupt)"
+        )));
+    }
+    Ok(())
 }

@@ -9,31 +9,59 @@ use rl4pix_model::attention::{CapturedAttention, ForwardCtx};
 use rl4pix_model::unet::UNet2DConditionModel;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/pipelines"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/pipelines"
+    ))
 }
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join(format!("{name}.reference.safetensors")), &Device::Cpu)
-        .expect("reference fixture")
+    candle_core::safetensors::load(
+        fixtures().join(format!("{name}.reference.safetensors")),
+        &Device::Cpu,
+    )
+    .expect("reference fixture")
 }
 
 /// max |a - b| / max |b|
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape");
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale.max(1e-12)
 }
 
 fn check_unet(name: &str, prefix: &str, check_attention: bool) {
     let r = reference(name);
-    let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &Device::Cpu)
-        .expect("load unet");
+    let unet = UNet2DConditionModel::load(
+        &fixtures().join(name).join("unet"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("load unet");
     let sample = &r[&format!("{prefix}.sample")];
-    let timesteps = r[&format!("{prefix}.timesteps")].to_dtype(DType::F32).unwrap();
+    let timesteps = r[&format!("{prefix}.timesteps")]
+        .to_dtype(DType::F32)
+        .unwrap();
     let context = &r[&format!("{prefix}.encoder_hidden_states")];
     let captured = RefCell::new(Vec::<CapturedAttention>::new());
-    let ctx = ForwardCtx { adapters: &[], capture: Some(&captured) };
+    let ctx = ForwardCtx {
+        adapters: &[],
+        capture: Some(&captured),
+    };
     let out = unet.forward_with(sample, &timesteps, context, ctx).unwrap();
     let err = rel_err(&out, &r[&format!("{prefix}.out")]);
     assert!(err <= 1e-4, "{name} {prefix}: relative error {err}");
@@ -49,10 +77,16 @@ fn check_unet(name: &str, prefix: &str, check_attention: bool) {
             keys
         };
         let captured = captured.into_inner();
-        assert_eq!(captured.len(), expected.len(), "{name}: number of attn2 layers");
+        assert_eq!(
+            captured.len(),
+            expected.len(),
+            "{name}: number of attn2 layers"
+        );
         for c in &captured {
             let key = format!("attn.{}", c.module);
-            let want = r.get(&key).unwrap_or_else(|| panic!("{name}: unexpected module {key}"));
+            let want = r
+                .get(&key)
+                .unwrap_or_else(|| panic!("{name}: unexpected module {key}"));
             let err = rel_err(&c.probs, want);
             assert!(err <= 1e-4, "{name} {key}: relative error {err}");
             assert_eq!(c.height * c.width, want.dim(1).unwrap());
@@ -93,8 +127,14 @@ fn unsupported_config_value_names_the_key() {
         dir.path().join("diffusion_pytorch_model.safetensors"),
     )
     .unwrap();
-    let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("down_block_types") && err.contains("SimpleCrossAttnDownBlock2D"), "{err}");
+    let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("down_block_types") && err.contains("SimpleCrossAttnDownBlock2D"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -102,9 +142,26 @@ fn wrong_tensor_shape_names_the_tensor_and_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("sd1").join("unet");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
-    let mut tensors = candle_core::safetensors::load(src.join("diffusion_pytorch_model.safetensors"), &Device::Cpu).unwrap();
-    tensors.insert("conv_in.bias".into(), Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap());
-    candle_core::safetensors::save(&tensors, dir.path().join("diffusion_pytorch_model.safetensors")).unwrap();
-    let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
-    assert!(err.contains("conv_in.bias") && err.contains("17") && err.contains("16"), "{err}");
+    let mut tensors = candle_core::safetensors::load(
+        src.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    tensors.insert(
+        "conv_in.bias".into(),
+        Tensor::zeros(17, DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(
+        &tensors,
+        dir.path().join("diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    let err = UNet2DConditionModel::load(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("conv_in.bias") && err.contains("17") && err.contains("16"),
+        "{err}"
+    );
 }

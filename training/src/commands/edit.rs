@@ -1,8 +1,134 @@
-//! `rl4pix-train edit` (in progress).
+//! `rl4pix-train edit`: one image, one instruction, one edited image.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context};
+use candle_core::Device;
+use rl4pix_model::image_io;
+use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::scheduler::SchedulerKind;
 
 #[derive(clap::Args, Debug)]
-pub struct EditArgs {}
+pub struct EditArgs {
+    /// Model folder in the diffusers layout (default: the embedded default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Input image (PNG, JPEG or WebP).
+    #[arg(long)]
+    pub image: PathBuf,
+    /// The edit instruction, e.g. "make the circle blue".
+    #[arg(long)]
+    pub instruction: String,
+    /// Where to write the edited image (format from the extension).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// ddim or euler-ancestral (default: the model's own scheduler).
+    #[arg(long, value_parser = parse_scheduler)]
+    pub scheduler: Option<SchedulerKind>,
+    /// DDIM's eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Text guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Image guidance scale.
+    #[arg(long, default_value_t = 1.5)]
+    pub image_guidance_scale: f64,
+    /// Seed of the initial and per-step noise.
+    #[arg(long, default_value_t = 0, conflicts_with = "init_latents")]
+    pub seed: u64,
+    /// A safetensors file with one tensor `latents` (1, 4, H/f, W/f): the initial noise, as
+    /// diffusers' `latents=` argument.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// LoRA adapter file(s) for the UNet, applied in order.
+    #[arg(long)]
+    pub adapter: Vec<PathBuf>,
+    /// Also write a heat map of the instruction's cross-attention over the input.
+    #[arg(long)]
+    pub attention_out: Option<PathBuf>,
+}
 
-pub fn run(_args: EditArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`edit` is not implemented yet")
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    SchedulerKind::parse(s).ok_or_else(|| format!("unknown scheduler `{s}` (expected ddim or euler-ancestral)"))
+}
+
+/// The model folder to use: the one given, or the embedded default.
+pub fn resolve_model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match model {
+        Some(dir) => Ok(dir),
+        None => {
+            let embedded = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../model/assets/toy"));
+            if embedded.join("model_index.json").is_file() {
+                Ok(embedded)
+            } else {
+                bail!("no --model given and the embedded default model is not in this build (model/assets/toy)")
+            }
+        }
+    }
+}
+
+pub fn run(args: EditArgs) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    let model_dir = resolve_model_dir(args.model)?;
+    let image = image_io::load_image(&args.image)?;
+    let init_latents = match &args.init_latents {
+        Some(path) => {
+            let mut tensors = candle_core::safetensors::load(path, &device)
+                .with_context(|| format!("{}: cannot read safetensors", path.display()))?;
+            Some(
+                tensors
+                    .remove("latents")
+                    .ok_or_else(|| anyhow!("{}: no tensor named `latents`", path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let pipeline = InstructPix2Pix::load(&model_dir, &device)?;
+    let adapters = args
+        .adapter
+        .iter()
+        .map(|p| pipeline.load_adapter(p))
+        .collect::<Result<Vec<Arc<_>>, _>>()?;
+    let params = EditParams {
+        steps: args.steps,
+        guidance_scale: args.guidance_scale,
+        image_guidance_scale: args.image_guidance_scale,
+        seed: args.seed,
+        scheduler: args.scheduler,
+        eta: args.eta,
+        capture_attention: args.attention_out.is_some(),
+    };
+    let request = EditRequest {
+        image: &image,
+        instruction: &args.instruction,
+        params,
+        init_latents,
+    };
+    let started = std::time::Instant::now();
+    let output = pipeline
+        .edit_batch(&[request], &adapters, &mut |_, _| true)?
+        .pop()
+        .ok_or_else(|| anyhow!("the pipeline returned no image"))?;
+    output
+        .image
+        .save(&args.out)
+        .with_context(|| format!("{}: cannot write image", args.out.display()))?;
+    tracing::info!(
+        out = %args.out.display(),
+        seconds = started.elapsed().as_secs_f64(),
+        "edited"
+    );
+    if let (Some(path), Some(maps)) = (&args.attention_out, &output.attention) {
+        let map = maps.instruction_map()?;
+        let overlay = image_io::heatmap_overlay(&image, &map, maps.height, maps.width, 0.55)?;
+        overlay
+            .save(path)
+            .with_context(|| format!("{}: cannot write image", path.display()))?;
+    }
+    Ok(())
 }
