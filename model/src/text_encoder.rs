@@ -35,7 +35,10 @@ pub struct ClipTextConfig {
     #[serde(default = "defaults::layer_norm_eps")]
     pub layer_norm_eps: f64,
     /// Picks the pooled position; may be an int or a list in the file (the first entry is used).
-    #[serde(default = "defaults::eos_token_id", deserialize_with = "int_or_first_of_list")]
+    #[serde(
+        default = "defaults::eos_token_id",
+        deserialize_with = "int_or_first_of_list"
+    )]
     pub eos_token_id: u32,
     #[serde(default)]
     pub bos_token_id: Option<u32>,
@@ -76,7 +79,9 @@ mod defaults {
     }
 }
 
-fn int_or_first_of_list<'de, De: serde::Deserializer<'de>>(deserializer: De) -> std::result::Result<u32, De::Error> {
+fn int_or_first_of_list<'de, De: serde::Deserializer<'de>>(
+    deserializer: De,
+) -> std::result::Result<u32, De::Error> {
     use serde::de::Error;
     let value = Value::deserialize(deserializer)?;
     let as_id = |v: &Value| v.as_u64().and_then(|v| u32::try_from(v).ok());
@@ -85,7 +90,11 @@ fn int_or_first_of_list<'de, De: serde::Deserializer<'de>>(deserializer: De) -> 
         Value::Array(items) => items.first().and_then(as_id),
         other => as_id(other),
     }
-    .ok_or_else(|| De::Error::custom(format!("expected a token id or a list of them, found {value}")))
+    .ok_or_else(|| {
+        De::Error::custom(format!(
+            "expected a token id or a list of them, found {value}"
+        ))
+    })
 }
 
 impl ClipTextConfig {
@@ -95,13 +104,20 @@ impl ClipTextConfig {
         let raw: Value = crate::config::read_json(path)?;
         let nested = ["text_config", "text_config_dict"]
             .into_iter()
-            .find_map(|key| raw.get(key).filter(|v| v.is_object()).map(|v| (key, v.clone())));
+            .find_map(|key| {
+                raw.get(key)
+                    .filter(|v| v.is_object())
+                    .map(|v| (key, v.clone()))
+            });
         let (section, mut config) = match nested {
             Some((key, text_config)) => (key, Self::parse(text_config, path, key)?),
             None => ("", Self::parse(raw.clone(), path, "")?),
         };
         if !section.is_empty() && config.projection_dim.is_none() {
-            config.projection_dim = raw.get("projection_dim").and_then(Value::as_u64).map(|v| v as usize);
+            config.projection_dim = raw
+                .get("projection_dim")
+                .and_then(Value::as_u64)
+                .map(|v| v as usize);
         }
         config.validate(path, section)?;
         Ok(config)
@@ -127,7 +143,8 @@ impl ClipTextConfig {
                 format!("{section}.{name}")
             }
         };
-        Activation::parse(&self.hidden_act).ok_or_else(|| unsupported(file, &key("hidden_act"), &self.hidden_act))?;
+        Activation::parse(&self.hidden_act)
+            .ok_or_else(|| unsupported(file, &key("hidden_act"), &self.hidden_act))?;
         for (name, value) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -139,7 +156,7 @@ impl ClipTextConfig {
                 return Err(unsupported(file, &key(name), 0));
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if self.head_dim() * self.num_attention_heads != self.hidden_size {
             return Err(unsupported(
                 file,
                 &key("num_attention_heads"),
@@ -199,7 +216,11 @@ struct TextEmbeddings {
 impl TextEmbeddings {
     fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         Ok(Self {
-            token_embedding: candle_nn::embedding(cfg.vocab_size, cfg.hidden_size, vb.pp("token_embedding"))?,
+            token_embedding: candle_nn::embedding(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                vb.pp("token_embedding"),
+            )?,
             position_embedding: candle_nn::embedding(
                 cfg.max_position_embeddings,
                 cfg.hidden_size,
@@ -219,7 +240,9 @@ impl TextEmbeddings {
         }
         let positions = Tensor::arange(0u32, seq_len as u32, ids.device())?;
         let position_embeds = self.position_embedding.forward(&positions)?.unsqueeze(0)?;
-        self.token_embedding.forward(ids)?.broadcast_add(&position_embeds)
+        self.token_embedding
+            .forward(ids)?
+            .broadcast_add(&position_embeds)
     }
 }
 
@@ -278,7 +301,11 @@ struct EncoderLayer {
 }
 
 impl EncoderLayer {
-    fn new(vb: VarBuilder, cfg: &ClipTextConfig, activation: Activation) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        cfg: &ClipTextConfig,
+        activation: Activation,
+    ) -> candle_core::Result<Self> {
         let d = cfg.hidden_size;
         let mlp = vb.pp("mlp");
         Ok(Self {
@@ -315,9 +342,14 @@ impl ClipTextTransformer {
     /// `final_layer_norm.*`.
     pub fn new(vb: VarBuilder, cfg: &ClipTextConfig) -> candle_core::Result<Self> {
         let activation = Activation::parse(&cfg.hidden_act).ok_or_else(|| {
-            candle_core::Error::Msg(format!("text encoder: unsupported hidden_act {:?}", cfg.hidden_act))
+            candle_core::Error::Msg(format!(
+                "text encoder: unsupported hidden_act {:?}",
+                cfg.hidden_act
+            ))
         })?;
-        if cfg.num_attention_heads == 0 || cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if cfg.num_attention_heads == 0
+            || cfg.head_dim() * cfg.num_attention_heads != cfg.hidden_size
+        {
             candle_core::bail!(
                 "text encoder: num_attention_heads {} does not divide hidden_size {}",
                 cfg.num_attention_heads,
@@ -331,7 +363,11 @@ impl ClipTextTransformer {
         Ok(Self {
             embeddings: TextEmbeddings::new(vb.pp("embeddings"), cfg)?,
             layers,
-            final_layer_norm: candle_nn::layer_norm(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("final_layer_norm"))?,
+            final_layer_norm: candle_nn::layer_norm(
+                cfg.hidden_size,
+                cfg.layer_norm_eps,
+                vb.pp("final_layer_norm"),
+            )?,
             eos_token_id: cfg.eos_token_id,
         })
     }
@@ -359,7 +395,9 @@ impl ClipTextTransformer {
             .map(|(b, row)| (b * seq_len + self.pooled_position(row)) as u32)
             .collect();
         let index = Tensor::from_vec(flat_positions, batch, hidden.device())?;
-        let pooled = hidden.reshape((batch * seq_len, ()))?.index_select(&index, 0)?;
+        let pooled = hidden
+            .reshape((batch * seq_len, ()))?
+            .index_select(&index, 0)?;
         Ok((hidden, pooled))
     }
 
@@ -388,7 +426,8 @@ fn causal_mask(seq_len: usize, device: &Device) -> candle_core::Result<Tensor> {
     Tensor::from_vec(mask, (seq_len, seq_len), device)
 }
 
-/// The diffusers `text_encoder/` folder: `config.json` + `model.safetensors` of a `CLIPTextModel`.
+/// The diffusers `text_encoder/` folder: `config.json` + `model.safetensors` of a `CLIPTextModel`
+/// (keys with or without the `text_model.` prefix).
 pub struct ClipTextEncoder {
     pub config: ClipTextConfig,
     transformer: ClipTextTransformer,
@@ -399,12 +438,22 @@ impl ClipTextEncoder {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let weight_file = crate::weights::find_weight_file(dir)?;
         let vb = crate::weights::var_builder_from_file(&weight_file, dtype, device)?;
+        // Checkpoints written before transformers 5 nest everything under `text_model.`; 5.x
+        // writes `CLIPTextModel` keys from the root.
+        let vb = if vb.contains_tensor("text_model.final_layer_norm.weight") {
+            vb.pp("text_model")
+        } else {
+            vb
+        };
         let transformer =
-            ClipTextTransformer::new(vb.pp("text_model"), &config).map_err(|e| ModelError::Weights {
+            ClipTextTransformer::new(vb, &config).map_err(|e| ModelError::Weights {
                 path: weight_file.clone(),
                 message: e.to_string(),
             })?;
-        Ok(Self { config, transformer })
+        Ok(Self {
+            config,
+            transformer,
+        })
     }
 
     /// Token ids (B, T) -> `last_hidden_state` (B, T, D), the UNet's `encoder_hidden_states`.
@@ -467,17 +516,30 @@ mod tests {
         std::fs::write(&path, r#"{"hidden_act": "swish"}"#).unwrap();
         let err = ClipTextConfig::from_file(&path).unwrap_err();
         let message = err.to_string();
-        assert!(matches!(&err, ModelError::Unsupported { key, .. } if key == "hidden_act"), "{message}");
-        assert!(message.contains("config.json") && message.contains("swish"), "{message}");
+        assert!(
+            matches!(&err, ModelError::Unsupported { key, .. } if key == "hidden_act"),
+            "{message}"
+        );
+        assert!(
+            message.contains("config.json") && message.contains("swish"),
+            "{message}"
+        );
     }
 
     #[test]
     fn bad_head_count_and_bad_types_are_config_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.json");
-        std::fs::write(&path, r#"{"text_config": {"hidden_size": 10, "num_attention_heads": 3}}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"text_config": {"hidden_size": 10, "num_attention_heads": 3}}"#,
+        )
+        .unwrap();
         let message = ClipTextConfig::from_file(&path).unwrap_err().to_string();
-        assert!(message.contains("text_config.num_attention_heads"), "{message}");
+        assert!(
+            message.contains("text_config.num_attention_heads"),
+            "{message}"
+        );
         std::fs::write(&path, r#"{"hidden_size": "wide"}"#).unwrap();
         let err = ClipTextConfig::from_file(&path).unwrap_err();
         assert!(matches!(err, ModelError::Config { .. }), "{err}");
@@ -492,20 +554,49 @@ mod tests {
         let expected: HashMap<&str, [f32; 7]> = HashMap::from([
             (
                 "quick_gelu",
-                [-0.018_071_31, -0.154_204_23, -0.149_611_56, 0.0, 0.350_388_44, 0.845_795_75, 2.981_928_8],
+                [
+                    -0.018_071_31,
+                    -0.154_204_23,
+                    -0.149_611_56,
+                    0.0,
+                    0.350_388_44,
+                    0.845_795_75,
+                    2.981_928_8,
+                ],
             ),
             (
                 "gelu",
-                [-0.004_050_225, -0.158_655_26, -0.154_268_77, 0.0, 0.345_731_23, 0.841_344_7, 2.995_949_7],
+                [
+                    -0.004_050_225,
+                    -0.158_655_26,
+                    -0.154_268_77,
+                    0.0,
+                    0.345_731_23,
+                    0.841_344_7,
+                    2.995_949_7,
+                ],
             ),
             (
                 "gelu_pytorch_tanh",
-                [-0.003_637_433, -0.158_808, -0.154_286, 0.0, 0.345_714, 0.841_192, 2.996_362_7],
+                [
+                    -0.003_637_433,
+                    -0.158_808,
+                    -0.154_286,
+                    0.0,
+                    0.345_714,
+                    0.841_192,
+                    2.996_362_7,
+                ],
             ),
             ("relu", [0.0, 0.0, 0.0, 0.0, 0.5, 1.0, 3.0]),
         ]);
         for (name, values) in expected {
-            let got: Vec<f32> = Activation::parse(name).unwrap().apply(&x).unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = Activation::parse(name)
+                .unwrap()
+                .apply(&x)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             for (g, e) in got.iter().zip(values) {
                 assert!((g - e).abs() < 1e-5, "{name}: {got:?} vs {values:?}");
             }
@@ -520,7 +611,14 @@ mod tests {
         let b = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
         let ha = model.forward(&a).unwrap().i((0, ..3)).unwrap();
         let hb = model.forward(&b).unwrap().i((0, ..3)).unwrap();
-        let diff: f32 = (ha - hb).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let diff: f32 = (ha - hb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(diff, 0.0);
         let too_long = Tensor::zeros((1, 7), DType::U32, &Device::Cpu).unwrap();
         assert!(model.forward(&too_long).is_err());
@@ -537,8 +635,16 @@ mod tests {
         let ids = Tensor::new(&[[1u32, 4, 9, 9, 9], [1, 9, 9, 9, 9]], &Device::Cpu).unwrap();
         let (hidden, pooled) = model.forward_with_pooled(&ids).unwrap();
         assert_eq!(pooled.dims(), &[2, 8]);
-        let expected = Tensor::stack(&[hidden.i((0, 2)).unwrap(), hidden.i((1, 1)).unwrap()], 0).unwrap();
-        let diff: f32 = (pooled - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let expected =
+            Tensor::stack(&[hidden.i((0, 2)).unwrap(), hidden.i((1, 1)).unwrap()], 0).unwrap();
+        let diff: f32 = (pooled - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert_eq!(diff, 0.0);
     }
 }

@@ -237,7 +237,8 @@ impl ClipTokenizer {
         post_processor_adds: usize,
         text: &str,
     ) -> Result<TokenizedPrompt> {
-        let tokenizer_error = |e: tokenizers::Error| ModelError::Tokenizer(format!("encoding {text:?}: {e}"));
+        let tokenizer_error =
+            |e: tokenizers::Error| ModelError::Tokenizer(format!("encoding {text:?}: {e}"));
         let mut encoding = tokenizer.encode(text, false).map_err(tokenizer_error)?;
         let (ids, content, offsets) = if post_processor_adds > 0 {
             encoding.truncate(
@@ -265,7 +266,11 @@ impl ClipTokenizer {
                 encoding.get_offsets().to_vec(),
             )
         } else {
-            encoding.truncate(self.content_budget(), 0, tokenizers::TruncationDirection::Right);
+            encoding.truncate(
+                self.content_budget(),
+                0,
+                tokenizers::TruncationDirection::Right,
+            );
             let mut ids = Vec::with_capacity(encoding.len() + 2);
             ids.push(self.bos_id);
             ids.extend_from_slice(encoding.get_ids());
@@ -275,17 +280,26 @@ impl ClipTokenizer {
             (ids, 1..1 + encoding.len(), offsets)
         };
         let words = word_spans_from_offsets(text, content.clone(), &offsets);
-        Ok(TokenizedPrompt { ids, content, words })
+        Ok(TokenizedPrompt {
+            ids,
+            content,
+            words,
+        })
     }
 }
 
 /// Assigns each content token to the whitespace-separated word its byte offsets fall in.
-fn word_spans_from_offsets(text: &str, content: Range<usize>, offsets: &[(usize, usize)]) -> Vec<WordSpan> {
+fn word_spans_from_offsets(
+    text: &str,
+    content: Range<usize>,
+    offsets: &[(usize, usize)],
+) -> Vec<WordSpan> {
     let mut spans: Vec<WordSpan> = Vec::new();
     for (word, word_range) in whitespace_words(text) {
         let overlaps = |pos: &usize| {
             offsets.get(*pos).is_some_and(|&(start, end)| {
-                start < word_range.end && (end > word_range.start || (start == end && start >= word_range.start))
+                start < word_range.end
+                    && (end > word_range.start || (start == end && start >= word_range.start))
             })
         };
         let first = content.clone().find(overlaps);
@@ -302,11 +316,13 @@ fn word_spans_from_offsets(text: &str, content: Range<usize>, offsets: &[(usize,
 
 /// Whitespace-separated words of `text` with their byte ranges.
 fn whitespace_words(text: &str) -> impl Iterator<Item = (&str, Range<usize>)> {
-    text.split(char::is_whitespace).filter(|w| !w.is_empty()).map(move |word| {
-        // `split` yields subslices of `text`, so the pointer difference is the byte offset.
-        let start = word.as_ptr() as usize - text.as_ptr() as usize;
-        (word, start..start + word.len())
-    })
+    text.split(char::is_whitespace)
+        .filter(|w| !w.is_empty())
+        .map(move |word| {
+            // `split` yields subslices of `text`, so the pointer difference is the byte offset.
+            let start = word.as_ptr() as usize - text.as_ptr() as usize;
+            (word, start..start + word.len())
+        })
 }
 
 /// One special-token role (bos/eos/unk/pad) as the config files spell it.
@@ -371,15 +387,28 @@ impl SpecialTokensConfig {
 
     fn apply_roles(&mut self, json: &Value, file: &Path) -> Result<()> {
         for role in self.roles_mut() {
-            let Some(value) = json.get(role.key) else { continue };
+            let Some(value) = json.get(role.key) else {
+                continue;
+            };
             let (content, normalized) = match value {
                 Value::Null => continue,
                 Value::String(s) => (s.clone(), false),
                 Value::Object(fields) => {
-                    let content = fields.get("content").and_then(Value::as_str).ok_or_else(|| {
-                        crate::config::unsupported(file, role.key, format!("{value} (no string `content`)"))
-                    })?;
-                    let normalized = fields.get("normalized").and_then(Value::as_bool).unwrap_or(false);
+                    let content =
+                        fields
+                            .get("content")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| {
+                                crate::config::unsupported(
+                                    file,
+                                    role.key,
+                                    format!("{value} (no string `content`)"),
+                                )
+                            })?;
+                    let normalized = fields
+                        .get("normalized")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
                     (content.to_string(), normalized)
                 }
                 other => return Err(crate::config::unsupported(file, role.key, other)),
@@ -395,7 +424,12 @@ impl SpecialTokensConfig {
         if let Some(value) = json.get("model_max_length") {
             let length = value
                 .as_u64()
-                .or_else(|| value.as_f64().filter(|v| *v >= 0.0).map(|v| v.min(u64::MAX as f64) as u64))
+                .or_else(|| {
+                    value
+                        .as_f64()
+                        .filter(|v| *v >= 0.0)
+                        .map(|v| v.min(u64::MAX as f64) as u64)
+                })
                 .ok_or_else(|| crate::config::unsupported(file, "model_max_length", value))?;
             if length < MAX_SANE_LENGTH {
                 if length < 2 {
@@ -407,13 +441,28 @@ impl SpecialTokensConfig {
         if let Some(decoder) = json.get("added_tokens_decoder").and_then(Value::as_object) {
             for (id, token) in decoder {
                 let id: u32 = id.parse().map_err(|_| {
-                    crate::config::unsupported(file, "added_tokens_decoder", format!("non-numeric id {id:?}"))
+                    crate::config::unsupported(
+                        file,
+                        "added_tokens_decoder",
+                        format!("non-numeric id {id:?}"),
+                    )
                 })?;
-                let content = token.get("content").and_then(Value::as_str).ok_or_else(|| {
-                    crate::config::unsupported(file, "added_tokens_decoder", format!("entry {id} has no `content`"))
-                })?;
-                let normalized = token.get("normalized").and_then(Value::as_bool).unwrap_or(false);
-                self.added_tokens_decoder.push((content.to_string(), id, normalized));
+                let content = token
+                    .get("content")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        crate::config::unsupported(
+                            file,
+                            "added_tokens_decoder",
+                            format!("entry {id} has no `content`"),
+                        )
+                    })?;
+                let normalized = token
+                    .get("normalized")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                self.added_tokens_decoder
+                    .push((content.to_string(), id, normalized));
             }
         }
         Ok(())
@@ -444,10 +493,15 @@ impl SpecialTokensConfig {
             });
         }
         for role in self.roles() {
-            if tokens.iter().any(|t| t.content == role.content && self.in_decoder(&t.content)) {
+            if tokens
+                .iter()
+                .any(|t| t.content == role.content && self.in_decoder(&t.content))
+            {
                 continue;
             }
-            let Some(&id) = vocab.get(&role.content) else { continue };
+            let Some(&id) = vocab.get(&role.content) else {
+                continue;
+            };
             match tokens.iter_mut().find(|t| t.content == role.content) {
                 Some(existing) => existing.normalized &= role.normalized,
                 None => tokens.push(AddedToken {
@@ -463,7 +517,9 @@ impl SpecialTokensConfig {
     }
 
     fn in_decoder(&self, content: &str) -> bool {
-        self.added_tokens_decoder.iter().any(|(c, _, _)| c == content)
+        self.added_tokens_decoder
+            .iter()
+            .any(|(c, _, _)| c == content)
     }
 }
 
@@ -500,21 +556,30 @@ struct ClipBpe {
 }
 
 impl ClipBpe {
-    fn from_files(vocab_path: &Path, merges_path: &Path, special: &SpecialTokensConfig) -> Result<Self> {
+    fn from_files(
+        vocab_path: &Path,
+        merges_path: &Path,
+        special: &SpecialTokensConfig,
+    ) -> Result<Self> {
         let vocab: HashMap<String, u32> = crate::config::read_json(vocab_path)?;
-        let merges_text = std::fs::read_to_string(merges_path).map_err(|source| ModelError::Io {
-            path: merges_path.to_path_buf(),
-            source,
-        })?;
+        let merges_text =
+            std::fs::read_to_string(merges_path).map_err(|source| ModelError::Io {
+                path: merges_path.to_path_buf(),
+                source,
+            })?;
         let merges = parse_merges(&merges_text, merges_path, &vocab)?;
         let unk_id = vocab.get(&special.unk.content).copied();
-        let (normalized_added, raw_added) = special.added_tokens(&vocab).into_iter().partition(|t| t.normalized);
+        let (normalized_added, raw_added) = special
+            .added_tokens(&vocab)
+            .into_iter()
+            .partition(|t| t.normalized);
         let clip_split = regex::Regex::new(
             r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
         )
         .map_err(|e| ModelError::Tokenizer(format!("CLIP split pattern: {e}")))?;
-        let byte_level_split = regex::Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+")
-            .map_err(|e| ModelError::Tokenizer(format!("byte-level pattern: {e}")))?;
+        let byte_level_split =
+            regex::Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+")
+                .map_err(|e| ModelError::Tokenizer(format!("byte-level pattern: {e}")))?;
         Ok(Self {
             vocab,
             merges,
@@ -591,7 +656,11 @@ impl ClipBpe {
         loop {
             let best = symbols
                 .windows(2)
-                .filter_map(|pair| self.merges.get(&(pair[0], pair[1])).map(|&(rank, _)| (rank, (pair[0], pair[1]))))
+                .filter_map(|pair| {
+                    self.merges
+                        .get(&(pair[0], pair[1]))
+                        .map(|&(rank, _)| (rank, (pair[0], pair[1])))
+                })
                 .min_by_key(|&(rank, _)| rank);
             let Some((_, pair)) = best else { break };
             let merged_id = self.merges[&pair].1;
@@ -613,17 +682,25 @@ impl ClipBpe {
 }
 
 /// `merges.txt`: one "left right" pair per line, rank = line order; "#version" lines are skipped.
-fn parse_merges(text: &str, path: &Path, vocab: &HashMap<String, u32>) -> Result<HashMap<(u32, u32), (u32, u32)>> {
+fn parse_merges(
+    text: &str,
+    path: &Path,
+    vocab: &HashMap<String, u32>,
+) -> Result<HashMap<(u32, u32), (u32, u32)>> {
     let mut merges = HashMap::new();
     let mut rank = 0u32;
     for (line_index, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.is_empty() {
             continue;
         }
-        let bad = |message: String| ModelError::Tokenizer(format!("{}:{}: {message}", path.display(), line_index + 1));
+        let bad = |message: String| {
+            ModelError::Tokenizer(format!("{}:{}: {message}", path.display(), line_index + 1))
+        };
         let mut parts = line.split(' ');
         let (Some(left), Some(right), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad(format!("expected two space-separated symbols, found {line:?}")));
+            return Err(bad(format!(
+                "expected two space-separated symbols, found {line:?}"
+            )));
         };
         let id = |token: &str| {
             vocab
@@ -633,7 +710,9 @@ fn parse_merges(text: &str, path: &Path, vocab: &HashMap<String, u32>) -> Result
         };
         let merged_id = id(&format!("{left}{right}"))?;
         // Keep the first (best) rank of a pair listed twice, as `tokenizers` does.
-        merges.entry((id(left)?, id(right)?)).or_insert((rank, merged_id));
+        merges
+            .entry((id(left)?, id(right)?))
+            .or_insert((rank, merged_id));
         rank += 1;
     }
     Ok(merges)
@@ -715,8 +794,11 @@ mod tests {
         }
         vocab.push(DEFAULT_BOS.into());
         vocab.push(DEFAULT_EOS.into());
-        let vocab: serde_json::Map<String, Value> =
-            vocab.into_iter().enumerate().map(|(i, t)| (t, Value::from(i))).collect();
+        let vocab: serde_json::Map<String, Value> = vocab
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| (t, Value::from(i)))
+            .collect();
         std::fs::write(dir.join("vocab.json"), Value::Object(vocab).to_string()).unwrap();
         let mut text = String::from("#version: 0.2\n");
         for (l, r) in merges {
@@ -733,6 +815,13 @@ mod tests {
             Backend::Bpe(bpe) => bpe.vocab[token],
             Backend::Json { tokenizer, .. } => tokenizer.token_to_id(token).unwrap(),
         }
+    }
+
+    #[test]
+    fn tokenizer_can_be_shared_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ClipTokenizer>();
+        assert_send_sync::<crate::text_encoder::ClipTextEncoder>();
     }
 
     #[test]
@@ -758,24 +847,45 @@ mod tests {
         let prompt = tok.encode_detailed("CAT  at\tc").unwrap();
         let (bos, eos) = (tok.bos_id(), tok.eos_id());
         assert_eq!(tok.pad_id(), eos);
-        let expected = [bos, id(&tok, "cat</w>"), id(&tok, "at</w>"), id(&tok, "c</w>"), eos, eos, eos, eos];
+        let expected = [
+            bos,
+            id(&tok, "cat</w>"),
+            id(&tok, "at</w>"),
+            id(&tok, "c</w>"),
+            eos,
+            eos,
+            eos,
+            eos,
+        ];
         assert_eq!(prompt.ids, expected);
         assert_eq!(prompt.content, 1..4);
-        let words: Vec<_> = prompt.words.iter().map(|w| (w.word.as_str(), w.tokens.clone())).collect();
+        let words: Vec<_> = prompt
+            .words
+            .iter()
+            .map(|w| (w.word.as_str(), w.tokens.clone()))
+            .collect();
         assert_eq!(words, [("CAT", 1..2), ("at", 2..3), ("c", 3..4)]);
     }
 
     #[test]
     fn truncation_keeps_bos_and_eos_and_drops_cut_words() {
         let dir = tempfile::tempdir().unwrap();
-        write_tiny_clip(dir.path(), &[], Some(serde_json::json!({"model_max_length": 5})));
+        write_tiny_clip(
+            dir.path(),
+            &[],
+            Some(serde_json::json!({"model_max_length": 5})),
+        );
         let tok = ClipTokenizer::from_dir(dir.path()).unwrap();
         let prompt = tok.encode_detailed("ab c d").unwrap();
         assert_eq!(prompt.ids.len(), 5);
         assert_eq!(prompt.ids[0], tok.bos_id());
         assert_eq!(prompt.ids[4], tok.eos_id());
         assert_eq!(prompt.content, 1..4);
-        let words: Vec<_> = prompt.words.iter().map(|w| (w.word.as_str(), w.tokens.clone())).collect();
+        let words: Vec<_> = prompt
+            .words
+            .iter()
+            .map(|w| (w.word.as_str(), w.tokens.clone()))
+            .collect();
         assert_eq!(words, [("ab", 1..3), ("c", 3..4)]);
         let empty = tok.encode_detailed("").unwrap();
         assert_eq!(empty.content, 1..1);
@@ -788,7 +898,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("merges.txt"), "#version: 0.2\n").unwrap();
         let err = ClipTokenizer::from_dir(dir.path()).unwrap_err();
-        assert!(matches!(&err, ModelError::MissingFile { path } if path.ends_with("vocab.json")), "{err}");
+        assert!(
+            matches!(&err, ModelError::MissingFile { path } if path.ends_with("vocab.json")),
+            "{err}"
+        );
     }
 
     #[test]
@@ -803,17 +916,29 @@ mod tests {
     #[test]
     fn pad_token_not_in_vocab_names_the_key() {
         let dir = tempfile::tempdir().unwrap();
-        write_tiny_clip(dir.path(), &[], Some(serde_json::json!({"pad_token": "<pad>"})));
+        write_tiny_clip(
+            dir.path(),
+            &[],
+            Some(serde_json::json!({"pad_token": "<pad>"})),
+        );
         let err = ClipTokenizer::from_dir(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("pad_token") && err.contains("tokenizer_config.json"), "{err}");
+        assert!(
+            err.contains("pad_token") && err.contains("tokenizer_config.json"),
+            "{err}"
+        );
     }
 
     #[test]
     fn huge_model_max_length_falls_back_to_clip_context() {
         let dir = tempfile::tempdir().unwrap();
-        let config: Value = serde_json::from_str(r#"{"model_max_length": 1000000000000000019884624838656}"#).unwrap();
+        let config: Value =
+            serde_json::from_str(r#"{"model_max_length": 1000000000000000019884624838656}"#)
+                .unwrap();
         write_tiny_clip(dir.path(), &[], Some(config));
-        assert_eq!(ClipTokenizer::from_dir(dir.path()).unwrap().max_length(), DEFAULT_MAX_LENGTH);
+        assert_eq!(
+            ClipTokenizer::from_dir(dir.path()).unwrap().max_length(),
+            DEFAULT_MAX_LENGTH
+        );
     }
 
     #[test]
@@ -821,7 +946,10 @@ mod tests {
         let text = "a  bc d";
         let offsets = [(0, 0), (0, 1), (3, 4), (4, 5), (6, 7), (0, 0)];
         let spans = word_spans_from_offsets(text, 1..4, &offsets);
-        let spans: Vec<_> = spans.iter().map(|w| (w.word.as_str(), w.tokens.clone())).collect();
+        let spans: Vec<_> = spans
+            .iter()
+            .map(|w| (w.word.as_str(), w.tokens.clone()))
+            .collect();
         assert_eq!(spans, [("a", 1..2), ("bc", 2..4)]);
     }
 }
