@@ -7,6 +7,7 @@
 //! Arguments: config, image height, image width, batch (3 = one guided InstructPix2Pix step
 //! for one image), iterations. The VAE factor is taken as 8, as in Stable Diffusion.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -32,11 +33,21 @@ fn main() -> anyhow::Result<()> {
 
     let device = Device::Cpu;
     let config = UNetConfig::from_file(&config_path)?;
-    let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
     let started = Instant::now();
+    // Random weights come from a VarMap, then are detached: variables would make every op of
+    // the forward pass record an autograd graph, as in training, and keep it alive.
+    let weights: HashMap<String, Tensor> = {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+        UNet2DConditionModel::new(vb, config.clone(), &config_path)?;
+        let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        data.iter()
+            .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
+            .collect()
+    };
+    let params: usize = weights.values().map(|t| t.elem_count()).sum();
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &device);
     let unet = UNet2DConditionModel::new(vb, config.clone(), &config_path)?;
-    let params: usize = varmap.all_vars().iter().map(|v| v.elem_count()).sum();
     println!(
         "built {:.1}M parameters in {:.1}s",
         params as f64 / 1e6,
