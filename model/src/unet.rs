@@ -160,7 +160,9 @@ impl UNetConfig {
     /// Checks every value against what this implementation supports, naming the key otherwise.
     fn resolve(&self, file: &Path) -> Result<Resolved> {
         let n = self.block_out_channels.len();
-        let bad = |key: &str, value: &dyn std::fmt::Debug| Err(unsupported(file, key, format!("{value:?}")));
+        let bad = |key: &str, value: &dyn std::fmt::Debug| {
+            Err(unsupported(file, key, format!("{value:?}")))
+        };
         if n == 0 {
             return bad("block_out_channels", &self.block_out_channels);
         }
@@ -201,11 +203,17 @@ impl UNetConfig {
             ("num_class_embeds", self.num_class_embeds.is_some()),
             (
                 "resnet_time_scale_shift",
-                !matches!(self.resnet_time_scale_shift.as_deref(), None | Some("default")),
+                !matches!(
+                    self.resnet_time_scale_shift.as_deref(),
+                    None | Some("default")
+                ),
             ),
             (
                 "time_embedding_type",
-                !matches!(self.time_embedding_type.as_deref(), None | Some("positional")),
+                !matches!(
+                    self.time_embedding_type.as_deref(),
+                    None | Some("positional")
+                ),
             ),
             ("time_embedding_dim", self.time_embedding_dim.is_some()),
             ("time_cond_proj_dim", self.time_cond_proj_dim.is_some()),
@@ -231,7 +239,8 @@ impl UNetConfig {
         }
         match &self.only_cross_attention {
             serde_json::Value::Null | serde_json::Value::Bool(false) => {}
-            serde_json::Value::Array(v) if v.iter().all(|b| b == &serde_json::Value::Bool(false)) => {}
+            serde_json::Value::Array(v)
+                if v.iter().all(|b| b == &serde_json::Value::Bool(false)) => {}
             other => return bad("only_cross_attention", other),
         }
         if self.num_attention_heads.is_some() {
@@ -336,7 +345,8 @@ impl UNet2DConditionModel {
             flip_sin_to_cos: config.flip_sin_to_cos,
             downscale_freq_shift: config.freq_shift,
         };
-        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], time_embed_dim)?;
+        let time_embedding =
+            TimestepEmbedding::new(vb.pp("time_embedding"), ch[0], time_embed_dim)?;
         let resnet = |out_channels: usize, scale: f64| ResnetConfig {
             out_channels,
             temb_channels: Some(time_embed_dim),
@@ -357,22 +367,22 @@ impl UNet2DConditionModel {
 
         let mut down_blocks = Vec::with_capacity(n);
         let mut in_ch = ch[0];
-        for i in 0..n {
+        for (i, &out_ch) in ch.iter().enumerate() {
             let cfg = BlockConfig {
-                resnet: resnet(ch[i], config.resnet_out_scale_factor),
+                resnet: resnet(out_ch, config.resnet_out_scale_factor),
                 transformer: transformer(i, r.has_attention[i]),
             };
             down_blocks.push(DownBlock::new(
                 vb.pp("down_blocks").pp(i),
                 in_ch,
-                ch[i],
+                out_ch,
                 r.layers[i],
                 i + 1 < n,
                 config.downsample_padding,
                 &cfg,
                 &mut table,
             )?);
-            in_ch = ch[i];
+            in_ch = out_ch;
         }
 
         let mid_cfg = BlockConfig {
@@ -454,7 +464,10 @@ impl UNet2DConditionModel {
             0 => timesteps.reshape(1)?.broadcast_as(batch)?,
             _ => timesteps.clone(),
         };
-        let temb = self.time_proj.forward(&timesteps)?.to_dtype(sample.dtype())?;
+        let temb = self
+            .time_proj
+            .forward(&timesteps)?
+            .to_dtype(sample.dtype())?;
         let temb = self.time_embedding.forward(&temb)?;
 
         let mut xs = self.conv_in.forward(sample)?;
@@ -462,7 +475,9 @@ impl UNet2DConditionModel {
         for block in &self.down_blocks {
             xs = block.forward(&xs, &temb, encoder_hidden_states, ctx, &mut skips)?;
         }
-        xs = self.mid_block.forward(&xs, &temb, encoder_hidden_states, ctx)?;
+        xs = self
+            .mid_block
+            .forward(&xs, &temb, encoder_hidden_states, ctx)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs, &temb, encoder_hidden_states, ctx, &mut skips)?;
         }
@@ -505,7 +520,10 @@ impl UNet2DConditionModel {
     }
 
     pub fn detach_all(&self) {
-        self.attached.write().unwrap_or_else(|p| p.into_inner()).clear();
+        self.attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 

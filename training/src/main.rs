@@ -18,6 +18,12 @@ enum Command {
     Synth(commands::synth::SynthArgs),
     /// Score generated edits (or run the model) with MagicBrush's metrics.
     Eval(commands::eval::EvalArgs),
+    /// Train the toy model's VAE on the synthetic world.
+    PretrainVae(commands::pretrain_vae::PretrainVaeArgs),
+    /// Train the toy InstructPix2Pix (UNet + text encoder) on the synthetic world.
+    Pretrain(commands::pretrain::PretrainArgs),
+    /// Export a pretraining run's checkpoint to the diffusers layout (e.g. model/assets/toy).
+    PretrainExport(commands::pretrain::PretrainExportArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -27,12 +33,16 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Edit(args) => commands::edit::run(args),
         Command::Synth(args) => commands::synth::run(args),
         Command::Eval(args) => commands::eval::run(args),
+        Command::PretrainVae(args) => commands::pretrain_vae::run(args),
+        Command::Pretrain(args) => commands::pretrain::run(args),
+        Command::PretrainExport(args) => commands::pretrain::run_export(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
