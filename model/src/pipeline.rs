@@ -115,6 +115,21 @@ pub struct EditOutput {
     pub latents: Tensor,
 }
 
+/// Everything a batch's denoising steps condition on, for the three guidance branches.
+pub struct Conditioning {
+    /// Text embeddings (3B, T, D): [instruction, empty, empty].
+    pub context: Tensor,
+    /// Image latents (3B, C, h, w): [image, image, zeros].
+    pub image_cond: Tensor,
+    /// The source images' latents (B, C, h, w).
+    pub image_latents: Tensor,
+    g_text: Tensor,
+    g_image: Tensor,
+    w_uncond: Tensor,
+    /// The tokenized instructions, for attention maps.
+    pub prompts: Vec<TokenizedPrompt>,
+}
+
 /// A loaded InstructPix2Pix model in the diffusers layout.
 pub struct InstructPix2Pix {
     pub tokenizer: ClipTokenizer,
@@ -300,6 +315,111 @@ impl InstructPix2Pix {
             .ok_or_else(|| ModelError::InvalidArgument("empty batch".into()))
     }
 
+    /// Conditioning of the three guidance branches [text+image, empty+image, empty+no image]
+    /// for a batch whose images are resized to `(width, height)` on the VAE grid.
+    pub fn condition(&self, requests: &[EditRequest], (w, h): (u32, u32)) -> Result<Conditioning> {
+        let b = requests.len();
+        let mut prompts: Vec<&str> = requests.iter().map(|r| r.instruction).collect();
+        prompts.push("");
+        let (embeds, mut tokenized) = self.encode_prompts(&prompts)?;
+        tokenized.pop();
+        let text = embeds.narrow(0, 0, b)?;
+        let empty = embeds
+            .narrow(0, b, 1)?
+            .broadcast_as(text.shape())?
+            .contiguous()?;
+        let context = Tensor::cat(&[&text, &empty, &empty], 0)?;
+        let resized: Vec<RgbImage> = requests
+            .iter()
+            .map(|r| image_io::resize_if_needed(r.image, w, h))
+            .collect();
+        let image_latents = self.encode_images(&resized.iter().collect::<Vec<_>>())?;
+        let image_cond = Tensor::cat(
+            &[&image_latents, &image_latents, &image_latents.zeros_like()?],
+            0,
+        )?;
+        let per_sample = |f: &dyn Fn(&EditParams) -> f64| -> Result<Tensor> {
+            let v: Vec<f32> = requests.iter().map(|r| f(&r.params) as f32).collect();
+            Ok(Tensor::from_vec(v, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?)
+        };
+        // diffusers skips guidance unless g > 1 and g_image >= 1: then the prediction is the
+        // text+image branch alone, which these weights reproduce.
+        let guided = |p: &EditParams| p.guidance_scale > 1.0 && p.image_guidance_scale >= 1.0;
+        Ok(Conditioning {
+            context,
+            image_cond,
+            image_latents,
+            g_text: per_sample(&|p| if guided(p) { p.guidance_scale } else { 1.0 })?,
+            g_image: per_sample(&|p| {
+                if guided(p) {
+                    p.image_guidance_scale
+                } else {
+                    0.0
+                }
+            })?,
+            w_uncond: per_sample(&|p| if guided(p) { 1.0 } else { 0.0 })?,
+            prompts: tokenized,
+        })
+    }
+
+    /// Initial noise (B, C, h, w) before the scheduler's sigma: supplied latents, or a draw from
+    /// each request's own generator.
+    pub fn initial_noise(
+        &self,
+        requests: &[EditRequest],
+        rngs: &mut [ChaCha8Rng],
+        (lh, lw): (usize, usize),
+    ) -> Result<Tensor> {
+        let c = self.vae.config.latent_channels;
+        let mut initial = Vec::with_capacity(requests.len());
+        for (r, rng) in requests.iter().zip(rngs.iter_mut()) {
+            let noise = match &r.init_latents {
+                Some(t) => {
+                    if t.dims() != [1, c, lh, lw] {
+                        return Err(ModelError::Shape {
+                            name: "latents".into(),
+                            expected: vec![1, c, lh, lw],
+                            found: t.dims().to_vec(),
+                        });
+                    }
+                    t.to_device(&self.device)?.to_dtype(self.dtype)?
+                }
+                None => gaussian(rng, (1, c, lh, lw), self.dtype, &self.device)?,
+            };
+            initial.push(noise);
+        }
+        Ok(Tensor::cat(&initial, 0)?)
+    }
+
+    /// The guided noise prediction (B, C, h, w) for scheduler-scaled latents (B, C, h, w) at
+    /// per-sample timesteps: one UNet call over the three branches, combined as
+    /// `e_u + g_t (e_t - e_i) + g_i (e_i - e_u)`. Differentiable (DDPO trains through it).
+    pub fn guided_noise_pred(
+        &self,
+        cond: &Conditioning,
+        scaled_latents: &Tensor,
+        timesteps: &[f64],
+        ctx: ForwardCtx,
+    ) -> Result<Tensor> {
+        let b = scaled_latents.dim(0)?;
+        let model_in = Tensor::cat(&[scaled_latents, scaled_latents, scaled_latents], 0)?;
+        let model_in = Tensor::cat(&[&model_in, &cond.image_cond], 1)?;
+        let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+        let t = Tensor::from_vec(t, b, &self.device)?;
+        let t = Tensor::cat(&[&t, &t, &t], 0)?;
+        let noise_pred = self.unet.forward_with(&model_in, &t, &cond.context, ctx)?;
+        let e_text = noise_pred.narrow(0, 0, b)?;
+        let e_image = noise_pred.narrow(0, b, b)?;
+        let e_uncond = noise_pred.narrow(0, 2 * b, b)?;
+        // w*e_u + g_t*(e_t - e_i) + g_i*(e_i - e_u) + (1-w)*e_i: InstructPix2Pix's formula when
+        // guided (w=1) and e_t alone when not (w=0, g_t=1, g_i=0).
+        let pred = (e_uncond.broadcast_mul(&cond.w_uncond)?
+            + (&e_text - &e_image)?.broadcast_mul(&cond.g_text)?)?;
+        Ok((pred
+            + (&e_image - &e_uncond)?.broadcast_mul(&cond.g_image)?
+            + e_image.broadcast_mul(&(1.0 - &cond.w_uncond)?)?)?)
+    }
+
     /// Edits a batch in one UNet call per step. Every request must share the latent size, the
     /// step count, the scheduler and eta; seeds, guidance and instructions are per request and a
     /// request's result never depends on what else is in the batch. `on_step(step, total)` is
@@ -336,67 +456,14 @@ impl InstructPix2Pix {
         let latent_channels = self.vae.config.latent_channels;
         let (lh, lw) = ((h / factor) as usize, (w / factor) as usize);
 
-        // Conditioning for the three branches [text+image, empty+image, empty+no image].
-        let mut prompts: Vec<&str> = requests.iter().map(|r| r.instruction).collect();
-        prompts.push("");
-        let (embeds, tokenized) = self.encode_prompts(&prompts)?;
-        let cond = embeds.narrow(0, 0, b)?;
-        let uncond = embeds
-            .narrow(0, b, 1)?
-            .broadcast_as(cond.shape())?
-            .contiguous()?;
-        let context = Tensor::cat(&[&cond, &uncond, &uncond], 0)?;
-        let resized: Vec<RgbImage> = requests
-            .iter()
-            .map(|r| image_io::resize_if_needed(r.image, w, h))
-            .collect();
-        let image_latents = self.encode_images(&resized.iter().collect::<Vec<_>>())?;
-        let image_cond = Tensor::cat(
-            &[&image_latents, &image_latents, &image_latents.zeros_like()?],
-            0,
-        )?;
-
-        // Per-request noise streams: the initial latents, then one draw per noisy step.
-        let shape = (1, latent_channels, lh, lw);
+        let cond = self.condition(requests, (w, h))?;
         let mut rngs: Vec<ChaCha8Rng> = requests
             .iter()
             .map(|r| ChaCha8Rng::seed_from_u64(r.params.seed))
             .collect();
-        let mut initial = Vec::with_capacity(b);
-        for (r, rng) in requests.iter().zip(rngs.iter_mut()) {
-            let noise = match &r.init_latents {
-                Some(t) => {
-                    if t.dims() != [1, latent_channels, lh, lw] {
-                        return Err(ModelError::Shape {
-                            name: "latents".into(),
-                            expected: vec![1, latent_channels, lh, lw],
-                            found: t.dims().to_vec(),
-                        });
-                    }
-                    t.to_device(&self.device)?.to_dtype(self.dtype)?
-                }
-                None => gaussian(rng, shape, self.dtype, &self.device)?,
-            };
-            initial.push(noise);
-        }
-        let mut latents = (Tensor::cat(&initial, 0)? * scheduler.init_noise_sigma())?;
-
-        let per_sample = |f: &dyn Fn(&EditParams) -> f64| -> Result<Tensor> {
-            let v: Vec<f32> = requests.iter().map(|r| f(&r.params) as f32).collect();
-            Ok(Tensor::from_vec(v, (b, 1, 1, 1), &self.device)?.to_dtype(self.dtype)?)
-        };
-        // diffusers skips guidance unless g > 1 and g_image >= 1: then the prediction is the
-        // text+image branch alone, which these weights reproduce.
-        let guided = |p: &EditParams| p.guidance_scale > 1.0 && p.image_guidance_scale >= 1.0;
-        let g_text = per_sample(&|p| if guided(p) { p.guidance_scale } else { 1.0 })?;
-        let g_image = per_sample(&|p| {
-            if guided(p) {
-                p.image_guidance_scale
-            } else {
-                0.0
-            }
-        })?;
-        let w_image = per_sample(&|p| if guided(p) { 1.0 } else { 0.0 })?;
+        let shape = (1, latent_channels, lh, lw);
+        let mut latents =
+            (self.initial_noise(requests, &mut rngs, (lh, lw))? * scheduler.init_noise_sigma())?;
 
         let capture =
             params.capture_attention || requests.iter().any(|r| r.params.capture_attention);
@@ -404,28 +471,13 @@ impl InstructPix2Pix {
         let mut token_maps: Option<Tensor> = None;
         let total = scheduler.num_steps();
         for step in 0..total {
-            let t = scheduler.timestep(step);
-            let model_in = Tensor::cat(&[&latents, &latents, &latents], 0)?;
-            let model_in = scheduler.scale_model_input(&model_in, step)?;
-            let model_in = Tensor::cat(&[&model_in, &image_cond], 1)?;
-            let timesteps = Tensor::full(t as f32, 3 * b, &self.device)?;
+            let model_in = scheduler.scale_model_input(&latents, step)?;
+            let timesteps = vec![scheduler.timestep(step); b];
             let ctx = ForwardCtx {
                 adapters,
                 capture: capture.then_some(&captured),
             };
-            let noise_pred = self
-                .unet
-                .forward_with(&model_in, &timesteps, &context, ctx)?;
-            let e_text = noise_pred.narrow(0, 0, b)?;
-            let e_image = noise_pred.narrow(0, b, b)?;
-            let e_uncond = noise_pred.narrow(0, 2 * b, b)?;
-            // e = w*e_u + g_t*(e_t - e_i) + g_i*(e_i - e_u) + (1-w)*e_i, which is InstructPix2Pix's
-            // formula when guided (w=1) and e_t when not (w=0, g_t=1, g_i=0).
-            let guided_pred = (e_uncond.broadcast_mul(&w_image)?
-                + (&e_text - &e_image)?.broadcast_mul(&g_text)?)?;
-            let guided_pred = (guided_pred
-                + (&e_image - &e_uncond)?.broadcast_mul(&g_image)?
-                + e_image.broadcast_mul(&(1.0 - &w_image)?)?)?;
+            let guided_pred = self.guided_noise_pred(&cond, &model_in, &timesteps, ctx)?;
             let noise = if scheduler.needs_noise() {
                 let draws = rngs
                     .iter_mut()
@@ -457,7 +509,7 @@ impl InstructPix2Pix {
             None => None,
         };
         let mut outputs = Vec::with_capacity(b);
-        for (i, (img, prompt)) in images.into_iter().zip(tokenized).enumerate() {
+        for (i, (img, prompt)) in images.into_iter().zip(cond.prompts).enumerate() {
             // The output has the input's size even when the VAE grid forced a resize.
             let (in_w, in_h) = requests[i].image.dimensions();
             let image = image_io::resize_if_needed(&img, in_w, in_h);
@@ -482,7 +534,12 @@ impl InstructPix2Pix {
 
 /// Averages the captured attn2 maps of one step over layers, keeping the conditional branch:
 /// (B, tokens, h, w).
-fn average_layers(layers: &[CapturedAttention], b: usize, lh: usize, lw: usize) -> Result<Tensor> {
+pub fn average_layers(
+    layers: &[CapturedAttention],
+    b: usize,
+    lh: usize,
+    lw: usize,
+) -> Result<Tensor> {
     let mut sum: Option<Tensor> = None;
     for layer in layers {
         let probs = layer.probs.narrow(0, 0, b)?; // (B, hw, T)
