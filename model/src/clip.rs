@@ -104,21 +104,22 @@ impl ClipConfig {
                 .ok_or_else(|| unsupported(path, "projection_dim", v))?,
         };
         let v = &vision_config;
-        if v.hidden_size % v.num_attention_heads.max(1) != 0 || v.num_attention_heads == 0 {
+        if v.num_attention_heads == 0 || !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(unsupported(
                 path,
                 "vision_config.num_attention_heads",
                 format!("{} (hidden_size {})", v.num_attention_heads, v.hidden_size),
             ));
         }
-        if v.patch_size == 0 || v.image_size % v.patch_size != 0 {
+        if v.patch_size == 0 || !v.image_size.is_multiple_of(v.patch_size) {
             return Err(unsupported(
                 path,
                 "vision_config.patch_size",
                 format!("{} (image_size {})", v.patch_size, v.image_size),
             ));
         }
-        Activation::parse(&v.hidden_act).ok_or_else(|| unsupported(path, "vision_config.hidden_act", &v.hidden_act))?;
+        Activation::parse(&v.hidden_act)
+            .ok_or_else(|| unsupported(path, "vision_config.hidden_act", &v.hidden_act))?;
         Ok(ClipConfig {
             text_config,
             vision_config,
@@ -203,7 +204,11 @@ struct VisionLayer {
 }
 
 impl VisionLayer {
-    fn new(vb: VarBuilder, c: &ClipVisionConfig, activation: Activation) -> candle_core::Result<Self> {
+    fn new(
+        vb: VarBuilder,
+        c: &ClipVisionConfig,
+        activation: Activation,
+    ) -> candle_core::Result<Self> {
         let d = c.hidden_size;
         Ok(VisionLayer {
             layer_norm1: candle_nn::layer_norm(d, c.layer_norm_eps, vb.pp("layer_norm1"))?,
@@ -281,9 +286,10 @@ impl ClipVisionTransformer {
             .reshape((b, channels, grid, p, grid, p))?
             .permute((0, 2, 4, 1, 3, 5))?
             .reshape((b * grid * grid, channels * p * p))?;
-        let patch_embeds = patches
-            .matmul(&self.patch_weight.t()?)?
-            .reshape((b, grid * grid, c.hidden_size))?;
+        let patch_embeds =
+            patches
+                .matmul(&self.patch_weight.t()?)?
+                .reshape((b, grid * grid, c.hidden_size))?;
         let class = self
             .class_embedding
             .reshape((1, 1, c.hidden_size))?

@@ -8,8 +8,9 @@
 //!   `<id>_1.png` in both settings). Preservation L1 is then measured against that turn's
 //!   ground-truth source, outside that turn's mask.
 //!
-//! Generated images of another size are resized to the ground truth's with PIL-exact bicubic (what
-//! MagicBrush's script does); sources and masks of another size likewise (masks bilinearly).
+//! For the pixel metrics, generated images of another size are resized to the ground truth's with
+//! PIL-exact bicubic (what MagicBrush's script does), sources and masks of another size likewise
+//! (masks bilinearly); CLIP-T sees the generated image as it is.
 
 use std::path::{Path, PathBuf};
 
@@ -37,7 +38,12 @@ pub fn generated_file_name(session_id: &str, turn_index: usize, setting: Setting
 }
 
 /// Where a generated image lives under a generated folder.
-pub fn generated_path(root: &Path, session_id: &str, turn_index: usize, setting: Setting) -> PathBuf {
+pub fn generated_path(
+    root: &Path,
+    session_id: &str,
+    turn_index: usize,
+    setting: Setting,
+) -> PathBuf {
     root.join(session_id)
         .join(generated_file_name(session_id, turn_index, setting))
 }
@@ -93,20 +99,26 @@ fn to_size(image: &RgbImage, size: (u32, u32)) -> std::borrow::Cow<'_, RgbImage>
     }
 }
 
-/// Scores `generated` against `turn` (resizing it to the ground truth's size first).
-pub fn score_turn(generated: &RgbImage, turn: &Turn, clip: Option<&ClipScorer>) -> Result<TurnScores> {
+/// Scores `generated` against `turn`: pixel metrics after resizing it to the ground truth's size,
+/// CLIP-T on the image as generated (CLIP's processor resizes it anyway), as MagicBrush does.
+pub fn score_turn(
+    generated: &RgbImage,
+    turn: &Turn,
+    clip: Option<&ClipScorer>,
+) -> Result<TurnScores> {
     let wrap = |source: MetricError| EvalError::Metric {
         session: turn.session_id.clone(),
         turn: turn.turn_index,
         source,
     };
     let size = turn.target.dimensions();
+    let original = generated;
     let generated = to_size(generated, size);
     let source = to_size(&turn.source, size);
     let mask = metrics::resize_mask(&turn.mask, size.0, size.1);
     let l2 = metrics::mse(&generated, &turn.target).map_err(wrap)?;
     let clip_t = match (clip, &turn.local_description) {
-        (Some(clip), Some(text)) => Some(clip.score(&generated, text).map_err(wrap)?),
+        (Some(clip), Some(text)) => Some(clip.score(original, text).map_err(wrap)?),
         _ => None,
     };
     Ok(TurnScores {
@@ -210,7 +222,10 @@ impl EvalReport {
             "| setting | turns | L1 | L2 | CLIP-T | SSIM | PSNR | edit-region L1 | preservation L1 |\n\
              | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
         );
-        for (name, s) in [("all turns", &self.all_turn), ("final turn", &self.final_turn)] {
+        for (name, s) in [
+            ("all turns", &self.all_turn),
+            ("final turn", &self.final_turn),
+        ] {
             out.push_str(&format!(
                 "| {name} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 s.count,
@@ -231,7 +246,12 @@ impl EvalReport {
 pub trait GeneratedImages {
     /// The generated image of `session`'s turn `turn_index` (1-based) in `setting`. Iterative turns
     /// are asked for in order, so a model can chain them.
-    fn generated(&mut self, session: &Session, turn_index: usize, setting: Setting) -> Result<RgbImage>;
+    fn generated(
+        &mut self,
+        session: &Session,
+        turn_index: usize,
+        setting: Setting,
+    ) -> Result<RgbImage>;
 }
 
 /// A folder in MagicBrush's generated layout.
@@ -240,7 +260,12 @@ pub struct GeneratedFolder {
 }
 
 impl GeneratedImages for GeneratedFolder {
-    fn generated(&mut self, session: &Session, turn_index: usize, setting: Setting) -> Result<RgbImage> {
+    fn generated(
+        &mut self,
+        session: &Session,
+        turn_index: usize,
+        setting: Setting,
+    ) -> Result<RgbImage> {
         let path = generated_path(&self.root, &session.id, turn_index, setting);
         if !path.is_file() {
             return Err(EvalError::MissingGenerated {
@@ -276,7 +301,11 @@ impl<'a> Evaluator<'a> {
     /// Scores every turn of `session` (all-turn setting) and its last turn edited iteratively
     /// (final-turn setting). Iterative turns before the last are requested too, so a model that
     /// generates them writes the whole chain.
-    pub fn add_session(&mut self, session: &Session, images: &mut dyn GeneratedImages) -> Result<()> {
+    pub fn add_session(
+        &mut self,
+        session: &Session,
+        images: &mut dyn GeneratedImages,
+    ) -> Result<()> {
         for turn in &session.turns {
             let generated = images.generated(session, turn.turn_index, Setting::Independent)?;
             let scores = score_turn(&generated, turn, self.clip)?;
@@ -289,7 +318,8 @@ impl<'a> Evaluator<'a> {
         let mut final_image = None;
         for turn in &session.turns {
             if turn.turn_index > 1 {
-                final_image = Some(images.generated(session, turn.turn_index, Setting::Iterative)?);
+                final_image =
+                    Some(images.generated(session, turn.turn_index, Setting::Iterative)?);
             } else if session.turns.len() == 1 {
                 final_image = Some(images.generated(session, 1, Setting::Iterative)?);
             }
@@ -350,10 +380,19 @@ mod tests {
 
     #[test]
     fn file_names_follow_magicbrush() {
-        assert_eq!(generated_file_name("42", 1, Setting::Independent), "42_1.png");
+        assert_eq!(
+            generated_file_name("42", 1, Setting::Independent),
+            "42_1.png"
+        );
         assert_eq!(generated_file_name("42", 1, Setting::Iterative), "42_1.png");
-        assert_eq!(generated_file_name("42", 3, Setting::Independent), "42_inde_3.png");
-        assert_eq!(generated_file_name("42", 2, Setting::Iterative), "42_iter_2.png");
+        assert_eq!(
+            generated_file_name("42", 3, Setting::Independent),
+            "42_inde_3.png"
+        );
+        assert_eq!(
+            generated_file_name("42", 2, Setting::Iterative),
+            "42_iter_2.png"
+        );
     }
 
     #[test]

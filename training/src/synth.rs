@@ -128,7 +128,11 @@ pub struct Object {
 pub enum Background {
     Plain([f32; 3]),
     /// Linear blend from `from` to `to` along the direction `angle` (radians).
-    Graded { from: [f32; 3], to: [f32; 3], angle: f32 },
+    Graded {
+        from: [f32; 3],
+        to: [f32; 3],
+        angle: f32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -168,9 +172,9 @@ fn position_phrase<R: Rng>(cell: (usize, usize), rng: &mut R) -> String {
         _ => None,
     };
     let corner = cell.0 != 1 && cell.1 != 1;
-    match rng.random_range(0..3u32) {
-        0 if short.is_some() => short.unwrap_or(name).to_string(),
-        1 if corner => format!("in the {name} corner"),
+    match (rng.random_range(0..3u32), short) {
+        (0, Some(short)) => short.to_string(),
+        (1, _) if corner => format!("in the {name} corner"),
         _ => format!("in the {name}"),
     }
 }
@@ -212,23 +216,46 @@ fn object_caption(object: &Object) -> String {
 /// the shortest unique one, or sometimes a longer unique one.
 fn refer<R: Rng>(objects: &[Object], index: usize, rng: &mut R) -> String {
     let o = objects[index];
-    let others = || objects.iter().enumerate().filter(move |(i, _)| *i != index).map(|(_, x)| x);
+    let others = || {
+        objects
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i != index)
+            .map(|(_, x)| x)
+    };
     let options = [
-        (others().all(|x| x.shape != o.shape), format!("the {}", o.shape.name())),
+        (
+            others().all(|x| x.shape != o.shape),
+            format!("the {}", o.shape.name()),
+        ),
         (
             others().all(|x| (x.shape, x.colour) != (o.shape, o.colour)),
             format!("the {} {}", o.colour.name(), o.shape.name()),
         ),
         (
             others().all(|x| (x.shape, x.colour, x.size) != (o.shape, o.colour, o.size)),
-            format!("the {} {} {}", o.size.name(), o.colour.name(), o.shape.name()),
+            format!(
+                "the {} {} {}",
+                o.size.name(),
+                o.colour.name(),
+                o.shape.name()
+            ),
         ),
         (
             true,
-            format!("the {} {} in the {}", o.colour.name(), o.shape.name(), cell_name(o.cell)),
+            format!(
+                "the {} {} in the {}",
+                o.colour.name(),
+                o.shape.name(),
+                cell_name(o.cell)
+            ),
         ),
     ];
-    let unique: Vec<&String> = options.iter().filter(|(ok, _)| *ok).map(|(_, s)| s).collect();
+    let unique: Vec<&String> = options
+        .iter()
+        .filter(|(ok, _)| *ok)
+        .map(|(_, s)| s)
+        .collect();
     let pick = if rng.random_bool(0.3) {
         rng.random_range(0..unique.len())
     } else {
@@ -263,7 +290,9 @@ fn all_cells() -> impl Iterator<Item = (usize, usize)> {
 }
 
 fn empty_cells(objects: &[Object]) -> Vec<(usize, usize)> {
-    all_cells().filter(|c| objects.iter().all(|o| o.cell != *c)).collect()
+    all_cells()
+        .filter(|c| objects.iter().all(|o| o.cell != *c))
+        .collect()
 }
 
 pub fn random_scene<R: Rng>(rng: &mut R) -> Scene {
@@ -273,7 +302,13 @@ pub fn random_scene<R: Rng>(rng: &mut R) -> Scene {
         let from = random_tone(rng);
         let mut to = random_tone(rng);
         // Keep the gradient soft but visible.
-        if from.iter().zip(&to).map(|(a, b)| (a - b).abs()).sum::<f32>() < 12.0 {
+        if from
+            .iter()
+            .zip(&to)
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            < 12.0
+        {
             to = to.map(|c| (c - 20.0).max(0.0));
         }
         Background::Graded {
@@ -314,7 +349,11 @@ fn feasible_kinds(scene: &Scene) -> Vec<EditKind> {
         kinds.push(EditKind::Insertion);
     }
     if !scene.objects.is_empty() {
-        kinds.extend([EditKind::Removal, EditKind::Replacement, EditKind::Transformation]);
+        kinds.extend([
+            EditKind::Removal,
+            EditKind::Replacement,
+            EditKind::Transformation,
+        ]);
     }
     kinds
 }
@@ -419,7 +458,10 @@ pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
             let index = rng.random_range(0..scene.objects.len());
             let object = scene.objects[index];
             let target = refer(&scene.objects, index, rng);
-            let verb = pick(rng, &["remove", "delete", "erase", "take away", "get rid of"]);
+            let verb = pick(
+                rng,
+                &["remove", "delete", "erase", "take away", "get rid of"],
+            );
             result.objects.remove(index);
             Edit {
                 kind,
@@ -468,8 +510,10 @@ pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
             let old = scene.objects[index];
             let target = refer(&scene.objects, index, rng);
             let (new, instruction) = if rng.random_bool(0.5) {
-                let colours: Vec<Colour> =
-                    Colour::ALL.into_iter().filter(|c| *c != old.colour).collect();
+                let colours: Vec<Colour> = Colour::ALL
+                    .into_iter()
+                    .filter(|c| *c != old.colour)
+                    .collect();
                 let colour = *colours.choose(rng).unwrap_or(&Colour::Red);
                 let name = colour.name();
                 let instruction = match rng.random_range(0..5u32) {
@@ -484,7 +528,12 @@ pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
                 let (size, phrasings): (Size, &[&str]) = match old.size {
                     Size::Small => (
                         Size::Large,
-                        &["make {} bigger", "make {} larger", "enlarge {}", "increase the size of {}"],
+                        &[
+                            "make {} bigger",
+                            "make {} larger",
+                            "enlarge {}",
+                            "increase the size of {}",
+                        ],
                     ),
                     Size::Large => (
                         Size::Small,
@@ -531,7 +580,8 @@ fn polygon(shape: Shape) -> Vec<(f32, f32)> {
             let shift = outer * (1.0 - (std::f32::consts::PI / 5.0).cos()) / 2.0;
             (0..10)
                 .map(|k| {
-                    let angle = -std::f32::consts::FRAC_PI_2 + k as f32 * std::f32::consts::PI / 5.0;
+                    let angle =
+                        -std::f32::consts::FRAC_PI_2 + k as f32 * std::f32::consts::PI / 5.0;
                     let r = if k % 2 == 0 { outer } else { inner };
                     (r * angle.cos(), r * angle.sin() + shift)
                 })
@@ -819,7 +869,10 @@ mod tests {
         let world = SynthWorld::new(32, 11);
         let turns: Vec<SynthTurn> = (0..300).flat_map(|i| world.session_turns(i)).collect();
         for kind in EditKind::ALL {
-            assert!(turns.iter().any(|t| t.turn.edit_kind == Some(kind)), "{kind:?}");
+            assert!(
+                turns.iter().any(|t| t.turn.edit_kind == Some(kind)),
+                "{kind:?}"
+            );
         }
         assert!(turns.iter().any(|t| t.ambiguous));
         let phrasings: std::collections::HashSet<&str> = turns
@@ -841,7 +894,10 @@ mod tests {
         };
         let objects = [red_circle((0, 0)), red_circle((2, 2))];
         for _ in 0..20 {
-            assert_eq!(refer(&objects, 0, &mut rng), "the red circle in the top left");
+            assert_eq!(
+                refer(&objects, 0, &mut rng),
+                "the red circle in the top left"
+            );
         }
     }
 }
@@ -863,7 +919,10 @@ struct WrittenSession {
     global: serde_json::Map<String, serde_json::Value>,
 }
 
-fn write_png<P, C>(image: &image::ImageBuffer<P, C>, path: &std::path::Path) -> crate::data::Result<()>
+fn write_png<P, C>(
+    image: &image::ImageBuffer<P, C>,
+    path: &std::path::Path,
+) -> crate::data::Result<()>
 where
     P: image::PixelWithColorType,
     [P::Subpixel]: image::EncodableLayout,
@@ -887,7 +946,11 @@ where
         })
 }
 
-fn write_session(world: &SynthWorld, index: u64, images: &std::path::Path) -> crate::data::Result<WrittenSession> {
+fn write_session(
+    world: &SynthWorld,
+    index: u64,
+    images: &std::path::Path,
+) -> crate::data::Result<WrittenSession> {
     let id = SynthWorld::session_id(index);
     let turns = world.session_turns(index);
     let dir = images.join(&id);
@@ -926,7 +989,9 @@ fn write_session(world: &SynthWorld, index: u64, images: &std::path::Path) -> cr
         if let Some(text) = &t.turn.local_description {
             written.local.insert(output.clone(), text.clone().into());
         }
-        written.global.insert(output.clone(), scene_caption(&t.after).into());
+        written
+            .global
+            .insert(output.clone(), scene_caption(&t.after).into());
         previous = output;
     }
     Ok(written)
@@ -999,7 +1064,10 @@ pub fn write_folder(
         }
     }
     write_json(&out.join(crate::data::SESSIONS_FILE), &sessions.into())?;
-    write_json(&out.join(crate::data::LOCAL_DESCRIPTIONS_FILE), &local.into())?;
+    write_json(
+        &out.join(crate::data::LOCAL_DESCRIPTIONS_FILE),
+        &local.into(),
+    )?;
     write_json(&out.join("global_descriptions.json"), &global.into())?;
     Ok(WriteSummary {
         sessions: count,

@@ -28,14 +28,20 @@ pub struct SynthArgs {
 }
 
 pub fn run(args: SynthArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.size >= 12, "--size must be at least 12 pixels (got {})", args.size);
+    anyhow::ensure!(
+        args.size >= 12,
+        "--size must be at least 12 pixels (got {})",
+        args.size
+    );
     let world = SynthWorld::new(args.size, args.seed);
     let threads = args
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let bar = ProgressBar::new(args.count).with_style(
-        ProgressStyle::with_template("{msg} {wide_bar} {pos}/{len} sessions ({per_sec}, eta {eta})")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{msg} {wide_bar} {pos}/{len} sessions ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     bar.set_message("synth");
     let started = Instant::now();

@@ -130,6 +130,14 @@ impl FolderDataset {
         self.sessions.iter().map(|s| s.turns.len()).sum()
     }
 
+    pub fn turn_count_of_first(&self, sessions: usize) -> usize {
+        self.sessions
+            .iter()
+            .take(sessions)
+            .map(|s| s.turns.len())
+            .sum()
+    }
+
     /// Decodes session `index` (in id order).
     pub fn load_session(&self, index: usize) -> Result<Session> {
         let entry = self.sessions.get(index).ok_or_else(|| DataError::Invalid {

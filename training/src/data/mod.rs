@@ -143,6 +143,16 @@ impl Dataset {
         }
     }
 
+    /// Number of turns in the first `limit` sessions (all without a limit), where known without
+    /// reading the data: always for folders, for parquet only without a limit.
+    pub fn turn_count_of_first(&self, limit: Option<usize>) -> Option<usize> {
+        match (self, limit) {
+            (Dataset::Folder(d), Some(n)) => Some(d.turn_count_of_first(n)),
+            (_, None) => Some(self.turn_count()),
+            (Dataset::Parquet(_), Some(_)) => None,
+        }
+    }
+
     /// Number of sessions, where known without reading the data (folders only).
     pub fn session_count(&self) -> Option<usize> {
         match self {

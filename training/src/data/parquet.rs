@@ -35,9 +35,13 @@ pub struct ParquetDataset {
 fn file_in_split(root: &Path, file: &Path, split: &str) -> bool {
     let stem = file.file_stem().and_then(|s| s.to_str()).unwrap_or("");
     let named = stem == split
-        || [format!("{split}-"), format!("{split}_"), format!("{split}.")]
-            .iter()
-            .any(|prefix| stem.starts_with(prefix.as_str()));
+        || [
+            format!("{split}-"),
+            format!("{split}_"),
+            format!("{split}."),
+        ]
+        .iter()
+        .any(|prefix| stem.starts_with(prefix.as_str()));
     let in_folder = file
         .parent()
         .and_then(|p| p.strip_prefix(root).ok())
@@ -83,7 +87,11 @@ fn open_reader(path: &Path) -> Result<SerializedFileReader<File>> {
 
 /// The projection of the file's schema onto the columns we read; errors name a missing column.
 fn projection(path: &Path, reader: &SerializedFileReader<File>) -> Result<Type> {
-    let root = reader.metadata().file_metadata().schema_descr().root_schema();
+    let root = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .root_schema();
     let fields = root.get_fields();
     let names: Vec<&str> = fields.iter().map(|f| f.name()).collect();
     if let Some(missing) = REQUIRED_COLUMNS.iter().find(|c| !names.contains(c)) {
@@ -291,7 +299,12 @@ fn string_column(path: &Path, row_number: usize, row: &Row, name: &str) -> Resul
         Some(Field::Str(s)) => Ok(Some(s.clone())),
         Some(Field::Int(v)) => Ok(Some(v.to_string())),
         Some(Field::Long(v)) => Ok(Some(v.to_string())),
-        Some(other) => Err(row_error(path, row_number, name, format!("expected a string, found {other}"))),
+        Some(other) => Err(row_error(
+            path,
+            row_number,
+            name,
+            format!("expected a string, found {other}"),
+        )),
     }
 }
 
@@ -310,14 +323,24 @@ fn integer_column(path: &Path, row_number: usize, row: &Row, name: &str) -> Resu
         Some(Field::Str(s)) => s
             .parse()
             .map_err(|_| row_error(path, row_number, name, format!("not an integer: `{s}`"))),
-        Some(other) => Err(row_error(path, row_number, name, format!("expected an integer, found {other}"))),
+        Some(other) => Err(row_error(
+            path,
+            row_number,
+            name,
+            format!("expected an integer, found {other}"),
+        )),
         None => Err(row_error(path, row_number, name, "column missing")),
     }
 }
 
 /// An image column: `{bytes, path}` (bytes may be null when `path` names a file beside the shard),
 /// or plain binary.
-fn image_column(path: &Path, row_number: usize, row: &Row, name: &str) -> Result<image::DynamicImage> {
+fn image_column(
+    path: &Path,
+    row_number: usize,
+    row: &Row,
+    name: &str,
+) -> Result<image::DynamicImage> {
     let what = format!("{} row {row_number}, column `{name}`", path.display());
     match column(row, name) {
         Some(Field::Bytes(bytes)) => decode_image_bytes(bytes.data(), &what),
@@ -330,21 +353,42 @@ fn image_column(path: &Path, row_number: usize, row: &Row, name: &str) -> Result
                     let file = path.parent().unwrap_or(Path::new(".")).join(file);
                     super::read_image_file(&file)
                 }
-                _ => Err(row_error(path, row_number, name, "image has neither bytes nor path")),
+                _ => Err(row_error(
+                    path,
+                    row_number,
+                    name,
+                    "image has neither bytes nor path",
+                )),
             }
         }
         Some(Field::Null) | None => Err(row_error(path, row_number, name, "value is null")),
-        Some(other) => Err(row_error(path, row_number, name, format!("expected an image struct, found {other}"))),
+        Some(other) => Err(row_error(
+            path,
+            row_number,
+            name,
+            format!("expected an image struct, found {other}"),
+        )),
     }
 }
 
 fn turn_from_row(path: &Path, row_number: usize, row: &Row) -> Result<Turn> {
     let turn_index = integer_column(path, row_number, row, "turn_index")?;
-    let turn_index = usize::try_from(turn_index)
-        .map_err(|_| row_error(path, row_number, "turn_index", format!("negative: {turn_index}")))?;
+    let turn_index = usize::try_from(turn_index).map_err(|_| {
+        row_error(
+            path,
+            row_number,
+            "turn_index",
+            format!("negative: {turn_index}"),
+        )
+    })?;
     let edit_kind = match string_column(path, row_number, row, "edit_kind")? {
         Some(kind) => Some(EditKind::parse(&kind).ok_or_else(|| {
-            row_error(path, row_number, "edit_kind", format!("unknown edit kind `{kind}`"))
+            row_error(
+                path,
+                row_number,
+                "edit_kind",
+                format!("unknown edit kind `{kind}`"),
+            )
         })?),
         None => None,
     };
@@ -367,12 +411,36 @@ mod tests {
     #[test]
     fn split_matching_follows_hub_names() {
         let root = Path::new("/d");
-        assert!(file_in_split(root, Path::new("/d/data/train-00000-of-00051-abc.parquet"), "train"));
-        assert!(file_in_split(root, Path::new("/d/data/dev-00000-of-00001.parquet"), "dev"));
-        assert!(!file_in_split(root, Path::new("/d/data/dev-00000-of-00001.parquet"), "train"));
-        assert!(file_in_split(root, Path::new("/d/default/test/0000.parquet"), "test"));
-        assert!(!file_in_split(root, Path::new("/d/data/testing-0.parquet"), "test"));
+        assert!(file_in_split(
+            root,
+            Path::new("/d/data/train-00000-of-00051-abc.parquet"),
+            "train"
+        ));
+        assert!(file_in_split(
+            root,
+            Path::new("/d/data/dev-00000-of-00001.parquet"),
+            "dev"
+        ));
+        assert!(!file_in_split(
+            root,
+            Path::new("/d/data/dev-00000-of-00001.parquet"),
+            "train"
+        ));
+        assert!(file_in_split(
+            root,
+            Path::new("/d/default/test/0000.parquet"),
+            "test"
+        ));
+        assert!(!file_in_split(
+            root,
+            Path::new("/d/data/testing-0.parquet"),
+            "test"
+        ));
         // The root's own name says nothing about the split.
-        assert!(!file_in_split(Path::new("/train"), Path::new("/train/data/dev-0.parquet"), "train"));
+        assert!(!file_in_split(
+            Path::new("/train"),
+            Path::new("/train/data/dev-0.parquet"),
+            "train"
+        ));
     }
 }

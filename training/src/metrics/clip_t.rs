@@ -100,7 +100,10 @@ impl ClipImageProcessor {
             value,
         };
         if let Some(resample) = file.resample.filter(|r| *r != PIL_BICUBIC) {
-            return Err(bad("resample", format!("{resample} (only 3, bicubic, is supported)")));
+            return Err(bad(
+                "resample",
+                format!("{resample} (only 3, bicubic, is supported)"),
+            ));
         }
         let resize = match file.size {
             _ if file.do_resize == Some(false) => None,
@@ -156,7 +159,8 @@ impl ClipImageProcessor {
                 ResizeTo::Exact { width, height } => (width, height),
                 ResizeTo::ShortestEdge(edge) => {
                     let (short, long) = if w <= h { (w, h) } else { (h, w) };
-                    let new_long = (f64::from(edge) * f64::from(long) / f64::from(short.max(1))) as u32;
+                    let new_long =
+                        (f64::from(edge) * f64::from(long) / f64::from(short.max(1))) as u32;
                     if w <= h {
                         (edge, new_long)
                     } else {
@@ -188,7 +192,8 @@ impl ClipImageProcessor {
 /// the same way) where the crop is larger than the image.
 fn center_crop(image: &RgbImage, crop_w: u32, crop_h: u32) -> RgbImage {
     let (w, h) = image.dimensions();
-    let offset = |size: u32, crop: u32| -> i64 { (i64::from(size) - i64::from(crop)).div_euclid(2) };
+    let offset =
+        |size: u32, crop: u32| -> i64 { (i64::from(size) - i64::from(crop)).div_euclid(2) };
     let (left, top) = (offset(w, crop_w), offset(h, crop_h));
     RgbImage::from_fn(crop_w, crop_h, |x, y| {
         let (sx, sy) = (i64::from(x) + left, i64::from(y) + top);
@@ -229,7 +234,8 @@ impl ClipScorer {
     /// Projected (unnormalised) image embedding, (1, D).
     pub fn image_embedding(&self, image: &RgbImage) -> Result<Tensor> {
         let (values, h, w) = self.processor.pixel_values(image);
-        let pixels = Tensor::from_vec(values, (1, 3, h, w), &self.device).map_err(ModelError::from)?;
+        let pixels =
+            Tensor::from_vec(values, (1, 3, h, w), &self.device).map_err(ModelError::from)?;
         Ok(self.model.image_embeds(&pixels).map_err(ModelError::from)?)
     }
 
@@ -254,7 +260,11 @@ impl ClipScorer {
 pub fn cosine(a: &Tensor, b: &Tensor) -> std::result::Result<f64, ModelError> {
     let a: Vec<f32> = a.flatten_all()?.to_vec1()?;
     let b: Vec<f32> = b.flatten_all()?.to_vec1()?;
-    let dot: f64 = a.iter().zip(&b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let norm = |v: &[f32]| v.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     Ok(dot / (norm(&a) * norm(&b)).max(1e-12))
 }

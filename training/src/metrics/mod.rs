@@ -31,11 +31,7 @@ pub enum MetricError {
 
 pub type Result<T> = std::result::Result<T, MetricError>;
 
-pub(crate) fn check_same_size(
-    what: &'static str,
-    a: (u32, u32),
-    b: (u32, u32),
-) -> Result<()> {
+pub(crate) fn check_same_size(what: &'static str, a: (u32, u32), b: (u32, u32)) -> Result<()> {
     if a != b {
         return Err(MetricError::SizeMismatch {
             what,

@@ -8,7 +8,12 @@ use crate::data::Mask;
 
 /// Mean of |a - b| over pixels and channels, each pixel weighted by `weight(mask value)`;
 /// `None` when the weights sum to zero (nothing to measure).
-fn weighted_l1(a: &RgbImage, b: &RgbImage, mask: &Mask, weight: impl Fn(f32) -> f64) -> Option<f64> {
+fn weighted_l1(
+    a: &RgbImage,
+    b: &RgbImage,
+    mask: &Mask,
+    weight: impl Fn(f32) -> f64,
+) -> Option<f64> {
     let mut sum = 0.0;
     let mut total_weight = 0.0;
     for ((pa, pb), m) in a.pixels().zip(b.pixels()).zip(mask.pixels()) {
@@ -25,16 +30,40 @@ fn weighted_l1(a: &RgbImage, b: &RgbImage, mask: &Mask, weight: impl Fn(f32) -> 
 }
 
 /// L1 between generated and ground truth inside the mask (white = edited region).
-pub fn edit_region_l1(generated: &RgbImage, ground_truth: &RgbImage, mask: &Mask) -> Result<Option<f64>> {
-    check_same_size("edit-region L1", generated.dimensions(), ground_truth.dimensions())?;
-    check_same_size("edit-region L1 (mask)", generated.dimensions(), mask.dimensions())?;
+pub fn edit_region_l1(
+    generated: &RgbImage,
+    ground_truth: &RgbImage,
+    mask: &Mask,
+) -> Result<Option<f64>> {
+    check_same_size(
+        "edit-region L1",
+        generated.dimensions(),
+        ground_truth.dimensions(),
+    )?;
+    check_same_size(
+        "edit-region L1 (mask)",
+        generated.dimensions(),
+        mask.dimensions(),
+    )?;
     Ok(weighted_l1(generated, ground_truth, mask, f64::from))
 }
 
 /// L1 between generated and the edit's source outside the mask.
-pub fn preservation_l1(generated: &RgbImage, source: &RgbImage, mask: &Mask) -> Result<Option<f64>> {
-    check_same_size("preservation L1", generated.dimensions(), source.dimensions())?;
-    check_same_size("preservation L1 (mask)", generated.dimensions(), mask.dimensions())?;
+pub fn preservation_l1(
+    generated: &RgbImage,
+    source: &RgbImage,
+    mask: &Mask,
+) -> Result<Option<f64>> {
+    check_same_size(
+        "preservation L1",
+        generated.dimensions(),
+        source.dimensions(),
+    )?;
+    check_same_size(
+        "preservation L1 (mask)",
+        generated.dimensions(),
+        mask.dimensions(),
+    )?;
     Ok(weighted_l1(generated, source, mask, |m| 1.0 - f64::from(m)))
 }
 
@@ -47,15 +76,26 @@ mod tests {
     fn inside_and_outside_are_separate() {
         let mask = Mask::from_fn(4, 1, |x, _| Luma([if x < 1 { 1.0 } else { 0.0 }]));
         let source = RgbImage::from_pixel(4, 1, Rgb([0, 0, 0]));
-        let truth = RgbImage::from_fn(4, 1, |x, _| if x < 1 { Rgb([255, 255, 255]) } else { Rgb([0, 0, 0]) });
+        let truth = RgbImage::from_fn(4, 1, |x, _| {
+            if x < 1 {
+                Rgb([255, 255, 255])
+            } else {
+                Rgb([0, 0, 0])
+            }
+        });
         // Edits the right place, and also smudges one outside pixel by 51/255.
         let generated = RgbImage::from_fn(4, 1, |x, _| match x {
             0 => Rgb([255, 255, 255]),
             1 => Rgb([51, 51, 51]),
             _ => Rgb([0, 0, 0]),
         });
-        assert_eq!(edit_region_l1(&generated, &truth, &mask).unwrap(), Some(0.0));
-        let kept = preservation_l1(&generated, &source, &mask).unwrap().unwrap();
+        assert_eq!(
+            edit_region_l1(&generated, &truth, &mask).unwrap(),
+            Some(0.0)
+        );
+        let kept = preservation_l1(&generated, &source, &mask)
+            .unwrap()
+            .unwrap();
         assert!((kept - 0.2 / 3.0).abs() < 1e-12);
         let empty = Mask::new(4, 1);
         assert_eq!(edit_region_l1(&generated, &truth, &empty).unwrap(), None);

@@ -39,7 +39,11 @@ fn bicubic(x: f64) -> f64 {
 
 /// For each output index: the first input index and the fixed-point weights of the inputs it reads;
 /// and the number of fraction bits of those weights.
-fn coefficients(in_size: usize, out_size: usize, resampler: Resampler) -> (Vec<(usize, Vec<i64>)>, u32) {
+fn coefficients(
+    in_size: usize,
+    out_size: usize,
+    resampler: Resampler,
+) -> (Vec<(usize, Vec<i64>)>, u32) {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = BICUBIC_SUPPORT * filter_scale;
@@ -101,15 +105,27 @@ fn pass(
     horizontal: bool,
     resampler: Resampler,
 ) -> Vec<u8> {
-    let (in_len, other) = if horizontal { (width, height) } else { (height, width) };
+    let (in_len, other) = if horizontal {
+        (width, height)
+    } else {
+        (height, width)
+    };
     let (coeffs, bits) = coefficients(in_len, out_len, resampler);
-    let (out_w, out_h) = if horizontal { (out_len, height) } else { (width, out_len) };
+    let (out_w, out_h) = if horizontal {
+        (out_len, height)
+    } else {
+        (width, out_len)
+    };
     let mut out = vec![0u8; out_w * out_h * 3];
     for o in 0..other {
         for (i, (start, weights)) in coeffs.iter().enumerate() {
             let mut acc = [1i64 << bits.saturating_sub(1); 3];
             for (k, &w) in weights.iter().enumerate() {
-                let (x, y) = if horizontal { (start + k, o) } else { (o, start + k) };
+                let (x, y) = if horizontal {
+                    (start + k, o)
+                } else {
+                    (o, start + k)
+                };
                 let p = (y * width + x) * 3;
                 for c in 0..3 {
                     acc[c] += i64::from(src[p + c]) * w;
@@ -131,7 +147,12 @@ pub fn resize_bicubic(image: &RgbImage, width: u32, height: u32) -> RgbImage {
 }
 
 /// `image` resized with antialiased bicubic, rounding as `resampler` does.
-pub fn resize_bicubic_with(image: &RgbImage, width: u32, height: u32, resampler: Resampler) -> RgbImage {
+pub fn resize_bicubic_with(
+    image: &RgbImage,
+    width: u32,
+    height: u32,
+    resampler: Resampler,
+) -> RgbImage {
     if image.dimensions() == (width, height) || width == 0 || height == 0 {
         return if image.dimensions() == (width, height) {
             image.clone()
@@ -160,6 +181,9 @@ pub fn resize_mask(mask: &Mask, width: u32, height: u32) -> Mask {
     if mask.dimensions() == (width, height) {
         return mask.clone();
     }
-    let resized = image::imageops::resize(mask, width, height, image::imageops::FilterType::Triangle);
-    Mask::from_fn(width, height, |x, y| Luma([resized.get_pixel(x, y).0[0].clamp(0.0, 1.0)]))
+    let resized =
+        image::imageops::resize(mask, width, height, image::imageops::FilterType::Triangle);
+    Mask::from_fn(width, height, |x, y| {
+        Luma([resized.get_pixel(x, y).0[0].clamp(0.0, 1.0)])
+    })
 }

@@ -102,7 +102,10 @@ pub fn ssim_plane(x: &[f64], y: &[f64], width: usize, height: usize) -> f64 {
 /// SSIM of two RGB images of the same size (at least 11x11), averaged over the three channels.
 pub fn ssim(generated: &RgbImage, ground_truth: &RgbImage) -> Result<f64> {
     check_same_size("SSIM", generated.dimensions(), ground_truth.dimensions())?;
-    let (width, height) = (ground_truth.width() as usize, ground_truth.height() as usize);
+    let (width, height) = (
+        ground_truth.width() as usize,
+        ground_truth.height() as usize,
+    );
     if width < WINDOW || height < WINDOW {
         return Err(MetricError::TooSmall {
             min: WINDOW,
@@ -139,7 +142,9 @@ mod tests {
 
     #[test]
     fn identical_images_score_one() {
-        let image = RgbImage::from_fn(13, 12, |x, y| image::Rgb([(x * 17) as u8, (y * 9) as u8, 40]));
+        let image = RgbImage::from_fn(13, 12, |x, y| {
+            image::Rgb([(x * 17) as u8, (y * 9) as u8, 40])
+        });
         assert!((ssim(&image, &image).unwrap() - 1.0).abs() < 1e-12);
         assert!(ssim(&RgbImage::new(10, 20), &RgbImage::new(10, 20)).is_err());
     }
