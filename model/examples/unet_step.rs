@@ -40,7 +40,10 @@ fn main() -> anyhow::Result<()> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
         UNet2DConditionModel::new(vb, config.clone(), &config_path)?;
-        let data = varmap.data().lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+        let data = varmap
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
         data.iter()
             .map(|(k, v)| (k.clone(), v.as_tensor().detach()))
             .collect()

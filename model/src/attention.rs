@@ -46,6 +46,17 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// LayerNorm: candle's fused kernel has no backward, so inside an autograd graph (pretraining,
+/// LoRA training) the composed, differentiable form is used instead.
+pub fn layer_norm_forward(norm: &LayerNorm, xs: &Tensor) -> Result<Tensor> {
+    match norm.bias() {
+        Some(bias) if xs.track_op() || norm.weight().track_op() => {
+            candle_nn::ops::layer_norm_slow(xs, norm.weight(), bias, norm.eps() as f32)
+        }
+        _ => norm.forward(xs),
+    }
+}
+
 /// Multi-head attention (`attn1`: self, `attn2`: cross).
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -189,15 +200,18 @@ impl BasicTransformerBlock {
         spatial: (usize, usize),
         ctx: ForwardCtx,
     ) -> Result<Tensor> {
-        let xs = (self
-            .attn1
-            .forward(&self.norm1.forward(xs)?, None, spatial, ctx)?
-            + xs)?;
-        let xs = (self
-            .attn2
-            .forward(&self.norm2.forward(&xs)?, Some(context), spatial, ctx)?
-            + xs)?;
-        self.ff.forward(&self.norm3.forward(&xs)?)? + xs
+        let xs =
+            (self
+                .attn1
+                .forward(&layer_norm_forward(&self.norm1, xs)?, None, spatial, ctx)?
+                + xs)?;
+        let xs = (self.attn2.forward(
+            &layer_norm_forward(&self.norm2, &xs)?,
+            Some(context),
+            spatial,
+            ctx,
+        )? + xs)?;
+        self.ff.forward(&layer_norm_forward(&self.norm3, &xs)?)? + xs
     }
 }
 

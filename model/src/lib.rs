@@ -9,10 +9,10 @@ pub mod config;
 pub mod error;
 pub mod weights;
 
-pub mod tokenizer;
-pub mod text_encoder;
 /// Full CLIP (vision + text + projections) for the CLIP-T metric.
 pub mod clip;
+pub mod text_encoder;
+pub mod tokenizer;
 
 pub mod resnet;
 pub mod sampling;

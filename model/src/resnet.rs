@@ -32,7 +32,13 @@ impl ResnetBlock2D {
         };
         let out = cfg.out_channels;
         let conv_shortcut = if in_channels != out {
-            Some(conv2d(in_channels, out, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            Some(conv2d(
+                in_channels,
+                out,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };

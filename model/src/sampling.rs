@@ -11,7 +11,12 @@ pub struct Downsample2D {
 }
 
 impl Downsample2D {
-    pub fn new(vb: VarBuilder, channels: usize, out_channels: usize, padding: usize) -> Result<Self> {
+    pub fn new(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        padding: usize,
+    ) -> Result<Self> {
         let cfg = Conv2dConfig {
             stride: 2,
             padding,

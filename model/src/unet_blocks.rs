@@ -39,7 +39,11 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for i in 0..layers {
             let in_ch = if i == 0 { in_channels } else { out_channels };
-            resnets.push(ResnetBlock2D::new(vb.pp("resnets").pp(i), in_ch, cfg.resnet)?);
+            resnets.push(ResnetBlock2D::new(
+                vb.pp("resnets").pp(i),
+                in_ch,
+                cfg.resnet,
+            )?);
             if let Some(tcfg) = &cfg.transformer {
                 attentions.push(Transformer2DModel::new(
                     vb.pp("attentions").pp(i),
