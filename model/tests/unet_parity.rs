@@ -64,6 +64,7 @@ fn check_unet(name: &str, prefix: &str, check_attention: bool) {
     };
     let out = unet.forward_with(sample, &timesteps, context, ctx).unwrap();
     let err = rel_err(&out, &r[&format!("{prefix}.out")]);
+    println!("{name} {prefix}: relative error {err:.2e}");
     assert!(err <= 1e-4, "{name} {prefix}: relative error {err}");
 
     // Capture must not change the output.
