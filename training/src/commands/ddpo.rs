@@ -1,0 +1,107 @@
+//! `rl4pix-train ddpo`: RL fine-tuning (DDPO with PPO) of a LoRA adapter on the UNet with the
+//! InstructRL4Pix reward; writes the adapter in diffusers' format.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+use rl4pix_model::pipeline::InstructPix2Pix;
+
+use crate::ddpo::prompts::load_prompts;
+use crate::ddpo::{DdpoConfig, Trainer};
+
+#[derive(clap::Args, Debug)]
+pub struct DdpoArgs {
+    /// Model folder in the diffusers layout (default: the embedded default model).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// MagicBrush-format data set with masks: a folder with edit_sessions.json, a parquet file, or
+    /// a folder of parquet shards.
+    #[arg(long, required_unless_present = "print_config")]
+    pub dataset: Option<PathBuf>,
+    /// Where to write the trained adapter (.safetensors, diffusers' LoRA format).
+    #[arg(long, required_unless_present = "print_config")]
+    pub out: Option<PathBuf>,
+    /// Starting values: `paper` (Table 4) or `cpu` (a faster start for two CPU cores).
+    #[arg(long, default_value = "paper")]
+    pub preset: String,
+    /// TOML file of config keys (e.g. `[train]\nlearning_rate = 2e-4`), applied over the preset.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// `key=value` override, repeatable, applied last (e.g. `--set sample.num_steps=10`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub sets: Vec<String>,
+    /// Continue from a checkpoint folder (or a run folder: its latest checkpoint); overrides
+    /// `resume_from`.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// CPU threads for tensor work (sets RAYON_NUM_THREADS; default: all cores). On a busy
+    /// machine 1 is often several times faster: candle's workers spin-wait for each other.
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print the resolved configuration as TOML (a starting `--config` file) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+}
+
+pub fn run(args: DdpoArgs) -> anyhow::Result<()> {
+    if let Some(threads) = args.threads {
+        anyhow::ensure!(threads > 0, "--threads must be at least 1");
+        // Read once, when candle's and gemm's thread pools start: before any tensor exists.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let config = DdpoConfig::build(&args.preset, args.config.as_deref(), &args.sets)?;
+    if args.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(());
+    }
+    let (Some(dataset), Some(out)) = (args.dataset, args.out) else {
+        anyhow::bail!("--dataset and --out are required");
+    };
+    let model_dir = crate::commands::edit::resolve_model_dir(args.model)?;
+    let device = Device::Cpu;
+    let pipeline = InstructPix2Pix::load(&model_dir, &device)?;
+    let prompts = load_prompts(&dataset, &config.data, pipeline.vae_scale_factor() as u32)?;
+    tracing::info!(
+        model = %model_dir.display(),
+        prompts = prompts.len(),
+        size = ?prompts[0].source.dimensions(),
+        logdir = %config.logdir,
+        "ddpo start"
+    );
+    let resume = args
+        .resume
+        .or_else(|| (!config.resume_from.is_empty()).then(|| PathBuf::from(&config.resume_from)));
+    let mut trainer = Trainer::new(&pipeline, config.clone(), prompts)?;
+    if let Some(from) = resume {
+        trainer.resume(&from)?;
+        tracing::info!(epoch = trainer.epochs_completed(), from = %from.display(), "resumed");
+    }
+    let config_path = trainer.run_dir().join("config.json");
+    std::fs::create_dir_all(trainer.run_dir())
+        .with_context(|| format!("{}: cannot create", trainer.run_dir().display()))?;
+    std::fs::write(
+        &config_path,
+        serde_json::to_string_pretty(&config.to_json())? + "\n",
+    )
+    .with_context(|| format!("{}: cannot write", config_path.display()))?;
+
+    trainer.run(std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
+
+    let name = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "ddpo".into());
+    let adapter = trainer.adapter(&name)?;
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("{}: cannot create", parent.display()))?;
+    }
+    adapter.save(&out)?;
+    tracing::info!(
+        out = %out.display(),
+        summary = %trainer.reward_summary(),
+        "adapter written"
+    );
+    Ok(())
+}
