@@ -1,0 +1,313 @@
+//! The one narrow seam between HTTP and the model: a backend reports its health and runs a
+//! batch. The worker thread owns the only instance; everything it hands back is plain data
+//! on the CPU, so no tensor or device handle leaks into the HTTP layer.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use image::RgbImage;
+use rl4pix_model::adapter::LoraAdapter;
+use rl4pix_model::lora::ResolvedAdapter;
+use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::scheduler::{Scheduler, SchedulerKind};
+use rl4pix_model::ModelError;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// `on_step` asked to stop (every request of the batch was abandoned).
+    #[error("cancelled")]
+    Cancelled,
+    #[error(transparent)]
+    Model(ModelError),
+}
+
+impl From<ModelError> for BackendError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::Cancelled => Self::Cancelled,
+            other => Self::Model(other),
+        }
+    }
+}
+
+/// One edit of a batch.
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub image: Arc<RgbImage>,
+    pub instruction: String,
+    pub params: EditParams,
+}
+
+/// Requests that share the VAE grid, steps, scheduler, eta and adapter.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub items: Vec<BatchItem>,
+    pub adapter: Option<Arc<ResolvedAdapter>>,
+}
+
+/// The instruction's cross-attention, reduced to what `/attention` serves.
+#[derive(Debug, Clone)]
+pub struct AttentionSummary {
+    /// Latent grid of the maps (row-major `height x width`).
+    pub height: usize,
+    pub width: usize,
+    /// Mean over the instruction's own tokens.
+    pub instruction_map: Vec<f32>,
+    pub words: Vec<WordAttention>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WordAttention {
+    pub word: String,
+    /// Token positions in the padded prompt (BOS is position 0).
+    pub tokens: Range<usize>,
+    pub map: Vec<f32>,
+}
+
+pub struct ItemOutput {
+    pub image: RgbImage,
+    pub attention: Option<AttentionSummary>,
+}
+
+/// What `/info` shows about the loaded model.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BackendInfo {
+    /// The model folder's name.
+    #[schema(example = "toy")]
+    pub model: String,
+    pub model_dir: String,
+    #[schema(example = "cpu")]
+    pub device: String,
+    #[schema(example = "f32")]
+    pub dtype: String,
+    /// Pixels per latent cell; a batch shares the image size rounded down to this grid.
+    #[schema(example = 8)]
+    pub vae_scale_factor: usize,
+    #[schema(example = "ddim")]
+    pub default_scheduler: String,
+    /// LoRA-capable projections of the UNet.
+    pub lora_targets: usize,
+    pub base_fingerprint: String,
+    /// The most denoising steps every scheduler of this model accepts.
+    pub max_steps: usize,
+}
+
+/// A validated adapter, resolved against the loaded base.
+#[derive(Debug, Clone)]
+pub struct LoadedAdapter {
+    pub name: String,
+    pub resolved: Arc<ResolvedAdapter>,
+    pub rank: usize,
+    pub alpha: f64,
+    pub target_modules: Vec<String>,
+    pub base_fingerprint: Option<String>,
+    pub created: Option<String>,
+    pub file_bytes: u64,
+}
+
+pub trait Backend: Send + 'static {
+    fn info(&self) -> BackendInfo;
+    /// Whether the backend can run a batch now.
+    fn health(&self) -> Result<(), BackendError>;
+    /// Runs one batch; `on_step(step, total)` returning false cancels it at that step.
+    fn run_batch(
+        &self,
+        batch: &Batch,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<ItemOutput>, BackendError>;
+    /// Reads and validates an adapter file against this base; refuses it whole or not at all.
+    fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError>;
+}
+
+/// The real thing: an InstructPix2Pix pipeline on a Candle device.
+pub struct ModelBackend {
+    pipeline: InstructPix2Pix,
+    info: BackendInfo,
+    capture_attention: bool,
+}
+
+impl ModelBackend {
+    pub fn load(
+        dir: &Path,
+        device_spec: &str,
+        dtype_spec: &str,
+        capture_attention: bool,
+    ) -> Result<Self, BackendError> {
+        let device = parse_device(device_spec)?;
+        let dtype = parse_dtype(dtype_spec)?;
+        let pipeline = InstructPix2Pix::load_with_dtype(dir, &device, dtype)?;
+        let info = BackendInfo {
+            model: model_name(dir),
+            model_dir: dir.display().to_string(),
+            device: device_spec.to_string(),
+            dtype: dtype_spec.to_ascii_lowercase(),
+            vae_scale_factor: pipeline.vae_scale_factor(),
+            default_scheduler: pipeline.default_scheduler.name().to_string(),
+            lora_targets: pipeline.unet.projections().entries.len(),
+            base_fingerprint: pipeline.unet.fingerprint().to_string(),
+            max_steps: max_supported_steps(&pipeline),
+        };
+        Ok(Self {
+            pipeline,
+            info,
+            capture_attention,
+        })
+    }
+
+    pub fn pipeline(&self) -> &InstructPix2Pix {
+        &self.pipeline
+    }
+}
+
+/// Step counts past this make a scheduler's timesteps leave the trained range (e.g.
+/// `steps_offset` 1 with 1000 steps); checked once so requests are refused before any work.
+fn max_supported_steps(pipeline: &InstructPix2Pix) -> usize {
+    let kinds = [SchedulerKind::Ddim, SchedulerKind::EulerAncestral];
+    (1..=1000)
+        .rev()
+        .find(|&steps| {
+            kinds
+                .iter()
+                .all(|&kind| Scheduler::new(kind, &pipeline.scheduler_config, steps, 0.0).is_ok())
+        })
+        .unwrap_or(1)
+}
+
+fn model_name(dir: &Path) -> String {
+    let canonical = dir.canonicalize().unwrap_or_else(|_| PathBuf::from(dir));
+    canonical
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| dir.display().to_string())
+}
+
+pub fn parse_device(spec: &str) -> Result<Device, BackendError> {
+    let bad = |m: String| BackendError::Model(ModelError::InvalidArgument(m));
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        other => {
+            let ordinal = other
+                .strip_prefix("cuda:")
+                .or_else(|| (other == "cuda").then_some("0"))
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| bad(format!("--device must be cpu or cuda:N, got `{other}`")))?;
+            Device::new_cuda(ordinal).map_err(|e| {
+                bad(format!(
+                    "cannot open {other}: {e} (CUDA needs a build with `--features cuda`)"
+                ))
+            })
+        }
+    }
+}
+
+fn parse_dtype(spec: &str) -> Result<DType, BackendError> {
+    match spec.to_ascii_lowercase().as_str() {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(BackendError::Model(ModelError::InvalidArgument(format!(
+            "--dtype must be f32, f16 or bf16, got `{other}`"
+        )))),
+    }
+}
+
+impl Backend for ModelBackend {
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+
+    fn health(&self) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    fn run_batch(
+        &self,
+        batch: &Batch,
+        on_step: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Vec<ItemOutput>, BackendError> {
+        let requests: Vec<EditRequest> = batch
+            .items
+            .iter()
+            .map(|item| EditRequest {
+                image: &item.image,
+                instruction: &item.instruction,
+                params: EditParams {
+                    capture_attention: self.capture_attention,
+                    ..item.params.clone()
+                },
+                init_latents: None,
+            })
+            .collect();
+        let adapters: Vec<_> = batch.adapter.iter().cloned().collect();
+        let outputs = self.pipeline.edit_batch(&requests, &adapters, on_step)?;
+        outputs
+            .into_iter()
+            .map(|out| {
+                let attention = match out.attention {
+                    Some(maps) => Some(summarize(&maps)?),
+                    None => None,
+                };
+                Ok(ItemOutput {
+                    image: out.image,
+                    attention,
+                })
+            })
+            .collect()
+    }
+
+    fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError> {
+        let file_bytes = std::fs::metadata(path)
+            .map_err(|source| ModelError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?
+            .len();
+        let adapter =
+            LoraAdapter::load(path, &self.pipeline.lora_targets(), self.pipeline.device())?;
+        let resolved = Arc::new(self.pipeline.resolve_adapter(&adapter)?);
+        let meta = adapter.metadata;
+        Ok(LoadedAdapter {
+            name: adapter.name,
+            resolved,
+            rank: meta.rank,
+            alpha: meta.alpha,
+            target_modules: meta.target_modules,
+            base_fingerprint: meta.base_fingerprint,
+            created: meta.created,
+            file_bytes,
+        })
+    }
+}
+
+fn summarize(
+    maps: &rl4pix_model::pipeline::AttentionMaps,
+) -> Result<AttentionSummary, BackendError> {
+    let mut words = Vec::with_capacity(maps.prompt.words.len());
+    for span in &maps.prompt.words {
+        if span.tokens.is_empty() {
+            continue;
+        }
+        let map = maps
+            .per_token
+            .narrow(0, span.tokens.start, span.tokens.len())
+            .and_then(|t| t.mean(0))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(ModelError::from)?;
+        words.push(WordAttention {
+            word: span.word.clone(),
+            tokens: span.tokens.clone(),
+            map,
+        });
+    }
+    Ok(AttentionSummary {
+        height: maps.height,
+        width: maps.width,
+        instruction_map: maps.instruction_map()?,
+        words,
+    })
+}

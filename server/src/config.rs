@@ -1,0 +1,172 @@
+//! Command-line flags (each also read from an `RL4PIX_*` environment variable) and the limits
+//! derived from them.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Where the embedded default model lives, relative to the repository root (or the image's
+/// working directory).
+pub const DEFAULT_MODEL_DIR: &str = "model/assets/toy";
+
+/// Guidance scales above these are never useful and only make the sampler diverge.
+pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
+pub const MAX_IMAGE_GUIDANCE_SCALE: f64 = 20.0;
+/// Adapter names are file stems: short, and no path separators.
+pub const MAX_ADAPTER_NAME_CHARS: usize = 64;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "rl4pix-server",
+    version,
+    about = "Instruction-based image editing over HTTP (InstructPix2Pix on Candle)"
+)]
+pub struct Args {
+    /// Model folder in the diffusers InstructPix2Pix layout.
+    #[arg(long, env = "RL4PIX_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    pub model: PathBuf,
+    /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start.
+    #[arg(long, env = "RL4PIX_ADAPTERS")]
+    pub adapters: Option<PathBuf>,
+    #[arg(long, env = "RL4PIX_HOST", default_value = "127.0.0.1")]
+    pub host: String,
+    /// 0 picks a free port (the address is printed on stdout).
+    #[arg(long, env = "RL4PIX_PORT", default_value_t = 8080)]
+    pub port: u16,
+    /// `cpu` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "RL4PIX_DEVICE", default_value = "cpu")]
+    pub device: String,
+    /// Weights' dtype: f32, or f16 / bf16 on CUDA.
+    #[arg(long, env = "RL4PIX_DTYPE", default_value = "f32")]
+    pub dtype: String,
+    #[arg(long, env = "RL4PIX_MAX_BATCH_SIZE", default_value_t = 8)]
+    pub max_batch_size: usize,
+    /// How long the first request of a batch may wait for companions.
+    #[arg(long, env = "RL4PIX_MAX_BATCH_WAIT_MS", default_value_t = 5)]
+    pub max_batch_wait_ms: u64,
+    /// Requests waiting for the worker beyond this are refused with 429.
+    #[arg(long, env = "RL4PIX_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+    #[arg(long, env = "RL4PIX_MAX_BODY_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Largest width x height accepted, read from the image header before decoding.
+    #[arg(long, env = "RL4PIX_MAX_PIXELS", default_value_t = 1024 * 1024)]
+    pub max_pixels: u64,
+    #[arg(long, env = "RL4PIX_MAX_STEPS", default_value_t = 100)]
+    pub max_steps: usize,
+    /// Steps when a request gives none.
+    #[arg(long, env = "RL4PIX_DEFAULT_STEPS", default_value_t = 20)]
+    pub default_steps: usize,
+    #[arg(long, env = "RL4PIX_MAX_INSTRUCTION_CHARS", default_value_t = 1000)]
+    pub max_instruction_chars: usize,
+    /// From arrival to answer; past it the request gets 504 and its work is dropped.
+    #[arg(long, env = "RL4PIX_REQUEST_TIMEOUT_S", default_value_t = 300.0)]
+    pub request_timeout_s: f64,
+    /// Bearer token of the admin routes; without it they are closed (401).
+    #[arg(long, env = "RL4PIX_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Recent edits whose attention maps are kept for `/attention`; 0 turns capture off.
+    #[arg(long, env = "RL4PIX_ATTENTION_CACHE", default_value_t = 64)]
+    pub attention_cache: usize,
+    /// Print the OpenAPI document and exit.
+    #[arg(long)]
+    pub print_openapi: bool,
+}
+
+impl Args {
+    /// Rejects settings that cannot work, before anything is loaded.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("--max-batch-size", self.max_batch_size),
+            ("--max-queue", self.max_queue),
+            ("--max-body-bytes", self.max_body_bytes),
+            ("--max-steps", self.max_steps),
+            ("--default-steps", self.default_steps),
+            ("--max-instruction-chars", self.max_instruction_chars),
+        ];
+        for (flag, value) in positive {
+            if value == 0 {
+                return Err(format!("{flag} must be at least 1"));
+            }
+        }
+        if self.max_pixels == 0 {
+            return Err("--max-pixels must be at least 1".into());
+        }
+        if self.default_steps > self.max_steps {
+            return Err(format!(
+                "--default-steps {} exceeds --max-steps {}",
+                self.default_steps, self.max_steps
+            ));
+        }
+        if !(self.request_timeout_s.is_finite() && self.request_timeout_s > 0.0) {
+            return Err("--request-timeout-s must be a positive number of seconds".into());
+        }
+        Ok(())
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_body_bytes: self.max_body_bytes,
+            max_pixels: self.max_pixels,
+            max_steps: self.max_steps,
+            default_steps: self.default_steps,
+            max_instruction_chars: self.max_instruction_chars,
+            max_guidance_scale: MAX_GUIDANCE_SCALE,
+            max_image_guidance_scale: MAX_IMAGE_GUIDANCE_SCALE,
+            max_adapter_name_chars: MAX_ADAPTER_NAME_CHARS,
+            request_timeout_s: self.request_timeout_s,
+        }
+    }
+
+    pub fn batching(&self) -> BatchingConfig {
+        BatchingConfig {
+            max_batch_size: self.max_batch_size,
+            max_batch_wait_ms: self.max_batch_wait_ms,
+            max_queue: self.max_queue,
+        }
+    }
+
+    /// Defaults for tests and the benchmark: the given model, a free port on loopback.
+    pub fn for_model(model: impl Into<PathBuf>) -> Self {
+        let mut args = Self::parse_from(["rl4pix-server"]);
+        args.model = model.into();
+        args.port = 0;
+        args
+    }
+}
+
+/// What a request may ask for; checked before any decoding or model work.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_pixels: u64,
+    pub max_steps: usize,
+    pub default_steps: usize,
+    pub max_instruction_chars: usize,
+    pub max_guidance_scale: f64,
+    pub max_image_guidance_scale: f64,
+    pub max_adapter_name_chars: usize,
+    pub request_timeout_s: f64,
+}
+
+impl Limits {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.request_timeout_s)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BatchingConfig {
+    pub max_batch_size: usize,
+    pub max_batch_wait_ms: u64,
+    pub max_queue: usize,
+}
+
+impl BatchingConfig {
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_batch_wait_ms)
+    }
+}

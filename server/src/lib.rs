@@ -1,0 +1,21 @@
+//! rl4pix-server: the HTTP editing service.
+//!
+//! Layers, each with its own error type: `config` (flags) -> `http` (routes; the only place
+//! errors become statuses, in `error`) -> `queue` (bounded, dynamic batching) -> `worker` (one
+//! thread that owns the model) -> `backend` (the narrow trait over the model). `metrics` and
+//! `openapi` describe it; `server` wires it together. See `shared/DESIGN.md`, "The server".
+
+pub mod adapters;
+pub mod attention_cache;
+pub mod backend;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod openapi;
+pub mod queue;
+pub mod server;
+pub mod worker;
+
+pub use config::Args;
+pub use server::{start, start_with_backend, RunningServer};

@@ -1,0 +1,58 @@
+//! The OpenAPI 3.1 document, generated from the handlers' annotations. `openapi/openapi.json`
+//! is a committed copy; a test fails when it differs from this.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use crate::http::{attention, edit, meta};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "rl4pix",
+        description = "Instruction-based image editing (InstructPix2Pix on Candle) with cross-attention maps.\n\nEvery error is JSON `{\"error\": ..., \"error_type\": ...}`.",
+        license(name = "Apache-2.0")
+    ),
+    paths(
+        edit::edit,
+        attention::overlay,
+        attention::tokens,
+        meta::health,
+        meta::ready,
+        meta::info,
+        meta::metrics,
+        meta::list_adapters,
+        meta::openapi_json,
+        meta::docs,
+    ),
+    components(schemas(crate::error::ErrorBody)),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "edit", description = "Edit an image by instruction"),
+        (name = "attention", description = "Where the model looked"),
+        (name = "service", description = "Health, readiness, info, metrics, docs"),
+        (name = "admin", description = "Adapters; needs `Authorization: Bearer <--api-key>`"),
+    )
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The document as served and committed (pretty JSON, trailing newline).
+pub fn json() -> String {
+    let mut text = ApiDoc::openapi().to_pretty_json().unwrap_or_else(|e| {
+        format!("{{\"error\": \"cannot serialize the OpenAPI document: {e}\"}}")
+    });
+    text.push('\n');
+    text
+}

@@ -1,0 +1,150 @@
+//! Wiring: load the backend on the worker thread, bind, serve, and shut down gracefully
+//! (stop accepting, answer what is admitted, drain the queue, join the worker).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::adapters::AdapterRegistry;
+use crate::attention_cache::AttentionCache;
+use crate::backend::{Backend, BackendError, ModelBackend};
+use crate::config::{Args, DEFAULT_MODEL_DIR};
+use crate::http::{router, AppState};
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+use crate::worker;
+
+pub struct RunningServer {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    shutdown_tx: Option<oneshot::Sender<()>>,
+    serve: JoinHandle<std::io::Result<()>>,
+    worker: std::thread::JoinHandle<()>,
+}
+
+/// Checks the model folder before anything heavy, with a message that says what to do.
+pub fn check_model_dir(model: &Path) -> anyhow::Result<PathBuf> {
+    if model.join("model_index.json").is_file() {
+        return Ok(model.to_path_buf());
+    }
+    if model == Path::new(DEFAULT_MODEL_DIR) {
+        bail!(
+            "the default model `{DEFAULT_MODEL_DIR}` is not there (run from the repository root, or it has not been trained and committed yet); \
+             pass --model DIR (or RL4PIX_MODEL) with a diffusers InstructPix2Pix folder, e.g. --model tests/fixtures/pipelines/sd1"
+        );
+    }
+    bail!(
+        "--model {}: not a diffusers pipeline folder (no model_index.json there)",
+        model.display()
+    )
+}
+
+/// Serves the real model described by `args`.
+pub async fn start(args: &Args) -> anyhow::Result<RunningServer> {
+    let model = check_model_dir(&args.model)?;
+    let (device, dtype) = (args.device.clone(), args.dtype.clone());
+    let capture = args.attention_cache > 0;
+    start_with_backend(args, move || {
+        ModelBackend::load(&model, &device, &dtype, capture)
+    })
+    .await
+}
+
+/// Serves any backend; `factory` runs on the worker thread, which then owns the backend.
+pub async fn start_with_backend<B, F>(args: &Args, factory: F) -> anyhow::Result<RunningServer>
+where
+    B: Backend,
+    F: FnOnce() -> Result<B, BackendError> + Send + 'static,
+{
+    args.validate().map_err(anyhow::Error::msg)?;
+    let batching = args.batching();
+    let metrics = Metrics::new(batching.max_batch_size);
+    let queue = Arc::new(Queue::new(batching.max_queue, metrics.clone()));
+    let adapters = Arc::new(AdapterRegistry::default());
+    if let Some(dir) = &args.adapters {
+        if !dir.is_dir() {
+            bail!("--adapters {}: not a folder", dir.display());
+        }
+    }
+    let handle = worker::start(
+        factory,
+        args.adapters.clone(),
+        adapters.clone(),
+        queue.clone(),
+        batching.clone(),
+        metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
+    if args.max_steps > handle.info.max_steps {
+        handle.alive.store(false, Ordering::SeqCst);
+        queue.close();
+        let _ = handle.thread.join();
+        bail!(
+            "--max-steps {} is more than this model's schedulers accept ({})",
+            args.max_steps,
+            handle.info.max_steps
+        );
+    }
+    let state = Arc::new(AppState {
+        info: handle.info,
+        limits: args.limits(),
+        batching,
+        queue,
+        adapters,
+        attention: AttentionCache::new(args.attention_cache),
+        metrics,
+        worker_alive: handle.alive,
+        shutting_down: AtomicBool::new(false),
+        api_key: args.api_key.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
+        .await
+        .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let app = router(state.clone());
+    let serve = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = shutdown_rx.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, model = %state.info.model, device = %state.info.device, "serving");
+    Ok(RunningServer {
+        addr,
+        state,
+        shutdown_tx: Some(shutdown_tx),
+        serve,
+        worker: handle.thread,
+    })
+}
+
+impl RunningServer {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Stops accepting, lets admitted requests finish, then stops the worker.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.state.shutting_down.store(true, Ordering::SeqCst);
+        if let Some(tx) = self.shutdown_tx.take() {
+            let _ = tx.send(());
+        }
+        let served = self.serve.await;
+        self.state.queue.close();
+        let worker = self.worker;
+        tokio::task::spawn_blocking(move || worker.join())
+            .await
+            .context("joining the worker")?
+            .map_err(|_| anyhow::anyhow!("the worker thread panicked"))?;
+        served.context("the HTTP task failed")??;
+        Ok(())
+    }
+}

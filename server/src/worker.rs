@@ -1,0 +1,241 @@
+//! The worker thread: it builds the backend (so the model and device live on this thread
+//! only), loads the adapters, then runs batches from the queue until the queue closes.
+//!
+//! Cancellation: a batch is cancelled at its next step only when every request in it has been
+//! abandoned (client gone, or deadline passed). A request that leaves a batch whose others are
+//! still wanted rides along and its result is discarded: stopping the batch would throw away
+//! the others' finished steps, and their bytes must not depend on who else was in the batch.
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::adapters::{adapter_files, AdapterRegistry};
+use crate::backend::{Backend, BackendError, BackendInfo, Batch};
+use crate::config::BatchingConfig;
+use crate::metrics::Metrics;
+use crate::queue::{Job, JobError, JobOutput, Queue};
+
+pub struct WorkerHandle {
+    pub info: BackendInfo,
+    pub alive: Arc<AtomicBool>,
+    pub thread: JoinHandle<()>,
+}
+
+/// Starts the worker and waits until the backend is loaded (or failed to load).
+pub async fn start<B, F>(
+    factory: F,
+    adapters_dir: Option<PathBuf>,
+    registry: Arc<AdapterRegistry>,
+    queue: Arc<Queue>,
+    batching: BatchingConfig,
+    metrics: Metrics,
+) -> Result<WorkerHandle, BackendError>
+where
+    B: Backend,
+    F: FnOnce() -> Result<B, BackendError> + Send + 'static,
+{
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let alive = Arc::new(AtomicBool::new(false));
+    let alive_in_thread = alive.clone();
+    let thread = std::thread::Builder::new()
+        .name("rl4pix-worker".into())
+        .spawn(move || {
+            let backend = match factory() {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            if let Some(dir) = &adapters_dir {
+                load_adapter_folder(&backend, dir, &registry);
+            }
+            if let Err(e) = backend.health() {
+                let _ = ready_tx.send(Err(e));
+                return;
+            }
+            alive_in_thread.store(true, Ordering::SeqCst);
+            let _ = ready_tx.send(Ok(backend.info()));
+            // Marks the worker dead however the loop ends.
+            let guard = AliveGuard(alive_in_thread);
+            run(&backend, &queue, &batching, &metrics, &guard.0);
+        })
+        .map_err(|e| {
+            BackendError::Model(rl4pix_model::ModelError::InvalidArgument(format!(
+                "cannot start the worker thread: {e}"
+            )))
+        })?;
+    let info = match ready_rx.await {
+        Ok(result) => result?,
+        Err(_) => {
+            let _ = thread.join();
+            return Err(BackendError::Model(
+                rl4pix_model::ModelError::InvalidArgument(
+                    "the worker thread died while loading the model".into(),
+                ),
+            ));
+        }
+    };
+    Ok(WorkerHandle {
+        info,
+        alive,
+        thread,
+    })
+}
+
+struct AliveGuard(Arc<AtomicBool>);
+
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+fn load_adapter_folder(backend: &dyn Backend, dir: &std::path::Path, registry: &AdapterRegistry) {
+    let files = match adapter_files(dir) {
+        Ok(files) => files,
+        Err(e) => {
+            tracing::error!(dir = %dir.display(), error = %e, "cannot read the adapters folder");
+            return;
+        }
+    };
+    for path in files {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if let Err(reason) = crate::adapters::validate_name(&name) {
+            tracing::error!(file = %path.display(), %reason, "adapter refused");
+            continue;
+        }
+        match backend.load_adapter(&path) {
+            Ok(adapter) => {
+                tracing::info!(name = %name, rank = adapter.rank, "adapter loaded");
+                registry.insert(adapter);
+            }
+            Err(e) => {
+                tracing::error!(file = %path.display(), error = %e, "adapter refused");
+                registry.refuse(&name, e.to_string());
+            }
+        }
+    }
+}
+
+/// `ready` follows the backend's health after every batch, for `/ready`.
+fn run(
+    backend: &dyn Backend,
+    queue: &Queue,
+    batching: &BatchingConfig,
+    metrics: &Metrics,
+    ready: &AtomicBool,
+) {
+    while let Some(jobs) = queue.next_batch(batching.max_batch_size, batching.max_wait()) {
+        run_batch(backend, jobs, metrics);
+        match backend.health() {
+            Ok(()) => ready.store(true, Ordering::SeqCst),
+            Err(e) => {
+                tracing::error!(error = %e, "the backend reports itself unhealthy");
+                ready.store(false, Ordering::SeqCst);
+            }
+        }
+    }
+    tracing::info!("worker stopped: queue closed and drained");
+}
+
+fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
+    let started = Instant::now();
+    for job in &jobs {
+        metrics
+            .queue_seconds
+            .observe((started - job.admitted).as_secs_f64());
+        job.progress.running.store(true, Ordering::Relaxed);
+    }
+    let batch_size = jobs.len();
+    metrics.batch_size.observe(batch_size as f64);
+    metrics.running.set(batch_size as i64);
+    let batch = Batch {
+        items: jobs.iter().map(|j| j.item.clone()).collect(),
+        adapter: jobs[0]
+            .adapter
+            .as_ref()
+            .map(|entry| entry.adapter.resolved.clone()),
+    };
+    let mut on_step = |step: usize, total: usize| {
+        for job in &jobs {
+            job.progress.step.store(step, Ordering::Relaxed);
+            job.progress.total.store(total, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        jobs.iter().any(|job| !job.is_abandoned(now))
+    };
+    // A panic inside the model must fail this batch, not kill the server.
+    let result =
+        std::panic::catch_unwind(AssertUnwindSafe(|| backend.run_batch(&batch, &mut on_step)));
+    let inference_time = started.elapsed();
+    metrics
+        .inference_seconds
+        .observe(inference_time.as_secs_f64());
+    metrics.running.set(0);
+    tracing::debug!(
+        batch_size,
+        inference_ms = inference_time.as_millis() as u64,
+        "batch done"
+    );
+    match result {
+        Ok(Ok(outputs)) => {
+            for (job, out) in jobs.into_iter().zip(outputs) {
+                let output = JobOutput {
+                    image: out.image,
+                    attention: out.attention,
+                    queue_time: started - job.admitted,
+                    inference_time,
+                    batch_size,
+                };
+                // The receiver may be gone (client left); nothing to do then.
+                let _ = job.reply.send(Ok(output));
+            }
+        }
+        Ok(Err(BackendError::Cancelled)) => {
+            metrics
+                .edits
+                .with_label_values(&["cancelled"])
+                .inc_by(batch_size as u64);
+            tracing::info!(batch_size, "batch cancelled: every request was abandoned");
+            let now = Instant::now();
+            for job in jobs {
+                let why = if now >= job.deadline {
+                    JobError::TimedOut
+                } else {
+                    JobError::Cancelled
+                };
+                let _ = job.reply.send(Err(why));
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, batch_size, "batch failed");
+            let e = Arc::new(e);
+            for job in jobs {
+                let _ = job.reply.send(Err(JobError::Backend(e.clone())));
+            }
+        }
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            tracing::error!(%message, batch_size, "the model panicked");
+            for job in jobs {
+                let _ = job.reply.send(Err(JobError::WorkerGone(format!(
+                    "the model panicked: {message}"
+                ))));
+            }
+        }
+    }
+}
