@@ -4,7 +4,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/pipelines"))
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/pipelines"
+    ))
 }
 
 fn edit(model: &Path, image: &Path, out: &Path, extra: &[&str]) -> Output {
@@ -13,7 +16,11 @@ fn edit(model: &Path, image: &Path, out: &Path, extra: &[&str]) -> Output {
         .arg(model)
         .arg("--image")
         .arg(image)
-        .args(["--instruction", "turn the square red and add a moon", "--out"])
+        .args([
+            "--instruction",
+            "turn the square red and add a moon",
+            "--out",
+        ])
         .arg(out)
         .args(["--steps", "4"])
         .args(extra)
@@ -46,7 +53,10 @@ fn copy_model(to: &Path) {
 fn assert_clean_failure(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
     for n in needles {
         assert!(err.contains(n), "message should mention `{n}`: {err}");
     }
@@ -139,7 +149,9 @@ fn wrong_tensor_shape_is_named_with_both_shapes() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     copy_model(&model);
-    let path = model.join("unet").join("diffusion_pytorch_model.safetensors");
+    let path = model
+        .join("unet")
+        .join("diffusion_pytorch_model.safetensors");
     let dev = candle_core::Device::Cpu;
     let mut tensors = candle_core::safetensors::load(&path, &dev).unwrap();
     tensors.insert(
@@ -156,7 +168,9 @@ fn truncated_weights_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("model");
     copy_model(&model);
-    let path = model.join("vae").join("diffusion_pytorch_model.safetensors");
+    let path = model
+        .join("vae")
+        .join("diffusion_pytorch_model.safetensors");
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let o = edit(&model, &input(), &tmp.path().join("o.png"), &[]);
@@ -168,10 +182,20 @@ fn an_image_that_is_not_an_image_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let fake = tmp.path().join("photo.png");
     std::fs::write(&fake, b"GIF89a but not really an image").unwrap();
-    let o = edit(&fixtures().join("sd1"), &fake, &tmp.path().join("o.png"), &[]);
+    let o = edit(
+        &fixtures().join("sd1"),
+        &fake,
+        &tmp.path().join("o.png"),
+        &[],
+    );
     assert_clean_failure(&o, &["photo.png", "image"]);
     let missing = tmp.path().join("nope.png");
-    let o = edit(&fixtures().join("sd1"), &missing, &tmp.path().join("o.png"), &[]);
+    let o = edit(
+        &fixtures().join("sd1"),
+        &missing,
+        &tmp.path().join("o.png"),
+        &[],
+    );
     assert_clean_failure(&o, &["nope.png"]);
 }
 

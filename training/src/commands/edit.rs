@@ -54,7 +54,8 @@ pub struct EditArgs {
 }
 
 fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
-    SchedulerKind::parse(s).ok_or_else(|| format!("unknown scheduler `{s}` (expected ddim or euler-ancestral)"))
+    SchedulerKind::parse(s)
+        .ok_or_else(|| format!("unknown scheduler `{s}` (expected ddim or euler-ancestral)"))
 }
 
 /// The model folder to use: the one given, or the embedded default.
@@ -62,7 +63,8 @@ pub fn resolve_model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match model {
         Some(dir) => Ok(dir),
         None => {
-            let embedded = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../model/assets/toy"));
+            let embedded =
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../model/assets/toy"));
             if embedded.join("model_index.json").is_file() {
                 Ok(embedded)
             } else {
