@@ -2,6 +2,8 @@
 
 pub mod commands;
 pub mod data;
+pub mod ddpo;
 pub mod eval;
 pub mod metrics;
+pub mod pretrain;
 pub mod synth;

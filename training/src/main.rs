@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use rl4pix_training::commands;
 
 #[derive(Parser)]
-#[command(name = "rl4pix-train", version, about = "rl4pix offline tools: edit, synth, eval")]
+#[command(
+    name = "rl4pix-train",
+    version,
+    about = "rl4pix offline tools: edit, synth, eval"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -22,8 +26,14 @@ enum Command {
     PretrainVae(commands::pretrain_vae::PretrainVaeArgs),
     /// Train the toy InstructPix2Pix (UNet + text encoder) on the synthetic world.
     Pretrain(commands::pretrain::PretrainArgs),
+    /// Train the small CLIP that scores CLIP-T on the synthetic world.
+    PretrainClip(commands::pretrain_clip::PretrainClipArgs),
+    /// Picture of the toy model's edits (input | instruction | output | target) for the README.
+    ToyGrid(commands::pretrain::ToyGridArgs),
     /// Export a pretraining run's checkpoint to the diffusers layout (e.g. model/assets/toy).
     PretrainExport(commands::pretrain::PretrainExportArgs),
+    /// RL fine-tuning (DDPO with PPO): train a LoRA adapter with the InstructRL4Pix reward.
+    Ddpo(commands::ddpo::DdpoArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -42,7 +52,10 @@ fn main() -> std::process::ExitCode {
         Command::Eval(args) => commands::eval::run(args),
         Command::PretrainVae(args) => commands::pretrain_vae::run(args),
         Command::Pretrain(args) => commands::pretrain::run(args),
+        Command::PretrainClip(args) => commands::pretrain_clip::run(args),
+        Command::ToyGrid(args) => commands::pretrain::run_grid(args),
         Command::PretrainExport(args) => commands::pretrain::run_export(args),
+        Command::Ddpo(args) => commands::ddpo::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,94 @@
+//! `rl4pix-train pretrain-vae`: train the toy model's VAE on the synthetic world.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use candle_core::Device;
+
+use crate::pretrain::vae::{train, VaeRun, VaeTrainConfig};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PretrainVaeArgs {
+    /// Run folder: checkpoints, JSONL log, loss curve, and the trained `vae/`.
+    #[arg(long, default_value = "runs/pretrain/vae")]
+    pub out: PathBuf,
+    /// Continue from a checkpoint folder, or from the newest checkpoint of a run folder.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 32)]
+    pub size: u32,
+    /// Seed of the training stream (scenes and noise).
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 900)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 50)]
+    pub warmup: usize,
+    /// Channels per level; levels - 1 halvings of the image side.
+    #[arg(long, value_delimiter = ',', default_value = "16,32,64")]
+    pub channels: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    pub norm_groups: usize,
+    /// Fine-tune only the decoder of this trained VAE folder (keeps its latent space, so a UNet
+    /// trained on it stays valid).
+    #[arg(long)]
+    pub decoder_from: Option<PathBuf>,
+    #[arg(long, default_value_t = 150)]
+    pub checkpoint_every: usize,
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    #[arg(long, default_value_t = 150)]
+    pub eval_every: usize,
+}
+
+impl PretrainVaeArgs {
+    /// The defaults above, writing to `out` (what `pretrain` runs when given no `--vae`).
+    pub fn defaults(out: PathBuf) -> anyhow::Result<Self> {
+        use clap::{CommandFactory, FromArgMatches};
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: PretrainVaeArgs,
+        }
+        let matches = Wrapper::command().try_get_matches_from(["pretrain-vae"])?;
+        let mut args = Wrapper::from_arg_matches(&matches)?.args;
+        args.out = out;
+        Ok(args)
+    }
+
+    pub fn to_run(&self) -> VaeRun {
+        VaeRun {
+            run_dir: self.out.clone(),
+            config: VaeTrainConfig {
+                size: self.size,
+                seed: self.seed,
+                steps: self.steps,
+                batch: self.batch,
+                lr: self.lr,
+                warmup: self.warmup,
+                channels: self.channels.clone(),
+                norm_groups: self.norm_groups,
+                decoder_from: self.decoder_from.clone(),
+                ..VaeTrainConfig::default()
+            },
+            resume: self.resume.clone(),
+            checkpoint_every: self.checkpoint_every,
+            log_every: self.log_every,
+            eval_every: self.eval_every,
+            device: Device::Cpu,
+        }
+    }
+}
+
+pub fn run(args: PretrainVaeArgs) -> anyhow::Result<()> {
+    let summary = train(&args.to_run()).context("pretrain-vae")?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).context("summary")?
+    );
+    Ok(())
+}

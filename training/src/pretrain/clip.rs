@@ -1,0 +1,466 @@
+//! `pretrain-clip`: a small CLIP (vision and text transformers with projections, transformers'
+//! `CLIPModel` layout) trained contrastively on the synthetic world, so CLIP-T can be measured on
+//! it. Pairs are an edit's target image with its local description, and a scene with its caption.
+//! The exported folder is what [`crate::metrics::ClipScorer::load`] reads.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap};
+use image::RgbImage;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rl4pix_model::text_encoder::ClipTextConfig;
+use rl4pix_model::tokenizer::ClipTokenizer;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::optim::{named_vars, AdamW, AdamWParams};
+use super::schedule::LrSchedule;
+use super::text::{
+    encode_batch, layer_norm, text_config, world_vocabulary, write_tokenizer, Layer,
+    TrainTextEncoder,
+};
+use super::{checkpoint, io_error, write_json, LoopSpec, PretrainError, Result, TrainState};
+use crate::synth::{render, scene_caption, SynthWorld};
+
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ClipTrainConfig {
+    pub size: u32,
+    pub seed: u64,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub patch: usize,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub projection: usize,
+    pub max_length: usize,
+}
+
+impl Default for ClipTrainConfig {
+    fn default() -> Self {
+        Self {
+            size: 32,
+            seed: 5,
+            steps: 1500,
+            batch: 64,
+            lr: 1e-3,
+            warmup: 100,
+            patch: 4,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            projection: 64,
+            max_length: 48,
+        }
+    }
+}
+
+/// Trainable `CLIPVisionTransformer` with `CLIPModel`'s weight names.
+struct TrainVision {
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_norm: LayerNorm,
+    layers: Vec<Layer>,
+    post_norm: LayerNorm,
+    patch: usize,
+    heads: usize,
+}
+
+impl TrainVision {
+    fn new(vb: VarBuilder, c: &ClipTrainConfig) -> candle_core::Result<Self> {
+        let d = c.hidden;
+        let p = c.patch;
+        let emb = vb.pp("embeddings");
+        let positions = (c.size as usize / p).pow(2) + 1;
+        let init = candle_nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        Ok(Self {
+            patch_weight: emb.get_with_hints(
+                (d, 3, p, p),
+                "patch_embedding.weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?,
+            class_embedding: emb.get_with_hints(d, "class_embedding", init)?,
+            position_embedding: emb.get_with_hints(
+                (positions, d),
+                "position_embedding.weight",
+                init,
+            )?,
+            pre_norm: candle_nn::layer_norm(d, 1e-5, vb.pp("pre_layrnorm"))?,
+            layers: (0..c.layers)
+                .map(|i| Layer::new(vb.pp("encoder").pp("layers").pp(i), d, 4 * d, 1e-5))
+                .collect::<candle_core::Result<Vec<_>>>()?,
+            post_norm: candle_nn::layer_norm(d, 1e-5, vb.pp("post_layernorm"))?,
+            patch: p,
+            heads: c.heads,
+        })
+    }
+
+    fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, c, h, _) = pixels.dims4()?;
+        let p = self.patch;
+        let grid = h / p;
+        let d = self.class_embedding.dim(0)?;
+        let patches = pixels
+            .reshape((b, c, grid, p, grid, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((b * grid * grid, c * p * p))?;
+        let weight = self.patch_weight.reshape((d, c * p * p))?;
+        let embeds = patches.matmul(&weight.t()?)?.reshape((b, grid * grid, d))?;
+        let class = self
+            .class_embedding
+            .reshape((1, 1, d))?
+            .broadcast_as((b, 1, d))?;
+        let mut x = Tensor::cat(&[&class, &embeds], 1)?
+            .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
+        x = layer_norm(&self.pre_norm, &x)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, self.heads, None)?;
+        }
+        layer_norm(&self.post_norm, &x.narrow(1, 0, 1)?.squeeze(1)?)
+    }
+}
+
+struct TrainClip {
+    vision: TrainVision,
+    text: TrainTextEncoder,
+    visual_projection: Linear,
+    text_projection: Linear,
+    logit_scale: Tensor,
+}
+
+impl TrainClip {
+    fn new(
+        vb: VarBuilder,
+        c: &ClipTrainConfig,
+        text: &ClipTextConfig,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            vision: TrainVision::new(vb.pp("vision_model"), c)?,
+            text: TrainTextEncoder::new(vb.pp("text_model"), text)?,
+            visual_projection: candle_nn::linear_no_bias(
+                c.hidden,
+                c.projection,
+                vb.pp("visual_projection"),
+            )?,
+            text_projection: candle_nn::linear_no_bias(
+                text.hidden_size,
+                c.projection,
+                vb.pp("text_projection"),
+            )?,
+            logit_scale: vb.get_with_hints(
+                (),
+                "logit_scale",
+                candle_nn::Init::Const((1.0f64 / 0.07).ln()),
+            )?,
+        })
+    }
+
+    fn embeddings(&self, pixels: &Tensor, ids: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+        let image = self
+            .visual_projection
+            .forward(&self.vision.forward(pixels)?)?;
+        let hidden = self.text.forward(ids)?;
+        let text = self
+            .text_projection
+            .forward(&self.text.pooled(ids, &hidden)?)?;
+        let normalise = |x: Tensor| -> candle_core::Result<Tensor> {
+            let norm = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?;
+            x.broadcast_div(&norm)
+        };
+        Ok((normalise(image)?, normalise(text)?))
+    }
+}
+
+/// CLIP's pixel values of same-sized images: [0,1], normalised by CLIP's mean and std.
+fn pixel_values(images: &[&RgbImage], device: &Device) -> candle_core::Result<Tensor> {
+    let (w, h) = images[0].dimensions();
+    let mut data = Vec::with_capacity(images.len() * 3 * (w * h) as usize);
+    for image in images {
+        for c in 0..3 {
+            data.extend(
+                image
+                    .pixels()
+                    .map(|p| (p.0[c] as f32 / 255.0 - CLIP_MEAN[c]) / CLIP_STD[c]),
+            );
+        }
+    }
+    Tensor::from_vec(data, (images.len(), 3, h as usize, w as usize), device)
+}
+
+/// (image, text) pairs: mostly an edit's target with its local description (what CLIP-T scores),
+/// sometimes a whole scene with its caption.
+fn pairs(world: &SynthWorld, rng: &mut ChaCha8Rng, count: usize) -> (Vec<RgbImage>, Vec<String>) {
+    let mut images = Vec::with_capacity(count);
+    let mut texts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let turn = world.random_turn(rng);
+        if rng.random::<f64>() < 0.25 {
+            images.push(render(&turn.after, world.size));
+            texts.push(scene_caption(&turn.after));
+        } else {
+            texts.push(turn.turn.local_description.clone().unwrap_or_default());
+            images.push(turn.turn.target);
+        }
+    }
+    (images, texts)
+}
+
+pub struct ClipRun {
+    pub run_dir: PathBuf,
+    pub config: ClipTrainConfig,
+    pub resume: Option<PathBuf>,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub eval_every: usize,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClipSummary {
+    pub final_loss: f64,
+    /// How often a target's own local description ranks first among 8 (its own and 7 of other
+    /// targets), on held-out edits.
+    pub top1_of_8: f64,
+    pub steps_per_second: f64,
+    pub model_dir: PathBuf,
+}
+
+/// Top-1 of 8 on `groups` groups of 8 held-out edits whose descriptions all differ.
+fn top1_of_8(
+    model: &TrainClip,
+    tokenizer: &ClipTokenizer,
+    world: &SynthWorld,
+    groups: usize,
+    device: &Device,
+) -> Result<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(world.seed ^ 0xc11f_7e57);
+    let mut correct = 0usize;
+    for _ in 0..groups {
+        let mut images = Vec::with_capacity(8);
+        let mut texts: Vec<String> = Vec::with_capacity(8);
+        while images.len() < 8 {
+            let turn = world.random_turn(&mut rng).turn;
+            let text = turn.local_description.unwrap_or_default();
+            if text.is_empty() || texts.contains(&text) {
+                continue;
+            }
+            texts.push(text);
+            images.push(turn.target);
+        }
+        let pixels = pixel_values(&images.iter().collect::<Vec<_>>(), device)?;
+        let ids = encode_batch(
+            tokenizer,
+            &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+            device,
+        )?;
+        let (image, text) = model.embeddings(&pixels, &ids)?;
+        let sims: Vec<Vec<f32>> = image.matmul(&text.t()?)?.to_vec2()?;
+        for (i, row) in sims.iter().enumerate() {
+            let best = row
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |acc, (j, &v)| if v > acc.1 { (j, v) } else { acc },
+                )
+                .0;
+            correct += usize::from(best == i);
+        }
+    }
+    Ok(correct as f64 / (8 * groups) as f64)
+}
+
+pub fn train(run: &ClipRun) -> Result<ClipSummary> {
+    let config = &run.config;
+    let device = &run.device;
+    let world = SynthWorld::new(config.size, config.seed);
+    std::fs::create_dir_all(&run.run_dir).map_err(io_error(&run.run_dir))?;
+    let tokenizer_dir = run.run_dir.join("tokenizer");
+    let (vocab, _) = world_vocabulary(&world, 20_000);
+    write_tokenizer(&tokenizer_dir, &vocab, config.max_length)?;
+    let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+    let mut text_json = text_config(
+        vocab.len() + 3,
+        config.hidden,
+        config.layers,
+        config.heads,
+        config.max_length,
+    );
+    text_json["projection_dim"] = json!(config.projection);
+    let text_cfg: ClipTextConfig = serde_json::from_value(text_json.clone())
+        .map_err(|e| PretrainError::Config(format!("clip text config: {e}")))?;
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let model = TrainClip::new(vb, config, &text_cfg)?;
+    let mut optimizer = AdamW::new(
+        named_vars(&varmap),
+        AdamWParams {
+            lr: config.lr,
+            weight_decay: 0.1,
+            ..AdamWParams::default()
+        },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let config_json = serde_json::to_value(config)
+        .map_err(|e| PretrainError::Config(format!("clip config: {e}")))?;
+    let mut start_step = 0;
+    if let Some(resume) = &run.resume {
+        let ckpt = checkpoint::resolve(resume)?;
+        if !checkpoint::same_run(&ckpt.state.config, &config_json) {
+            return Err(PretrainError::Checkpoint {
+                path: ckpt.dir.clone(),
+                message: format!("was made with another configuration: {}", ckpt.state.config),
+            });
+        }
+        let weights = ckpt.tensors("weights.safetensors", device)?;
+        checkpoint::load_varmap(&varmap, &weights, &ckpt.dir.join("weights.safetensors"))?;
+        optimizer.load_state(
+            &ckpt.tensors("optimizer.safetensors", device)?,
+            ckpt.state.step,
+        )?;
+        rng.set_word_pos(ckpt.state.rng_word_pos);
+        start_step = ckpt.state.step;
+    }
+    let spec = LoopSpec {
+        run_dir: &run.run_dir,
+        label: "clip",
+        total_steps: config.steps,
+        schedule: LrSchedule {
+            peak: config.lr,
+            warmup_steps: config.warmup,
+            total_steps: config.steps,
+            min_ratio: 0.05,
+        },
+        checkpoint_every: run.checkpoint_every,
+        log_every: run.log_every,
+        eval_every: run.eval_every,
+        max_grad_norm: Some(1.0),
+        config: config_json,
+    };
+    let summary = super::train_loop(
+        &spec,
+        TrainState {
+            varmap: &varmap,
+            optimizer: &mut optimizer,
+            ema: None,
+            rng: &mut rng,
+            start_step,
+        },
+        |rng| {
+            let (images, texts) = pairs(&world, rng, config.batch);
+            let pixels = pixel_values(&images.iter().collect::<Vec<_>>(), device)?;
+            let ids = encode_batch(
+                &tokenizer,
+                &texts.iter().map(String::as_str).collect::<Vec<_>>(),
+                device,
+            )?;
+            let (image, text) = model.embeddings(&pixels, &ids)?;
+            // Same texts are not negatives of each other: the target spreads over all of them.
+            let b = texts.len();
+            let same: Vec<f32> = (0..b)
+                .flat_map(|i| {
+                    (0..b)
+                        .map(|j| f32::from(u8::from(texts[i] == texts[j])))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let same = Tensor::from_vec(same, (b, b), device)?;
+            let target = same.broadcast_div(&same.sum_keepdim(1)?)?;
+            let scale = model.logit_scale.clamp(0.0, 4.6)?.exp()?;
+            let logits = image.matmul(&text.t()?)?.broadcast_mul(&scale)?;
+            let loss_i = (candle_nn::ops::log_softmax(&logits, 1)? * &target)?
+                .sum(1)?
+                .mean_all()?
+                .neg()?;
+            let loss_t = (candle_nn::ops::log_softmax(&logits.t()?, 1)? * &target.t()?)?
+                .sum(1)?
+                .mean_all()?
+                .neg()?;
+            Ok(((loss_i + loss_t)? * 0.5)?)
+        },
+        |_| Ok(json!({"top1_of_8": top1_of_8(&model, &tokenizer, &world, 16, device)?})),
+    )?;
+    let top1 = top1_of_8(&model, &tokenizer, &world, 64, device)?;
+    let model_dir = run.run_dir.join("clip");
+    export(&varmap, config, &text_json, &tokenizer_dir, &model_dir)?;
+    let out = ClipSummary {
+        final_loss: summary.final_loss,
+        top1_of_8: top1,
+        steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
+        model_dir,
+    };
+    write_json(&run.run_dir.join("clip.summary.json"), &out)?;
+    Ok(out)
+}
+
+/// Writes a transformers `CLIPModel` folder: config.json, model.safetensors, tokenizer files and
+/// preprocessor_config.json (no resize or crop: the world's images are already the input size).
+fn export(
+    varmap: &VarMap,
+    c: &ClipTrainConfig,
+    text_json: &serde_json::Value,
+    tokenizer_dir: &Path,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    write_json(
+        &dir.join("config.json"),
+        &json!({
+            "architectures": ["CLIPModel"],
+            "model_type": "clip",
+            "projection_dim": c.projection,
+            "logit_scale_init_value": 2.6592,
+            "text_config": text_json,
+            "vision_config": {
+                "model_type": "clip_vision_model",
+                "hidden_size": c.hidden,
+                "intermediate_size": 4 * c.hidden,
+                "num_hidden_layers": c.layers,
+                "num_attention_heads": c.heads,
+                "num_channels": 3,
+                "image_size": c.size,
+                "patch_size": c.patch,
+                "hidden_act": "quick_gelu",
+                "layer_norm_eps": 1e-5,
+                "projection_dim": c.projection
+            }
+        }),
+    )?;
+    write_json(
+        &dir.join("preprocessor_config.json"),
+        &json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": false,
+            "do_center_crop": false,
+            "do_rescale": true,
+            "rescale_factor": 1.0 / 255.0,
+            "do_normalize": true,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
+            "crop_size": {"height": c.size, "width": c.size},
+            "size": {"shortest_edge": c.size}
+        }),
+    )?;
+    for name in ["tokenizer.json", "tokenizer_config.json"] {
+        let from = tokenizer_dir.join(name);
+        std::fs::copy(&from, dir.join(name)).map_err(io_error(&from))?;
+    }
+    let tensors = checkpoint::varmap_tensors(varmap);
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| PretrainError::Checkpoint {
+        path,
+        message: e.to_string(),
+    })
+}

@@ -1,0 +1,221 @@
+//! Pretraining of the embedded default ("toy") model on the synthetic world: the VAE
+//! ([`vae`]), the InstructPix2Pix UNet with its text encoder ([`unet`]) and a small CLIP for
+//! CLIP-T ([`clip`]); plus what they share: checkpoints with resume, AdamW with saved state, the
+//! learning-rate schedule, EMA weights, the JSONL log and the loss-curve plot.
+
+pub mod checkpoint;
+pub mod clip;
+pub mod data;
+pub mod export;
+pub mod grid;
+pub mod log;
+pub mod optim;
+pub mod plots;
+pub mod schedule;
+pub mod text;
+pub mod unet;
+pub mod vae;
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PretrainError {
+    #[error("checkpoint {}: {message}", path.display())]
+    Checkpoint { path: PathBuf, message: String },
+
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{}: {message}", path.display())]
+    Json { path: PathBuf, message: String },
+
+    #[error("{0}")]
+    Config(String),
+
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+
+    #[error(transparent)]
+    Model(#[from] rl4pix_model::ModelError),
+
+    #[error("plot {}: {message}", path.display())]
+    Plot { path: PathBuf, message: String },
+}
+
+pub type Result<T> = std::result::Result<T, PretrainError>;
+
+pub(crate) fn io_error(
+    path: &std::path::Path,
+) -> impl FnOnce(std::io::Error) -> PretrainError + '_ {
+    move |source| PretrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(io_error(path))?;
+    serde_json::from_str(&text).map_err(|e| PretrainError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| PretrainError::Json {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    std::fs::write(path, text + "\n").map_err(io_error(path))
+}
+
+/// What a training loop needs besides its step function.
+pub struct LoopSpec<'a> {
+    pub run_dir: &'a std::path::Path,
+    pub label: &'a str,
+    pub total_steps: usize,
+    pub schedule: schedule::LrSchedule,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub eval_every: usize,
+    pub max_grad_norm: Option<f64>,
+    /// The run's configuration, stored in every checkpoint.
+    pub config: serde_json::Value,
+}
+
+/// Mutable training state carried through the loop and into checkpoints.
+pub struct TrainState<'a> {
+    pub varmap: &'a candle_nn::VarMap,
+    pub optimizer: &'a mut optim::AdamW,
+    pub ema: Option<&'a mut optim::Ema>,
+    pub rng: &'a mut rand_chacha::ChaCha8Rng,
+    pub start_step: usize,
+}
+
+/// Result of a loop: the mean loss of its last tenth.
+pub struct LoopSummary {
+    pub final_loss: f64,
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+/// Runs steps `start_step..total_steps`: learning rate from the schedule, `step_loss` builds the
+/// loss of one batch (drawing from the RNG), backward, clipped AdamW update, EMA; logs every
+/// `log_every` steps, runs `eval` every `eval_every`, checkpoints every `checkpoint_every` and at
+/// the end, and redraws the loss curve at each checkpoint.
+pub fn train_loop(
+    spec: &LoopSpec,
+    state: TrainState,
+    mut step_loss: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> Result<candle_core::Tensor>,
+    mut eval: impl FnMut(usize) -> Result<serde_json::Value>,
+) -> Result<LoopSummary> {
+    use indicatif::{ProgressBar, ProgressStyle};
+
+    let TrainState {
+        varmap,
+        optimizer,
+        mut ema,
+        rng,
+        start_step,
+    } = state;
+    std::fs::create_dir_all(spec.run_dir).map_err(io_error(spec.run_dir))?;
+    let log_path = spec.run_dir.join(format!("{}.log.jsonl", spec.label));
+    let plot_path = spec.run_dir.join(format!("{}.loss.png", spec.label));
+    let mut log = log::JsonlLog::append(&log_path)?;
+    let bar = ProgressBar::new(spec.total_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta} loss {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(spec.label.to_string());
+    bar.set_position(start_step as u64);
+    let started = std::time::Instant::now();
+    let mut window = Vec::new();
+    let mut recent = std::collections::VecDeque::new();
+    let save = |step: usize,
+                optimizer: &optim::AdamW,
+                ema: Option<&optim::Ema>,
+                rng: &rand_chacha::ChaCha8Rng|
+     -> Result<()> {
+        let mut files = vec![
+            ("weights.safetensors", checkpoint::varmap_tensors(varmap)),
+            ("optimizer.safetensors", optimizer.state()),
+        ];
+        if let Some(ema) = ema {
+            files.push(("ema.safetensors", ema.tensors()));
+        }
+        let dir = checkpoint::save(
+            spec.run_dir,
+            step,
+            rng.get_word_pos(),
+            spec.config.clone(),
+            &files,
+        )?;
+        tracing::info!("{}: checkpoint {}", spec.label, dir.display());
+        if let Ok(records) = log::read_log(&log_path) {
+            let _ = plots::loss_curve(&records, &plot_path, 20);
+        }
+        Ok(())
+    };
+    for step in start_step..spec.total_steps {
+        let lr = spec.schedule.at(step);
+        optimizer.set_lr(lr);
+        let loss = step_loss(rng)?;
+        let loss_value = loss.to_scalar::<f32>()? as f64;
+        let grads = loss.backward()?;
+        let grad_norm = optimizer.step(&grads, spec.max_grad_norm)?;
+        if let Some(ema) = ema.as_deref_mut() {
+            ema.update(step)?;
+        }
+        window.push(loss_value);
+        recent.push_back(loss_value);
+        if recent.len() > 100 {
+            recent.pop_front();
+        }
+        let done = step + 1;
+        bar.set_position(done as u64);
+        bar.set_message(format!(
+            "{:.4}",
+            recent.iter().sum::<f64>() / recent.len() as f64
+        ));
+        let eval_now =
+            spec.eval_every > 0 && (done % spec.eval_every == 0 || done == spec.total_steps);
+        if done % spec.log_every.max(1) == 0 || eval_now {
+            let mean = window.iter().sum::<f64>() / window.len().max(1) as f64;
+            window.clear();
+            let eval_value = if eval_now { Some(eval(done)?) } else { None };
+            if let Some(value) = &eval_value {
+                tracing::info!("{} step {done}: loss {mean:.5} eval {value}", spec.label);
+            }
+            log.write(&log::LogRecord {
+                step: done,
+                loss: mean,
+                lr: Some(lr),
+                grad_norm: Some(grad_norm),
+                elapsed_s: Some(started.elapsed().as_secs_f64()),
+                eval: eval_value,
+            })?;
+        }
+        if done % spec.checkpoint_every.max(1) == 0 || done == spec.total_steps {
+            save(done, optimizer, ema.as_deref(), rng)?;
+        }
+    }
+    bar.finish();
+    let tail = recent.len().div_ceil(10).max(1).min(recent.len().max(1));
+    let final_loss = if recent.is_empty() {
+        f64::NAN
+    } else {
+        recent.iter().rev().take(tail).sum::<f64>() / tail as f64
+    };
+    Ok(LoopSummary {
+        final_loss,
+        steps: spec.total_steps.saturating_sub(start_step),
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,426 @@
+//! `pretrain`: the InstructPix2Pix objective on the synthetic world. The UNet predicts the noise
+//! added to the target's latents given the noisy latents concatenated with the source image's
+//! latents (posterior mode, unscaled, as the pipeline feeds them) and the instruction's hidden
+//! states; the text encoder is trained jointly. InstructPix2Pix's conditioning dropout (5% text
+//! only, 5% image only, 5% both) makes both guidance scales meaningful.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rl4pix_model::scheduler::ddim::DdimScheduler;
+use rl4pix_model::scheduler::SchedulerConfig;
+use rl4pix_model::text_encoder::ClipTextConfig;
+use rl4pix_model::tokenizer::ClipTokenizer;
+use rl4pix_model::unet::{UNet2DConditionModel, UNetConfig};
+use rl4pix_model::vae::AutoencoderKl;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::optim::{named_vars, AdamW, AdamWParams, Ema};
+use super::schedule::LrSchedule;
+use super::text::{encode_batch, text_config, world_vocabulary, write_tokenizer, TrainTextEncoder};
+use super::{
+    checkpoint, data, io_error, read_json, write_json, LoopSpec, PretrainError, Result, TrainState,
+};
+use crate::synth::SynthWorld;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct UnetTrainConfig {
+    pub size: u32,
+    pub seed: u64,
+    pub steps: usize,
+    pub batch: usize,
+    pub lr: f64,
+    pub warmup: usize,
+    pub channels: Vec<usize>,
+    /// Cross-attention at each level (the mid block always has it).
+    pub attention: Vec<bool>,
+    pub layers_per_block: usize,
+    pub heads: usize,
+    pub norm_groups: usize,
+    pub text_hidden: usize,
+    pub text_layers: usize,
+    pub text_heads: usize,
+    pub max_length: usize,
+    /// InstructPix2Pix's conditioning dropout probability (each of the three cases).
+    pub dropout: f64,
+    /// EMA decay; 0 disables EMA.
+    pub ema_decay: f64,
+}
+
+impl Default for UnetTrainConfig {
+    fn default() -> Self {
+        Self {
+            size: 32,
+            seed: 2,
+            steps: 6000,
+            batch: 32,
+            lr: 5e-4,
+            warmup: 200,
+            channels: vec![32, 64, 64],
+            attention: vec![true, true, false],
+            layers_per_block: 1,
+            heads: 4,
+            norm_groups: 16,
+            text_hidden: 64,
+            text_layers: 2,
+            text_heads: 4,
+            max_length: 32,
+            dropout: 0.05,
+            ema_decay: 0.999,
+        }
+    }
+}
+
+/// The toy model's noise schedule (Stable Diffusion's) and default scheduler.
+pub fn scheduler_config_json() -> serde_json::Value {
+    json!({
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        "_diffusers_version": "0.42.1",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+        "set_alpha_to_one": false,
+        "clip_sample": false,
+        "trained_betas": null
+    })
+}
+
+impl UnetTrainConfig {
+    pub fn unet_config_json(&self, latent_channels: usize) -> serde_json::Value {
+        let down: Vec<&str> = self
+            .attention
+            .iter()
+            .map(|&a| {
+                if a {
+                    "CrossAttnDownBlock2D"
+                } else {
+                    "DownBlock2D"
+                }
+            })
+            .collect();
+        let up: Vec<&str> = self
+            .attention
+            .iter()
+            .rev()
+            .map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+            .collect();
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "_diffusers_version": "0.42.1",
+            "sample_size": self.size as usize / 4,
+            "in_channels": 2 * latent_channels,
+            "out_channels": latent_channels,
+            "down_block_types": down,
+            "mid_block_type": "UNetMidBlock2DCrossAttn",
+            "up_block_types": up,
+            "block_out_channels": self.channels,
+            "layers_per_block": self.layers_per_block,
+            "attention_head_dim": self.heads,
+            "cross_attention_dim": self.text_hidden,
+            "norm_num_groups": self.norm_groups,
+            "norm_eps": 1e-5,
+            "act_fn": "silu",
+            "flip_sin_to_cos": true,
+            "freq_shift": 0,
+            "downsample_padding": 1,
+            "mid_block_scale_factor": 1,
+            "use_linear_projection": true,
+            "center_input_sample": false
+        })
+    }
+}
+
+pub struct UnetRun {
+    pub run_dir: PathBuf,
+    /// A trained VAE folder (diffusers layout: config.json + weights).
+    pub vae_dir: PathBuf,
+    pub config: UnetTrainConfig,
+    pub resume: Option<PathBuf>,
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub eval_every: usize,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UnetSummary {
+    pub final_loss: f64,
+    pub steps_per_second: f64,
+    pub unet_parameters: usize,
+    pub text_parameters: usize,
+}
+
+/// The model being trained: UNet and text encoder in one VarMap (`unet.*`, `text_encoder.*`).
+pub struct Trainee {
+    pub varmap: VarMap,
+    pub unet: UNet2DConditionModel,
+    pub text: TrainTextEncoder,
+}
+
+pub fn build_trainee(run_dir: &Path, device: &Device) -> Result<Trainee> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let unet_config_path = run_dir.join("unet_config.json");
+    let unet_config: UNetConfig = read_json(&unet_config_path)?;
+    let unet = UNet2DConditionModel::new(vb.pp("unet"), unet_config, &unet_config_path)?;
+    let text_config_path = run_dir.join("text_encoder_config.json");
+    let text_config = ClipTextConfig::from_file(&text_config_path)?;
+    let text = TrainTextEncoder::new(vb.pp("text_encoder"), &text_config)?;
+    Ok(Trainee { varmap, unet, text })
+}
+
+/// Writes the run's fixed files (configs, tokenizer, a copy of the VAE) unless already there.
+fn prepare_run_dir(run: &UnetRun, vae_latent_channels: usize) -> Result<()> {
+    let dir = &run.run_dir;
+    std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+    let config = &run.config;
+    let world = SynthWorld::new(config.size, config.seed);
+    let (vocab, longest) = world_vocabulary(&world, 20_000);
+    if longest + 2 > config.max_length {
+        return Err(PretrainError::Config(format!(
+            "the world's longest text has {longest} words; max_length {} is too short",
+            config.max_length
+        )));
+    }
+    write_tokenizer(&dir.join("tokenizer"), &vocab, config.max_length)?;
+    let vocab_size = vocab.len() + 3;
+    write_json(
+        &dir.join("text_encoder_config.json"),
+        &text_config(
+            vocab_size,
+            config.text_hidden,
+            config.text_layers,
+            config.text_heads,
+            config.max_length,
+        ),
+    )?;
+    write_json(
+        &dir.join("unet_config.json"),
+        &config.unet_config_json(vae_latent_channels),
+    )?;
+    write_json(&dir.join("scheduler_config.json"), &scheduler_config_json())?;
+    let vae_copy = dir.join("vae");
+    if vae_copy != run.vae_dir {
+        std::fs::create_dir_all(&vae_copy).map_err(io_error(&vae_copy))?;
+        for name in ["config.json", "diffusion_pytorch_model.safetensors"] {
+            let from = run.vae_dir.join(name);
+            let to = vae_copy.join(name);
+            std::fs::copy(&from, &to).map_err(io_error(&from))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn train(run: &UnetRun) -> Result<UnetSummary> {
+    let config = &run.config;
+    let device = &run.device;
+    let vae = AutoencoderKl::load(&run.vae_dir, DType::F32, device)?;
+    let scaling = vae.scaling_factor();
+    if run.resume.is_none() {
+        prepare_run_dir(run, vae.config.latent_channels)?;
+    }
+    let tokenizer = ClipTokenizer::from_dir(&run.run_dir.join("tokenizer"))?;
+    let trainee = build_trainee(&run.run_dir, device)?;
+    let scheduler_config: SchedulerConfig = serde_json::from_value(scheduler_config_json())
+        .map_err(|e| PretrainError::Config(format!("scheduler config: {e}")))?;
+    let alphas_cumprod = DdimScheduler::new(&scheduler_config, 1, 0.0)?
+        .alphas_cumprod()
+        .to_vec();
+    let train_steps = alphas_cumprod.len();
+
+    let vars = named_vars(&trainee.varmap);
+    let count = |prefix: &str| -> usize {
+        vars.iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, v)| v.elem_count())
+            .sum()
+    };
+    let (unet_parameters, text_parameters) = (count("unet."), count("text_encoder."));
+    tracing::info!("unet: {unet_parameters} parameters, text encoder: {text_parameters}");
+    let mut ema = if config.ema_decay > 0.0 {
+        Some(Ema::new(&vars, config.ema_decay)?)
+    } else {
+        None
+    };
+    let mut optimizer = AdamW::new(
+        vars,
+        AdamWParams {
+            lr: config.lr,
+            ..AdamWParams::default()
+        },
+    )?;
+    let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
+    let config_json = serde_json::to_value(config)
+        .map_err(|e| PretrainError::Config(format!("unet config: {e}")))?;
+    let mut start_step = 0;
+    if let Some(resume) = &run.resume {
+        let ckpt = checkpoint::resolve(resume)?;
+        if !checkpoint::same_run(&ckpt.state.config, &config_json) {
+            return Err(PretrainError::Checkpoint {
+                path: ckpt.dir.clone(),
+                message: format!(
+                    "was made with another configuration: {} (this run: {config_json})",
+                    ckpt.state.config
+                ),
+            });
+        }
+        let weights = ckpt.tensors("weights.safetensors", device)?;
+        checkpoint::load_varmap(
+            &trainee.varmap,
+            &weights,
+            &ckpt.dir.join("weights.safetensors"),
+        )?;
+        optimizer.load_state(
+            &ckpt.tensors("optimizer.safetensors", device)?,
+            ckpt.state.step,
+        )?;
+        if let Some(ema) = ema.as_mut() {
+            ema.load(&ckpt.tensors("ema.safetensors", device)?)?;
+        }
+        rng.set_word_pos(ckpt.state.rng_word_pos);
+        start_step = ckpt.state.step;
+        tracing::info!(
+            "unet: resumed from {} at step {start_step}",
+            ckpt.dir.display()
+        );
+    }
+
+    let world = SynthWorld::new(config.size, config.seed);
+    let empty_ids = encode_batch(&tokenizer, &[""], device)?;
+    let step_loss = |rng: &mut ChaCha8Rng| -> Result<Tensor> {
+        let batch = data::edit_batch(&world, rng, config.batch);
+        let b = config.batch;
+        let sources = data::images_to_tensor(&batch.sources.iter().collect::<Vec<_>>(), device)?;
+        let targets = data::images_to_tensor(&batch.targets.iter().collect::<Vec<_>>(), device)?;
+        let both = vae.encode_mode(&Tensor::cat(&[&sources, &targets], 0)?)?;
+        let source_latents = both.narrow(0, 0, b)?;
+        let target_latents = (both.narrow(0, b, b)? * scaling)?;
+        let noise = data::randn(rng, target_latents.dims(), device)?;
+        let timesteps = data::random_timesteps(rng, b, train_steps);
+        let signal: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| alphas_cumprod[t].sqrt() as f32)
+            .collect();
+        let sigma: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| (1.0 - alphas_cumprod[t]).sqrt() as f32)
+            .collect();
+        let signal = Tensor::from_vec(signal, (b, 1, 1, 1), device)?;
+        let sigma = Tensor::from_vec(sigma, (b, 1, 1, 1), device)?;
+        let noisy = (target_latents.broadcast_mul(&signal)? + noise.broadcast_mul(&sigma)?)?;
+        let mut prompts: Vec<&str> = Vec::with_capacity(b);
+        let mut keep_image = Vec::with_capacity(b);
+        for instruction in &batch.instructions {
+            let p: f64 = rng.random();
+            let drop_text = p < 2.0 * config.dropout;
+            let drop_image = p >= config.dropout && p < 3.0 * config.dropout;
+            prompts.push(if drop_text { "" } else { instruction.as_str() });
+            keep_image.push(if drop_image { 0f32 } else { 1f32 });
+        }
+        let keep_image = Tensor::from_vec(keep_image, (b, 1, 1, 1), device)?;
+        let image_latents = source_latents.broadcast_mul(&keep_image)?;
+        let ids = encode_batch(&tokenizer, &prompts, device)?;
+        let context = trainee.text.forward(&ids)?;
+        let t = Tensor::from_vec(
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
+            b,
+            device,
+        )?;
+        let input = Tensor::cat(&[&noisy, &image_latents], 1)?;
+        let pred = trainee.unet.forward(&input, &t, &context)?;
+        Ok((pred - noise)?.sqr()?.mean_all()?)
+    };
+    // A fixed held-out batch (own seed) scored at fixed timesteps and noise: a smooth
+    // validation loss of the live weights.
+    let validation = {
+        let mut vrng = ChaCha8Rng::seed_from_u64(config.seed ^ 0x7a11_da7e);
+        let held_out = SynthWorld::new(config.size, config.seed ^ 0x7a11_da7e);
+        let batch = data::edit_batch(&held_out, &mut vrng, 64);
+        let sources = data::images_to_tensor(&batch.sources.iter().collect::<Vec<_>>(), device)?;
+        let targets = data::images_to_tensor(&batch.targets.iter().collect::<Vec<_>>(), device)?;
+        let source_latents = vae.encode_mode(&sources)?;
+        let target_latents = (vae.encode_mode(&targets)? * scaling)?;
+        let noise = data::randn(&mut vrng, target_latents.dims(), device)?;
+        let timesteps: Vec<usize> = (0..64).map(|i| (i * train_steps) / 64 + 7).collect();
+        let prompts: Vec<&str> = batch.instructions.iter().map(String::as_str).collect();
+        let ids = encode_batch(&tokenizer, &prompts, device)?;
+        (source_latents, target_latents, noise, timesteps, ids)
+    };
+    let eval = |_step: usize| -> Result<serde_json::Value> {
+        let (source_latents, target_latents, noise, timesteps, ids) = &validation;
+        let b = timesteps.len();
+        let signal: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| alphas_cumprod[t.min(train_steps - 1)].sqrt() as f32)
+            .collect();
+        let sigma: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| (1.0 - alphas_cumprod[t.min(train_steps - 1)]).sqrt() as f32)
+            .collect();
+        let signal = Tensor::from_vec(signal, (b, 1, 1, 1), device)?;
+        let sigma = Tensor::from_vec(sigma, (b, 1, 1, 1), device)?;
+        let noisy = (target_latents.broadcast_mul(&signal)? + noise.broadcast_mul(&sigma)?)?;
+        let context = trainee.text.forward(ids)?.detach();
+        let t = Tensor::from_vec(
+            timesteps
+                .iter()
+                .map(|&t| t.min(train_steps - 1) as f32)
+                .collect::<Vec<_>>(),
+            b,
+            device,
+        )?;
+        let input = Tensor::cat(&[&noisy, source_latents], 1)?;
+        let pred = trainee.unet.forward(&input, &t, &context)?.detach();
+        let loss = (pred - noise)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        // Also the loss with the text dropped: the gap shows the instruction is being used.
+        let empty = empty_ids.repeat((b, 1))?;
+        let context = trainee.text.forward(&empty)?.detach();
+        let pred = trainee.unet.forward(&input, &t, &context)?.detach();
+        let no_text = (pred - noise)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
+        Ok(json!({"val_loss": loss, "val_loss_no_text": no_text}))
+    };
+    let spec = LoopSpec {
+        run_dir: &run.run_dir,
+        label: "unet",
+        total_steps: config.steps,
+        schedule: LrSchedule {
+            peak: config.lr,
+            warmup_steps: config.warmup,
+            total_steps: config.steps,
+            min_ratio: 0.05,
+        },
+        checkpoint_every: run.checkpoint_every,
+        log_every: run.log_every,
+        eval_every: run.eval_every,
+        max_grad_norm: Some(1.0),
+        config: config_json,
+    };
+    let summary = super::train_loop(
+        &spec,
+        TrainState {
+            varmap: &trainee.varmap,
+            optimizer: &mut optimizer,
+            ema: ema.as_mut(),
+            rng: &mut rng,
+            start_step,
+        },
+        step_loss,
+        eval,
+    )?;
+    let out = UnetSummary {
+        final_loss: summary.final_loss,
+        steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
+        unet_parameters,
+        text_parameters,
+    };
+    write_json(&run.run_dir.join("unet.summary.json"), &out)?;
+    Ok(out)
+}

@@ -1,0 +1,272 @@
+//! Pretraining on a tiny configuration: the loss goes down, a resumed run continues exactly where
+//! the checkpoint left off, a truncated checkpoint is refused, and an exported model loads in the
+//! editing pipeline.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use rl4pix_model::pipeline::{EditParams, InstructPix2Pix};
+use rl4pix_training::pretrain::log::read_log;
+use rl4pix_training::pretrain::unet::{UnetRun, UnetTrainConfig};
+use rl4pix_training::pretrain::vae::{VaeRun, VaeTrainConfig};
+use rl4pix_training::pretrain::{checkpoint, export, unet, vae};
+use rl4pix_training::synth::SynthWorld;
+
+fn tiny_vae(run_dir: &Path, steps: usize, resume: Option<&Path>) -> VaeRun {
+    VaeRun {
+        run_dir: run_dir.to_path_buf(),
+        config: VaeTrainConfig {
+            size: 16,
+            seed: 3,
+            steps,
+            batch: 4,
+            lr: 3e-3,
+            warmup: 2,
+            channels: vec![8, 8],
+            latent_channels: 4,
+            norm_groups: 4,
+            ..VaeTrainConfig::default()
+        },
+        resume: resume.map(Path::to_path_buf),
+        checkpoint_every: 5,
+        log_every: 5,
+        eval_every: 0,
+        device: Device::Cpu,
+    }
+}
+
+fn weights(dir: &Path) -> HashMap<String, Tensor> {
+    checkpoint::open(dir)
+        .expect("checkpoint")
+        .tensors("weights.safetensors", &Device::Cpu)
+        .expect("weights")
+}
+
+fn mean_of(records: &[rl4pix_training::pretrain::log::LogRecord]) -> f64 {
+    records.iter().map(|r| r.loss).sum::<f64>() / records.len() as f64
+}
+
+#[test]
+fn tiny_vae_learns_resumes_exactly_and_refuses_truncated_checkpoints() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let full = tmp.path().join("full");
+    vae::train(&tiny_vae(&full, 40, None)).expect("train");
+
+    let log = read_log(&full.join("vae.log.jsonl")).expect("log");
+    assert_eq!(log.len(), 8);
+    let (first, last) = (mean_of(&log[..2]), mean_of(&log[6..]));
+    assert!(last < 0.7 * first, "loss did not fall: {first} -> {last}");
+
+    // Resume from step 30 in another folder: ten more steps land on the same weights.
+    let ckpt_30 = checkpoint::checkpoints_dir(&full).join("step-0000030");
+    let resumed = tmp.path().join("resumed");
+    vae::train(&tiny_vae(&resumed, 40, Some(&ckpt_30))).expect("resume");
+    let a = weights(&checkpoint::checkpoints_dir(&full).join("step-0000040"));
+    let b = weights(&checkpoint::checkpoints_dir(&resumed).join("step-0000040"));
+    assert_eq!(a.len(), b.len());
+    for (name, x) in &a {
+        let diff = (x - &b[name])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert!(diff < 1e-4, "{name} differs by {diff} after resume");
+    }
+
+    // A checkpoint cut short is refused with a message that says so.
+    let cut = tmp.path().join("cut");
+    std::fs::create_dir_all(&cut).expect("mkdir");
+    for entry in std::fs::read_dir(&ckpt_30).expect("read_dir") {
+        let entry = entry.expect("entry");
+        std::fs::copy(entry.path(), cut.join(entry.file_name())).expect("copy");
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cut.join("weights.safetensors"))
+        .expect("open");
+    let len = file.metadata().expect("meta").len();
+    file.set_len(len / 2).expect("truncate");
+    let Err(err) = vae::train(&tiny_vae(&tmp.path().join("again"), 40, Some(&cut))) else {
+        panic!("a truncated checkpoint was accepted");
+    };
+    let message = err.to_string();
+    assert!(
+        message.contains("truncated") && message.contains("weights.safetensors"),
+        "{message}"
+    );
+
+    // A resumed run must have the configuration the checkpoint was made with.
+    let mut other = tiny_vae(&tmp.path().join("other"), 40, Some(&ckpt_30));
+    other.config.lr = 1e-2;
+    let Err(err) = vae::train(&other) else {
+        panic!("a checkpoint of another configuration was accepted");
+    };
+    assert!(err.to_string().contains("another configuration"), "{err}");
+}
+
+#[test]
+fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let vae_run = tmp.path().join("vae");
+    let vae_summary = vae::train(&tiny_vae(&vae_run, 5, None)).expect("vae");
+    let run_dir = tmp.path().join("unet");
+    let run = UnetRun {
+        run_dir: run_dir.clone(),
+        vae_dir: vae_summary.model_dir.clone(),
+        config: UnetTrainConfig {
+            size: 16,
+            seed: 4,
+            steps: 30,
+            batch: 4,
+            lr: 3e-3,
+            warmup: 2,
+            channels: vec![8, 16],
+            attention: vec![true, false],
+            heads: 2,
+            norm_groups: 4,
+            text_hidden: 16,
+            text_layers: 1,
+            text_heads: 2,
+            ..UnetTrainConfig::default()
+        },
+        resume: None,
+        checkpoint_every: 30,
+        log_every: 5,
+        eval_every: 30,
+        device: Device::Cpu,
+    };
+    unet::train(&run).expect("train");
+    let log = read_log(&run_dir.join("unet.log.jsonl")).expect("log");
+    assert_eq!(log.len(), 6);
+    let (first, last) = (mean_of(&log[..2]), mean_of(&log[4..]));
+    assert!(last < first, "loss did not fall: {first} -> {last}");
+    assert!(log[5].eval.is_some());
+    assert!(run_dir.join("unet.loss.png").is_file());
+
+    let model_dir = tmp.path().join("model");
+    export::export_model(&run_dir, None, &model_dir, true, DType::F16).expect("export");
+    let pipeline = InstructPix2Pix::load(&model_dir, &Device::Cpu).expect("load");
+    let turn = SynthWorld::new(16, 99).session(0).turns.remove(0);
+    let params = EditParams {
+        steps: 2,
+        ..EditParams::default()
+    };
+    let out = pipeline
+        .edit(&turn.source, &turn.instruction, &params)
+        .expect("edit");
+    assert_eq!(out.image.dimensions(), (16, 16));
+}
+
+#[test]
+fn trainable_text_encoder_computes_what_the_pipelines_encoder_does() {
+    use candle_nn::{VarBuilder, VarMap};
+    use rl4pix_model::text_encoder::{ClipTextConfig, ClipTextTransformer};
+    use rl4pix_training::pretrain::text::{text_config, TrainTextEncoder};
+
+    let config: ClipTextConfig =
+        serde_json::from_value(text_config(20, 16, 2, 4, 8)).expect("config");
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let trainable = TrainTextEncoder::new(vb.clone(), &config).expect("trainable");
+    // Layer norms start at identity; perturb every weight so they matter.
+    for var in varmap.all_vars() {
+        let noise = var.as_tensor().randn_like(0.0, 0.3).expect("randn");
+        var.set(&(var.as_tensor() + noise).expect("add"))
+            .expect("set");
+    }
+    let reference = ClipTextTransformer::new(vb, &config).expect("reference");
+    let ids = Tensor::new(
+        &[[0u32, 5, 7, 9, 1, 1, 1, 1], [0, 3, 1, 1, 1, 1, 1, 1]],
+        &Device::Cpu,
+    )
+    .expect("ids");
+    let a = trainable.forward(&ids).expect("trainable forward");
+    let b = reference.forward(&ids).expect("reference forward");
+    let diff = (a - &b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff");
+    assert!(diff < 1e-4, "max difference {diff}");
+    let (_, pooled) = reference.forward_with_pooled(&ids).expect("pooled");
+    let mine = trainable.pooled(&ids, &b).expect("mine");
+    let diff = (pooled - mine)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.max_all())
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("diff");
+    assert!(diff < 1e-6, "pooled differs by {diff}");
+}
+
+#[test]
+fn tiny_clip_trains_and_loads_as_a_clip_t_scorer() {
+    use rl4pix_training::metrics::ClipScorer;
+    use rl4pix_training::pretrain::clip::{train, ClipRun, ClipTrainConfig};
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let summary = train(&ClipRun {
+        run_dir: tmp.path().join("clip"),
+        config: ClipTrainConfig {
+            size: 16,
+            steps: 20,
+            batch: 8,
+            warmup: 2,
+            hidden: 16,
+            layers: 1,
+            heads: 2,
+            projection: 8,
+            ..ClipTrainConfig::default()
+        },
+        resume: None,
+        checkpoint_every: 20,
+        log_every: 5,
+        eval_every: 0,
+        device: Device::Cpu,
+    })
+    .expect("train");
+    let log = read_log(&tmp.path().join("clip").join("clip.log.jsonl")).expect("log");
+    assert!(
+        log[3].loss < log[0].loss,
+        "{} -> {}",
+        log[0].loss,
+        log[3].loss
+    );
+    let scorer = ClipScorer::load(&summary.model_dir, &Device::Cpu).expect("load");
+    let turn = SynthWorld::new(16, 98).session(0).turns.remove(0);
+    let description = turn.local_description.clone().unwrap_or_default();
+    let score = scorer.score(&turn.target, &description).expect("score");
+    assert!(score.is_finite() && score.abs() <= 1.0 + 1e-6, "{score}");
+}
+
+#[test]
+fn decoder_fine_tuning_keeps_the_encoder_and_scaling_factor() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = vae::train(&tiny_vae(&tmp.path().join("base"), 5, None)).expect("base");
+    let mut run = tiny_vae(&tmp.path().join("decoder"), 5, None);
+    run.config.decoder_from = Some(base.model_dir.clone());
+    let tuned = vae::train(&run).expect("decoder fine-tuning");
+    assert_eq!(tuned.scaling_factor, base.scaling_factor);
+    let load = |dir: &Path| {
+        candle_core::safetensors::load(
+            dir.join("diffusion_pytorch_model.safetensors"),
+            &Device::Cpu,
+        )
+        .expect("weights")
+    };
+    let (before, after) = (load(&base.model_dir), load(&tuned.model_dir));
+    let mut decoder_changed = false;
+    for (name, x) in &before {
+        let diff = (x - &after[name])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        if name.starts_with("encoder.") || name.starts_with("quant_conv.") {
+            assert_eq!(diff, 0.0, "{name} changed");
+        } else if name.starts_with("decoder.") && diff > 0.0 {
+            decoder_changed = true;
+        }
+    }
+    assert!(decoder_changed);
+}
