@@ -177,6 +177,22 @@ pub fn resolve(path: &Path) -> Result<Checkpoint> {
     }
 }
 
+/// Resolves `--resume` and refuses a checkpoint made with another configuration (only the step
+/// count may change between the original run and its continuation).
+pub fn resolve_same_run(path: &Path, config: &serde_json::Value) -> Result<Checkpoint> {
+    let ckpt = resolve(path)?;
+    if !same_run(&ckpt.state.config, config) {
+        return Err(PretrainError::Checkpoint {
+            path: ckpt.dir.clone(),
+            message: format!(
+                "was made with another configuration: {} (this run: {config})",
+                ckpt.state.config
+            ),
+        });
+    }
+    Ok(ckpt)
+}
+
 /// Sets every variable of `varmap` from `tensors`, refusing a missing or misshapen tensor.
 pub fn load_varmap(
     varmap: &candle_nn::VarMap,

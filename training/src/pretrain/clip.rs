@@ -317,13 +317,7 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
         .map_err(|e| PretrainError::Config(format!("clip config: {e}")))?;
     let mut start_step = 0;
     if let Some(resume) = &run.resume {
-        let ckpt = checkpoint::resolve(resume)?;
-        if !checkpoint::same_run(&ckpt.state.config, &config_json) {
-            return Err(PretrainError::Checkpoint {
-                path: ckpt.dir.clone(),
-                message: format!("was made with another configuration: {}", ckpt.state.config),
-            });
-        }
+        let ckpt = checkpoint::resolve_same_run(resume, &config_json)?;
         let weights = ckpt.tensors("weights.safetensors", device)?;
         checkpoint::load_varmap(&varmap, &weights, &ckpt.dir.join("weights.safetensors"))?;
         optimizer.load_state(

@@ -190,16 +190,7 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
         .map_err(|e| PretrainError::Config(format!("vae config: {e}")))?;
     let mut start_step = 0;
     if let Some(resume) = &run.resume {
-        let ckpt = checkpoint::resolve(resume)?;
-        if !checkpoint::same_run(&ckpt.state.config, &config_json) {
-            return Err(PretrainError::Checkpoint {
-                path: ckpt.dir.clone(),
-                message: format!(
-                    "was made with another configuration: {} (this run: {config_json})",
-                    ckpt.state.config
-                ),
-            });
-        }
+        let ckpt = checkpoint::resolve_same_run(resume, &config_json)?;
         let weights = ckpt.tensors("weights.safetensors", device)?;
         checkpoint::load_varmap(&varmap, &weights, &ckpt.dir.join("weights.safetensors"))?;
         let opt = ckpt.tensors("optimizer.safetensors", device)?;
