@@ -16,11 +16,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::optim::{named_vars, AdamW, AdamWParams};
-use super::schedule::LrSchedule;
 use super::text::{
     encode_batch, layer_norm, text_config, world_vocabulary, write_tokenizer, Layer,
     TrainTextEncoder,
 };
+use super::Cadence;
 use super::{checkpoint, io_error, write_json, LoopSpec, PretrainError, Result, TrainState};
 use crate::synth::{render, scene_caption, SynthWorld};
 
@@ -327,22 +327,17 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
         rng.set_word_pos(ckpt.state.rng_word_pos);
         start_step = ckpt.state.step;
     }
-    let spec = LoopSpec {
-        run_dir: &run.run_dir,
-        label: "clip",
-        total_steps: config.steps,
-        schedule: LrSchedule {
-            peak: config.lr,
-            warmup_steps: config.warmup,
-            total_steps: config.steps,
-            min_ratio: 0.05,
+    let spec = LoopSpec::cosine(
+        &run.run_dir,
+        "clip",
+        (config.steps, config.lr, config.warmup),
+        Cadence {
+            checkpoint_every: run.checkpoint_every,
+            log_every: run.log_every,
+            eval_every: run.eval_every,
         },
-        checkpoint_every: run.checkpoint_every,
-        log_every: run.log_every,
-        eval_every: run.eval_every,
-        max_grad_norm: Some(1.0),
-        config: config_json,
-    };
+        config_json,
+    );
     let summary = super::train_loop(
         &spec,
         TrainState {

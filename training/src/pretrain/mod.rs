@@ -77,7 +77,7 @@ pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T)
 pub struct LoopSpec<'a> {
     pub run_dir: &'a std::path::Path,
     pub label: &'a str,
-    pub total_steps: usize,
+    /// Also fixes the run's length (`schedule.total_steps`).
     pub schedule: schedule::LrSchedule,
     pub checkpoint_every: usize,
     pub log_every: usize,
@@ -85,6 +85,42 @@ pub struct LoopSpec<'a> {
     pub max_grad_norm: Option<f64>,
     /// The run's configuration, stored in every checkpoint.
     pub config: serde_json::Value,
+}
+
+/// How often a run logs, evaluates and checkpoints (the `--*-every` flags).
+#[derive(Debug, Clone, Copy)]
+pub struct Cadence {
+    pub checkpoint_every: usize,
+    pub log_every: usize,
+    pub eval_every: usize,
+}
+
+impl<'a> LoopSpec<'a> {
+    /// The recipe every pretraining run uses: warm-up then cosine to 5% of `lr`, gradient norm
+    /// clipped to 1.
+    pub fn cosine(
+        run_dir: &'a std::path::Path,
+        label: &'a str,
+        (steps, lr, warmup): (usize, f64, usize),
+        cadence: Cadence,
+        config: serde_json::Value,
+    ) -> Self {
+        Self {
+            run_dir,
+            label,
+            schedule: schedule::LrSchedule {
+                peak: lr,
+                warmup_steps: warmup,
+                total_steps: steps,
+                min_ratio: 0.05,
+            },
+            checkpoint_every: cadence.checkpoint_every,
+            log_every: cadence.log_every,
+            eval_every: cadence.eval_every,
+            max_grad_norm: Some(1.0),
+            config,
+        }
+    }
 }
 
 /// Mutable training state carried through the loop and into checkpoints.
@@ -126,7 +162,7 @@ pub fn train_loop(
     let log_path = spec.run_dir.join(format!("{}.log.jsonl", spec.label));
     let plot_path = spec.run_dir.join(format!("{}.loss.png", spec.label));
     let mut log = log::JsonlLog::append(&log_path)?;
-    let bar = ProgressBar::new(spec.total_steps as u64);
+    let bar = ProgressBar::new(spec.schedule.total_steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
             "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {per_sec} eta {eta} loss {msg}",
@@ -163,7 +199,7 @@ pub fn train_loop(
         }
         Ok(())
     };
-    for step in start_step..spec.total_steps {
+    for step in start_step..spec.schedule.total_steps {
         let lr = spec.schedule.at(step);
         optimizer.set_lr(lr);
         let loss = step_loss(rng)?;
@@ -184,8 +220,8 @@ pub fn train_loop(
             "{:.4}",
             recent.iter().sum::<f64>() / recent.len() as f64
         ));
-        let eval_now =
-            spec.eval_every > 0 && (done % spec.eval_every == 0 || done == spec.total_steps);
+        let eval_now = spec.eval_every > 0
+            && (done % spec.eval_every == 0 || done == spec.schedule.total_steps);
         if done % spec.log_every.max(1) == 0 || eval_now {
             let mean = window.iter().sum::<f64>() / window.len().max(1) as f64;
             window.clear();
@@ -202,7 +238,7 @@ pub fn train_loop(
                 eval: eval_value,
             })?;
         }
-        if done % spec.checkpoint_every.max(1) == 0 || done == spec.total_steps {
+        if done % spec.checkpoint_every.max(1) == 0 || done == spec.schedule.total_steps {
             save(done, optimizer, ema.as_deref(), rng)?;
         }
     }
@@ -215,7 +251,7 @@ pub fn train_loop(
     };
     Ok(LoopSummary {
         final_loss,
-        steps: spec.total_steps.saturating_sub(start_step),
+        steps: spec.schedule.total_steps.saturating_sub(start_step),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

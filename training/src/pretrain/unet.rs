@@ -20,8 +20,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::optim::{named_vars, AdamW, AdamWParams, Ema};
-use super::schedule::LrSchedule;
 use super::text::{encode_batch, text_config, world_vocabulary, write_tokenizer, TrainTextEncoder};
+use super::Cadence;
 use super::{
     checkpoint, data, io_error, read_json, write_json, LoopSpec, PretrainError, Result, TrainState,
 };
@@ -378,22 +378,17 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         let no_text = (pred - noise)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         Ok(json!({"val_loss": loss, "val_loss_no_text": no_text}))
     };
-    let spec = LoopSpec {
-        run_dir: &run.run_dir,
-        label: "unet",
-        total_steps: config.steps,
-        schedule: LrSchedule {
-            peak: config.lr,
-            warmup_steps: config.warmup,
-            total_steps: config.steps,
-            min_ratio: 0.05,
+    let spec = LoopSpec::cosine(
+        &run.run_dir,
+        "unet",
+        (config.steps, config.lr, config.warmup),
+        Cadence {
+            checkpoint_every: run.checkpoint_every,
+            log_every: run.log_every,
+            eval_every: run.eval_every,
         },
-        checkpoint_every: run.checkpoint_every,
-        log_every: run.log_every,
-        eval_every: run.eval_every,
-        max_grad_norm: Some(1.0),
-        config: config_json,
-    };
+        config_json,
+    );
     let summary = super::train_loop(
         &spec,
         TrainState {

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::optim::{named_vars, AdamW, AdamWParams};
-use super::schedule::LrSchedule;
+use super::Cadence;
 use super::{checkpoint, data, write_json, LoopSpec, PretrainError, Result, TrainState};
 use crate::synth::SynthWorld;
 
@@ -202,22 +202,17 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
             ckpt.dir.display()
         );
     }
-    let spec = LoopSpec {
-        run_dir: &run.run_dir,
-        label: "vae",
-        total_steps: config.steps,
-        schedule: LrSchedule {
-            peak: config.lr,
-            warmup_steps: config.warmup,
-            total_steps: config.steps,
-            min_ratio: 0.05,
+    let spec = LoopSpec::cosine(
+        &run.run_dir,
+        "vae",
+        (config.steps, config.lr, config.warmup),
+        Cadence {
+            checkpoint_every: run.checkpoint_every,
+            log_every: run.log_every,
+            eval_every: run.eval_every,
         },
-        checkpoint_every: run.checkpoint_every,
-        log_every: run.log_every,
-        eval_every: run.eval_every,
-        max_grad_norm: Some(1.0),
-        config: config_json,
-    };
+        config_json,
+    );
     let summary = super::train_loop(
         &spec,
         TrainState {
