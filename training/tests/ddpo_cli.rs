@@ -4,6 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::{assert_clean_failure, stderr};
+
 use candle_core::Device;
 use rl4pix_model::adapter::LoraAdapter;
 use rl4pix_model::pipeline::InstructPix2Pix;
@@ -36,22 +39,6 @@ fn ddpo(dataset: &Path, out: &Path, logdir: &Path, extra: &[&str]) -> Output {
         .env_remove("RUST_BACKTRACE")
         .output()
         .expect("run rl4pix-train")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "message should mention `{n}`: {err}");
-    }
 }
 
 #[test]

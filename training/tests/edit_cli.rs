@@ -3,6 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod common;
+use common::{assert_clean_failure, stderr};
+
 fn fixtures() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -29,10 +32,6 @@ fn edit(model: &Path, image: &Path, out: &Path, extra: &[&str]) -> Output {
         .expect("run rl4pix-train")
 }
 
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 /// A copy of the sd1 fixture pipeline that a test may break.
 fn copy_model(to: &Path) {
     fn copy_dir(from: &Path, to: &Path) {
@@ -48,18 +47,6 @@ fn copy_model(to: &Path) {
         }
     }
     copy_dir(&fixtures().join("sd1"), to);
-}
-
-fn assert_clean_failure(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure, got success: {err}");
-    assert!(
-        !err.contains("panicked"),
-        "panic instead of an error: {err}"
-    );
-    for n in needles {
-        assert!(err.contains(n), "message should mention `{n}`: {err}");
-    }
 }
 
 fn input() -> PathBuf {
