@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rl4pix_training::commands::eval::{run, EvalArgs};
+use rl4pix_training::commands::eval::{run, Baseline, EvalArgs};
 use rl4pix_training::eval::EvalReport;
 use serde_json::Value;
 
@@ -16,6 +16,7 @@ fn args(dataset: PathBuf, generated: PathBuf, out: &Path) -> EvalArgs {
         dataset,
         split: None,
         generated: Some(generated),
+        baseline: None,
         model: None,
         adapter: None,
         clip: Some(fixtures().join("clip/tiny")),
@@ -23,6 +24,10 @@ fn args(dataset: PathBuf, generated: PathBuf, out: &Path) -> EvalArgs {
         markdown: Some(out.join("report.md")),
         limit: None,
         steps: None,
+        scheduler: None,
+        eta: 0.0,
+        guidance_scale: 7.5,
+        image_guidance_scale: 1.5,
         seed: 0,
         out: out.join("unused"),
     }
@@ -118,6 +123,39 @@ fn missing_generated_turn_is_an_error_naming_it() {
         err.contains("session 202 turn 2") && err.contains("202_iter_2.png"),
         "{err}"
     );
+}
+
+#[test]
+fn baselines_score_the_sources_and_the_targets() {
+    let out = tempfile::tempdir().unwrap();
+    let dataset = fixtures().join("magicbrush");
+    let read = |name: &str| -> EvalReport {
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(name)).unwrap()).unwrap()
+    };
+    let mut truth = args(dataset.clone(), dataset.join("generated"), out.path());
+    truth.generated = None;
+    truth.clip = None;
+    truth.baseline = Some(Baseline::GroundTruth);
+    truth.json = Some(out.path().join("truth.json"));
+    run(truth).unwrap();
+    let truth = read("truth.json");
+    assert_eq!(truth.all_turn.l1, Some(0.0));
+    assert_eq!(truth.all_turn.edit_l1, Some(0.0));
+    assert_eq!(truth.all_turn.ssim, Some(1.0));
+
+    let mut identity = args(dataset.clone(), dataset.join("generated"), out.path());
+    identity.generated = None;
+    identity.clip = None;
+    identity.baseline = Some(Baseline::Identity);
+    identity.json = Some(out.path().join("identity.json"));
+    run(identity).unwrap();
+    let identity = read("identity.json");
+    // Output = source: nothing changes outside the mask, and the edit region is as far from the
+    // target as the source is.
+    assert_eq!(identity.all_turn.preserve_l1, Some(0.0));
+    let edit_l1 = identity.all_turn.edit_l1.unwrap();
+    assert!(edit_l1 > 0.05, "{edit_l1}");
+    assert!(identity.all_turn.l1.unwrap() > 0.0);
 }
 
 #[test]

@@ -53,7 +53,7 @@ pub struct EditArgs {
     pub attention_out: Option<PathBuf>,
 }
 
-fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+pub(crate) fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     SchedulerKind::parse(s)
         .ok_or_else(|| format!("unknown scheduler `{s}` (expected ddim or euler-ancestral)"))
 }

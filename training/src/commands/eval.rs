@@ -10,6 +10,7 @@ use candle_core::Device;
 use image::RgbImage;
 use indicatif::{ProgressBar, ProgressStyle};
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::scheduler::SchedulerKind;
 
 use crate::data::{Dataset, Session};
 use crate::eval::{
@@ -28,8 +29,12 @@ pub struct EvalArgs {
     #[arg(long)]
     pub split: Option<String>,
     /// Score this folder of generated edits (`<id>/<id>_1.png`, `<id>_inde_<k>.png`, `<id>_iter_<k>.png`).
-    #[arg(long, conflicts_with_all = ["model", "adapter", "steps"])]
+    #[arg(long, conflicts_with_all = ["model", "adapter", "steps", "baseline"])]
     pub generated: Option<PathBuf>,
+    /// Score a baseline instead of a model: `identity` (output = the turn's source) or
+    /// `ground-truth` (output = the turn's target).
+    #[arg(long, value_enum, conflicts_with_all = ["model", "adapter", "steps"])]
+    pub baseline: Option<Baseline>,
     /// Editing model folder (diffusers layout); the embedded default model when absent.
     #[arg(long)]
     pub model: Option<PathBuf>,
@@ -51,6 +56,18 @@ pub struct EvalArgs {
     /// Denoising steps when running the model (default: the pipeline's).
     #[arg(long)]
     pub steps: Option<usize>,
+    /// ddim or euler-ancestral (default: the model's own scheduler).
+    #[arg(long, value_parser = crate::commands::edit::parse_scheduler)]
+    pub scheduler: Option<SchedulerKind>,
+    /// DDIM's eta (0 = deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+    /// Text guidance scale.
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance_scale: f64,
+    /// Image guidance scale.
+    #[arg(long, default_value_t = 1.5)]
+    pub image_guidance_scale: f64,
     /// Base seed when running the model; each turn's seed derives from it and the turn.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -70,8 +87,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let mut images: Box<dyn GeneratedImages> = match &args.generated {
-        Some(root) => {
+    let mut images: Box<dyn GeneratedImages> = match (&args.generated, args.baseline) {
+        (_, Some(baseline)) => Box::new(baseline),
+        (Some(root), None) => {
             anyhow::ensure!(
                 root.is_dir(),
                 "{}: generated folder not found",
@@ -79,7 +97,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             );
             Box::new(GeneratedFolder { root: root.clone() })
         }
-        None => Box::new(ModelImages::load(&args, &device)?),
+        (None, None) => Box::new(ModelImages::load(&args, &device)?),
     };
 
     let total = dataset.turn_count_of_first(args.limit);
@@ -158,8 +176,24 @@ impl ModelImages {
                 .with_context(|| format!("loading adapter {}", path.display()))?],
             None => Vec::new(),
         };
-        let mut params = EditParams::default();
+        anyhow::ensure!(
+            args.guidance_scale.is_finite() && args.image_guidance_scale.is_finite(),
+            "guidance scales must be finite numbers"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&args.eta),
+            "--eta must be in [0, 1], got {}",
+            args.eta
+        );
+        let mut params = EditParams {
+            scheduler: args.scheduler,
+            eta: args.eta,
+            guidance_scale: args.guidance_scale,
+            image_guidance_scale: args.image_guidance_scale,
+            ..EditParams::default()
+        };
         if let Some(steps) = args.steps {
+            anyhow::ensure!(steps > 0, "--steps must be at least 1");
             params.steps = steps;
         }
         Ok(ModelImages {
@@ -282,5 +316,38 @@ impl GeneratedImages for ModelImages {
             .remove(0);
         self.chain = Some((turn_index, image.clone()));
         Ok(image)
+    }
+}
+
+/// What a trivial editor would score: the floor (ground truth) and the do-nothing line (identity)
+/// that every model number is read against.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Baseline {
+    /// Output = the turn's source image (no edit at all).
+    Identity,
+    /// Output = the turn's target image.
+    GroundTruth,
+}
+
+impl GeneratedImages for Baseline {
+    fn generated(
+        &mut self,
+        session: &Session,
+        turn_index: usize,
+        _setting: Setting,
+    ) -> crate::eval::Result<RgbImage> {
+        let turn = session
+            .turns
+            .iter()
+            .find(|t| t.turn_index == turn_index)
+            .ok_or_else(|| EvalError::Edit {
+                session: session.id.clone(),
+                turn: turn_index,
+                message: "no such turn".into(),
+            })?;
+        Ok(match self {
+            Baseline::Identity => turn.source.clone(),
+            Baseline::GroundTruth => turn.target.clone(),
+        })
     }
 }
