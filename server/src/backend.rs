@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use image::RgbImage;
-use rl4pix_model::adapter::LoraAdapter;
+use rl4pix_model::adapter::{LoraAdapter, LoraTargets};
 use rl4pix_model::lora::ResolvedAdapter;
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 use rl4pix_model::scheduler::{Scheduler, SchedulerKind};
@@ -107,6 +107,16 @@ pub struct LoadedAdapter {
     pub base_fingerprint: Option<String>,
     pub created: Option<String>,
     pub file_bytes: u64,
+    /// What its A and B matrices occupy on the device, in the model's dtype.
+    pub memory_bytes: u64,
+}
+
+/// Validates adapter files against the loaded base from any thread (the folder watcher, admin
+/// uploads, reloads after least-recently-used unloading) while the worker keeps running batches.
+pub trait AdapterLoader: Send + Sync {
+    /// `bytes` is a whole `.safetensors` file; `name` its adapter name. Refuses it whole or not
+    /// at all: parse errors, truncation, unknown modules, wrong shapes, another base.
+    fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<LoadedAdapter, BackendError>;
 }
 
 pub trait Backend: Send + 'static {
@@ -121,11 +131,17 @@ pub trait Backend: Send + 'static {
     ) -> Result<Vec<ItemOutput>, BackendError>;
     /// Reads and validates an adapter file against this base; refuses it whole or not at all.
     fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError>;
+    /// A loader the adapter registry may use off the worker thread; None: this backend cannot
+    /// load adapters (every adapter file is then refused with that reason).
+    fn adapter_loader(&self) -> Option<Arc<dyn AdapterLoader>> {
+        None
+    }
 }
 
 /// The real thing: an InstructPix2Pix pipeline on a Candle device.
 pub struct ModelBackend {
-    pipeline: InstructPix2Pix,
+    // Shared with the adapter loader, which only reads the UNet's projection table and dtype.
+    pipeline: Arc<InstructPix2Pix>,
     info: BackendInfo,
     capture_attention: bool,
 }
@@ -152,7 +168,7 @@ impl ModelBackend {
             max_steps: max_supported_steps(&pipeline),
         };
         Ok(Self {
-            pipeline,
+            pipeline: Arc::new(pipeline),
             info,
             capture_attention,
         })
@@ -260,15 +276,42 @@ impl Backend for ModelBackend {
     }
 
     fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError> {
-        let file_bytes = std::fs::metadata(path)
-            .map_err(|source| ModelError::Io {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
-        let adapter =
-            LoraAdapter::load(path, &self.pipeline.lora_targets(), self.pipeline.device())?;
+        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let name = path
+            .file_stem()
+            .map(|stem| stem.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        ModelAdapterLoader::new(self.pipeline.clone()).load_bytes(&name, &bytes)
+    }
+
+    fn adapter_loader(&self) -> Option<Arc<dyn AdapterLoader>> {
+        Some(Arc::new(ModelAdapterLoader::new(self.pipeline.clone())))
+    }
+}
+
+/// Parses and validates with the model crate (`LoraAdapter::from_bytes`), then resolves the
+/// layers onto the UNet's projection slots in the model's dtype.
+struct ModelAdapterLoader {
+    pipeline: Arc<InstructPix2Pix>,
+    targets: LoraTargets,
+}
+
+impl ModelAdapterLoader {
+    fn new(pipeline: Arc<InstructPix2Pix>) -> Self {
+        let targets = pipeline.lora_targets();
+        Self { pipeline, targets }
+    }
+}
+
+impl AdapterLoader for ModelAdapterLoader {
+    fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<LoadedAdapter, BackendError> {
+        let adapter = LoraAdapter::from_bytes(name, bytes, &self.targets, self.pipeline.device())?;
         let resolved = Arc::new(self.pipeline.resolve_adapter(&adapter)?);
+        let memory_bytes =
+            (adapter.num_parameters() * self.pipeline.dtype().size_in_bytes()) as u64;
         let meta = adapter.metadata;
         Ok(LoadedAdapter {
             name: adapter.name,
@@ -278,7 +321,8 @@ impl Backend for ModelBackend {
             target_modules: meta.target_modules,
             base_fingerprint: meta.base_fingerprint,
             created: meta.created,
-            file_bytes,
+            file_bytes: bytes.len() as u64,
+            memory_bytes,
         })
     }
 }

@@ -28,9 +28,24 @@ pub struct Args {
     /// Model folder in the diffusers InstructPix2Pix layout.
     #[arg(long, env = "RL4PIX_MODEL", default_value = DEFAULT_MODEL_DIR)]
     pub model: PathBuf,
-    /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start.
+    /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start and
+    /// watched: new, replaced and removed files are picked up while serving.
     #[arg(long, env = "RL4PIX_ADAPTERS")]
     pub adapters: Option<PathBuf>,
+    /// Adapter applied when a request names none (`adapter=none` still asks for the base);
+    /// changeable at run time with `PUT /adapters/default`.
+    #[arg(long, env = "RL4PIX_DEFAULT_ADAPTER")]
+    pub default_adapter: Option<String>,
+    /// Adapters whose weights are kept in memory; past it the least recently used is unloaded
+    /// (and read from its file again when next requested).
+    #[arg(long, env = "RL4PIX_MAX_ADAPTERS", default_value_t = 16)]
+    pub max_adapters: usize,
+    /// Bytes of adapter weights kept in memory (same policy); also the largest upload.
+    #[arg(long, env = "RL4PIX_MAX_ADAPTER_BYTES", default_value_t = 1 << 30)]
+    pub max_adapter_bytes: u64,
+    /// How long an adapter file must stay unchanged before it is (re)loaded.
+    #[arg(long, env = "RL4PIX_ADAPTER_DEBOUNCE_MS", default_value_t = 300)]
+    pub adapter_debounce_ms: u64,
     #[arg(long, env = "RL4PIX_HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (the address is printed on stdout).
@@ -71,6 +86,12 @@ pub struct Args {
     /// Recent edits whose attention maps are kept for `/attention`; 0 turns capture off.
     #[arg(long, env = "RL4PIX_ATTENTION_CACHE", default_value_t = 64)]
     pub attention_cache: usize,
+    /// Seconds a finished async job (`Prefer: respond-async`) and its result are kept.
+    #[arg(long, env = "RL4PIX_JOB_TTL_S", default_value_t = 600.0)]
+    pub job_ttl_s: f64,
+    /// Finished async jobs kept at most; the oldest finished are evicted first.
+    #[arg(long, env = "RL4PIX_MAX_JOBS", default_value_t = 1000)]
+    pub max_jobs: usize,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -86,11 +107,21 @@ impl Args {
             ("--max-steps", self.max_steps),
             ("--default-steps", self.default_steps),
             ("--max-instruction-chars", self.max_instruction_chars),
+            ("--max-jobs", self.max_jobs),
         ];
         for (flag, value) in positive {
             if value == 0 {
                 return Err(format!("{flag} must be at least 1"));
             }
+        }
+        if self.max_adapters == 0 {
+            return Err("--max-adapters must be at least 1".into());
+        }
+        if self.max_adapter_bytes == 0 {
+            return Err("--max-adapter-bytes must be at least 1".into());
+        }
+        if self.default_adapter.is_some() && self.adapters.is_none() {
+            return Err("--default-adapter needs --adapters DIR".into());
         }
         if self.max_pixels == 0 {
             return Err("--max-pixels must be at least 1".into());
@@ -103,6 +134,9 @@ impl Args {
         }
         if !(self.request_timeout_s.is_finite() && self.request_timeout_s > 0.0) {
             return Err("--request-timeout-s must be a positive number of seconds".into());
+        }
+        if !(self.job_ttl_s.is_finite() && self.job_ttl_s > 0.0) {
+            return Err("--job-ttl-s must be a positive number of seconds".into());
         }
         Ok(())
     }
@@ -118,6 +152,15 @@ impl Args {
             max_image_guidance_scale: MAX_IMAGE_GUIDANCE_SCALE,
             max_adapter_name_chars: MAX_ADAPTER_NAME_CHARS,
             request_timeout_s: self.request_timeout_s,
+        }
+    }
+
+    pub fn adapter_settings(&self) -> AdapterSettings {
+        AdapterSettings {
+            dir: self.adapters.clone(),
+            max_adapters: self.max_adapters,
+            max_adapter_bytes: self.max_adapter_bytes,
+            debounce: Duration::from_millis(self.adapter_debounce_ms),
         }
     }
 
@@ -169,4 +212,13 @@ impl BatchingConfig {
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_batch_wait_ms)
     }
+}
+
+/// The adapter registry's folder and its bounds on what it keeps in memory.
+#[derive(Debug, Clone)]
+pub struct AdapterSettings {
+    pub dir: Option<PathBuf>,
+    pub max_adapters: usize,
+    pub max_adapter_bytes: u64,
+    pub debounce: Duration,
 }

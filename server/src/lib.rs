@@ -11,10 +11,12 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod http;
+pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod queue;
 pub mod server;
+pub mod watcher;
 pub mod worker;
 
 pub use config::Args;

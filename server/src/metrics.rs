@@ -18,6 +18,8 @@ pub struct Metrics {
     pub inference_seconds: Histogram,
     /// Edits by outcome: ok, error, cancelled, timeout, rejected (queue full).
     pub edits: IntCounterVec,
+    /// Async jobs by final status: done, failed, cancelled.
+    pub jobs: IntCounterVec,
 }
 
 const SECONDS_BUCKETS: &[f64] = &[
@@ -74,6 +76,11 @@ impl Metrics {
             &["outcome"],
         )
         .expect("static metric definition");
+        let jobs = IntCounterVec::new(
+            Opts::new("rl4pix_jobs_total", "Async jobs by final status"),
+            &["status"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(http_duration.clone()),
@@ -83,6 +90,7 @@ impl Metrics {
             Box::new(queue_seconds.clone()),
             Box::new(inference_seconds.clone()),
             Box::new(edits.clone()),
+            Box::new(jobs.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -96,6 +104,7 @@ impl Metrics {
             queue_seconds,
             inference_seconds,
             edits,
+            jobs,
         }
     }
 

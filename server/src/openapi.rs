@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{attention, edit, meta};
+use crate::http::{admin, attention, edit, jobs, meta};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -15,13 +15,20 @@ use crate::http::{attention, edit, meta};
     ),
     paths(
         edit::edit,
+        jobs::status,
+        jobs::events,
+        jobs::result,
+        jobs::cancel,
         attention::overlay,
         attention::tokens,
         meta::health,
         meta::ready,
         meta::info,
         meta::metrics,
-        meta::list_adapters,
+        admin::list_adapters,
+        admin::add_adapter,
+        admin::delete_adapter,
+        admin::set_default_adapter,
         meta::openapi_json,
         meta::docs,
     ),
@@ -29,9 +36,10 @@ use crate::http::{attention, edit, meta};
     modifiers(&BearerAuth),
     tags(
         (name = "edit", description = "Edit an image by instruction"),
+        (name = "jobs", description = "Async edits (`Prefer: respond-async`): status, progress events, result, cancel"),
         (name = "attention", description = "Where the model looked"),
         (name = "service", description = "Health, readiness, info, metrics, docs"),
-        (name = "admin", description = "Adapters; needs `Authorization: Bearer <--api-key>`"),
+        (name = "admin", description = "Adapters: list, add (upload or a file in the folder), delete, choose the default. Needs `Authorization: Bearer <--api-key>`; without --api-key these routes answer 401."),
     )
 )]
 pub struct ApiDoc;

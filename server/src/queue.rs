@@ -4,12 +4,12 @@
 //! maximum wait. Requests whose client left, or whose deadline passed, are dropped unrun.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use rl4pix_model::image_io::size_for_vae;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::adapters::AdapterEntry;
 use crate::backend::{AttentionSummary, BackendError, BatchItem};
@@ -59,12 +59,55 @@ impl CancelToken {
     }
 }
 
-/// Where a job is: 0 of 0 while queued, then the step it has finished and the total.
-#[derive(Debug, Default)]
+/// How far the worker has got with a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Queued,
+    /// Taken by the worker; `step` denoising steps of `total` are done.
+    Running {
+        step: usize,
+        total: usize,
+    },
+}
+
+/// A job's stage, written by the worker and watched by async-job readers (status, events).
+#[derive(Debug)]
 pub struct Progress {
-    pub step: AtomicUsize,
-    pub total: AtomicUsize,
-    pub running: AtomicBool,
+    stage: watch::Sender<Stage>,
+    started_at: OnceLock<SystemTime>,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            stage: watch::Sender::new(Stage::Queued),
+            started_at: OnceLock::new(),
+        }
+    }
+}
+
+impl Progress {
+    /// The worker took the job (its batch is forming or running).
+    pub fn start(&self, total: usize) {
+        let _ = self.started_at.set(SystemTime::now());
+        self.stage.send_replace(Stage::Running { step: 0, total });
+    }
+
+    pub fn step(&self, step: usize, total: usize) {
+        self.stage.send_replace(Stage::Running { step, total });
+    }
+
+    pub fn stage(&self) -> Stage {
+        *self.stage.borrow()
+    }
+
+    pub fn started_at(&self) -> Option<SystemTime> {
+        self.started_at.get().copied()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Stage> {
+        self.stage.subscribe()
+    }
 }
 
 /// What requests must share to run in one batch.
@@ -179,6 +222,38 @@ impl Queue {
         self.lock().jobs.len()
     }
 
+    /// How many live queued edits are ahead of job `id`; None when it is not queued.
+    pub fn position(&self, id: &str) -> Option<usize> {
+        let state = self.lock();
+        let now = Instant::now();
+        let mut ahead = 0;
+        for job in &state.jobs {
+            if job.id == id {
+                return Some(ahead);
+            }
+            if !job.is_abandoned(now) {
+                ahead += 1;
+            }
+        }
+        None
+    }
+
+    /// Takes job `id` out of the queue at once (dropping it closes its reply channel);
+    /// false when it is not queued (already taken by the worker, or unknown).
+    pub fn remove(&self, id: &str) -> bool {
+        let mut state = self.lock();
+        let Some(index) = state.jobs.iter().position(|job| job.id == id) else {
+            return false;
+        };
+        state.jobs.remove(index);
+        self.metrics
+            .edits
+            .with_label_values(&["abandoned_in_queue"])
+            .inc();
+        self.metrics.queue_depth.set(state.jobs.len() as i64);
+        true
+    }
+
     pub fn capacity(&self) -> usize {
         self.capacity
     }
@@ -263,6 +338,9 @@ impl Queue {
             self.drop_abandoned(&mut state);
         }
         self.metrics.queue_depth.set(state.jobs.len() as i64);
+        for job in &batch {
+            job.progress.start(job.item.params.steps);
+        }
         Some(batch)
     }
 }
@@ -301,6 +379,32 @@ mod tests {
         let second = queue.next_batch(4, Duration::ZERO).unwrap();
         assert_eq!(second.len(), 1);
         assert_eq!(second[0].key.grid, (32, 32));
+    }
+
+    #[test]
+    fn a_job_can_be_found_and_taken_out_by_id() {
+        let queue = Queue::new(4, Metrics::new(4));
+        let mut receivers = Vec::new();
+        for id in ["a", "b", "c"] {
+            let (mut j, rx) = job(16, 4);
+            j.id = id.into();
+            queue.push(j).unwrap();
+            receivers.push(rx);
+        }
+        assert_eq!(queue.position("b"), Some(1));
+        assert!(queue.remove("b"));
+        assert!(!queue.remove("b"), "already gone");
+        assert_eq!(queue.position("c"), Some(1));
+        assert_eq!(queue.depth(), 2);
+        let batch = queue.next_batch(4, Duration::ZERO).unwrap();
+        assert_eq!(batch.len(), 2);
+        assert!(
+            batch
+                .iter()
+                .all(|j| j.progress.stage() == Stage::Running { step: 0, total: 4 }),
+            "the worker's batch is marked running"
+        );
+        assert_eq!(queue.position("a"), None);
     }
 
     #[test]

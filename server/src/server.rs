@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::sync::oneshot;
@@ -15,8 +16,10 @@ use crate::attention_cache::AttentionCache;
 use crate::backend::{Backend, BackendError, ModelBackend};
 use crate::config::{Args, DEFAULT_MODEL_DIR};
 use crate::http::{router, AppState};
+use crate::jobs::JobStore;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
+use crate::watcher::AdapterWatcher;
 use crate::worker;
 
 pub struct RunningServer {
@@ -25,6 +28,7 @@ pub struct RunningServer {
     shutdown_tx: Option<oneshot::Sender<()>>,
     serve: JoinHandle<std::io::Result<()>>,
     worker: std::thread::JoinHandle<()>,
+    watcher: Option<AdapterWatcher>,
 }
 
 /// Checks the model folder before anything heavy, with a message that says what to do.
@@ -65,32 +69,54 @@ where
     let batching = args.batching();
     let metrics = Metrics::new(batching.max_batch_size);
     let queue = Arc::new(Queue::new(batching.max_queue, metrics.clone()));
-    let adapters = Arc::new(AdapterRegistry::default());
-    if let Some(dir) = &args.adapters {
-        if !dir.is_dir() {
-            bail!("--adapters {}: not a folder", dir.display());
+    let adapter_settings = args.adapter_settings();
+    let adapters = Arc::new(AdapterRegistry::new(&adapter_settings).map_err(anyhow::Error::msg)?);
+    // On the worker thread, right after the model: the folder is read before `/ready` says
+    // ready, and the loader is then shared with the watcher and the admin routes.
+    let registry = adapters.clone();
+    let factory = move || {
+        let backend = factory()?;
+        if let Some(loader) = backend.adapter_loader() {
+            registry.set_loader(loader);
         }
-    }
+        registry.load_folder();
+        Ok(backend)
+    };
     let handle = worker::start(
         factory,
-        args.adapters.clone(),
-        adapters.clone(),
         queue.clone(),
         batching.clone(),
         metrics.clone(),
     )
     .await
     .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
-    if args.max_steps > handle.info.max_steps {
-        handle.alive.store(false, Ordering::SeqCst);
-        queue.close();
-        let _ = handle.thread.join();
-        bail!(
+    let startup_error = if args.max_steps > handle.info.max_steps {
+        Some(anyhow::anyhow!(
             "--max-steps {} is more than this model's schedulers accept ({})",
             args.max_steps,
             handle.info.max_steps
-        );
+        ))
+    } else if let Some(name) = &args.default_adapter {
+        adapters
+            .set_default(Some(name))
+            .err()
+            .map(|e| anyhow::anyhow!("--default-adapter {name}: {e}"))
+    } else {
+        None
+    };
+    if let Some(error) = startup_error {
+        handle.alive.store(false, Ordering::SeqCst);
+        queue.close();
+        let _ = handle.thread.join();
+        return Err(error);
     }
+    let watcher = match adapters.dir() {
+        Some(_) => Some(
+            AdapterWatcher::start(adapters.clone(), adapter_settings.debounce)
+                .context("cannot start the adapters folder watcher")?,
+        ),
+        None => None,
+    };
     let state = Arc::new(AppState {
         info: handle.info,
         limits: args.limits(),
@@ -98,6 +124,11 @@ where
         queue,
         adapters,
         attention: AttentionCache::new(args.attention_cache),
+        jobs: JobStore::new(
+            Duration::try_from_secs_f64(args.job_ttl_s).unwrap_or(Duration::MAX),
+            args.max_jobs,
+            metrics.clone(),
+        ),
         metrics,
         worker_alive: handle.alive,
         shutting_down: AtomicBool::new(false),
@@ -123,6 +154,7 @@ where
         shutdown_tx: Some(shutdown_tx),
         serve,
         worker: handle.thread,
+        watcher,
     })
 }
 
@@ -134,6 +166,7 @@ impl RunningServer {
     /// Stops accepting, lets admitted requests finish, then stops the worker.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.state.shutting_down.store(true, Ordering::SeqCst);
+        drop(self.watcher.take());
         if let Some(tx) = self.shutdown_tx.take() {
             let _ = tx.send(());
         }

@@ -5,9 +5,11 @@
 //! abandoned (client gone, or deadline passed). A request that leaves a batch whose others are
 //! still wanted rides along and its result is discarded: stopping the batch would throw away
 //! the others' finished steps, and their bytes must not depend on who else was in the batch.
+//! An async job cancelled with `DELETE /jobs/{id}` is abandoned the same way.
+//!
+//! Progress: every member's `Progress` hears each step, for `/jobs/{id}` and its events.
 
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -15,7 +17,6 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::adapters::{adapter_files, AdapterRegistry};
 use crate::backend::{Backend, BackendError, BackendInfo, Batch};
 use crate::config::BatchingConfig;
 use crate::metrics::Metrics;
@@ -30,8 +31,6 @@ pub struct WorkerHandle {
 /// Starts the worker and waits until the backend is loaded (or failed to load).
 pub async fn start<B, F>(
     factory: F,
-    adapters_dir: Option<PathBuf>,
-    registry: Arc<AdapterRegistry>,
     queue: Arc<Queue>,
     batching: BatchingConfig,
     metrics: Metrics,
@@ -53,9 +52,6 @@ where
                     return;
                 }
             };
-            if let Some(dir) = &adapters_dir {
-                load_adapter_folder(&backend, dir, &registry);
-            }
             if let Err(e) = backend.health() {
                 let _ = ready_tx.send(Err(e));
                 return;
@@ -97,36 +93,6 @@ impl Drop for AliveGuard {
     }
 }
 
-fn load_adapter_folder(backend: &dyn Backend, dir: &std::path::Path, registry: &AdapterRegistry) {
-    let files = match adapter_files(dir) {
-        Ok(files) => files,
-        Err(e) => {
-            tracing::error!(dir = %dir.display(), error = %e, "cannot read the adapters folder");
-            return;
-        }
-    };
-    for path in files {
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if let Err(reason) = crate::adapters::validate_name(&name) {
-            tracing::error!(file = %path.display(), %reason, "adapter refused");
-            continue;
-        }
-        match backend.load_adapter(&path) {
-            Ok(adapter) => {
-                tracing::info!(name = %name, rank = adapter.rank, "adapter loaded");
-                registry.insert(adapter);
-            }
-            Err(e) => {
-                tracing::error!(file = %path.display(), error = %e, "adapter refused");
-                registry.refuse(&name, e.to_string());
-            }
-        }
-    }
-}
-
 /// `ready` follows the backend's health after every batch, for `/ready`.
 fn run(
     backend: &dyn Backend,
@@ -154,7 +120,6 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
         metrics
             .queue_seconds
             .observe((started - job.admitted).as_secs_f64());
-        job.progress.running.store(true, Ordering::Relaxed);
     }
     let batch_size = jobs.len();
     metrics.batch_size.observe(batch_size as f64);
@@ -167,9 +132,10 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
             .map(|entry| entry.adapter.resolved.clone()),
     };
     let mut on_step = |step: usize, total: usize| {
+        // Every member hears of every step, a cancelled one too: its status is already final,
+        // and the step it reached shows how far its batch went.
         for job in &jobs {
-            job.progress.step.store(step, Ordering::Relaxed);
-            job.progress.total.store(total, Ordering::Relaxed);
+            job.progress.step(step, total);
         }
         let now = Instant::now();
         jobs.iter().any(|job| !job.is_abandoned(now))

@@ -784,3 +784,37 @@ async fn info_health_ready_docs_and_openapi() {
     );
     server.shutdown().await.unwrap();
 }
+
+/// A PNG of `img` carrying `extra` bytes of text metadata before its end: large in bytes, small in
+/// pixels.
+fn png_with_text_chunk(img: &image::RgbImage, extra: usize) -> Vec<u8> {
+    let mut bytes = png(img);
+    let iend = bytes.len() - 12;
+    let mut data = b"Comment\0".to_vec();
+    data.resize(8 + extra, b'x');
+    let mut chunk = (data.len() as u32).to_be_bytes().to_vec();
+    let mut typed = b"tEXt".to_vec();
+    typed.extend_from_slice(&data);
+    chunk.extend_from_slice(&typed);
+    chunk.extend_from_slice(&crc32fast::hash(&typed).to_be_bytes());
+    bytes.splice(iend..iend, chunk);
+    bytes
+}
+
+#[tokio::test]
+async fn a_multipart_body_over_two_mib_is_read_under_the_configured_limit() {
+    // 3 MiB in a 40x24 image: the body limit is --max-body-bytes (20 MiB by default), not a
+    // framework default.
+    let server = start(test_args()).await;
+    let url = server.url();
+    let big = png_with_text_chunk(&scene(40, 24, 1), 3 << 20);
+    assert!(big.len() > 3 << 20);
+    let r = client()
+        .post(format!("{url}/edit"))
+        .multipart(edit_form(big, "make it blue", &[("steps", "2".into())]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    server.shutdown().await.unwrap();
+}

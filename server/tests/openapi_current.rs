@@ -30,6 +30,11 @@ fn committed_openapi_json_is_current() {
         "/openapi.json",
         "/docs",
         "/adapters",
+        "/adapters/default",
+        "/adapters/{name}",
+        "/jobs/{id}",
+        "/jobs/{id}/events",
+        "/jobs/{id}/result",
     ] {
         assert!(
             spec["paths"][route].is_object(),

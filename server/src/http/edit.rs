@@ -1,27 +1,30 @@
 //! `POST /edit`: parse (multipart or JSON), check every limit before decoding, admit to the
-//! queue, wait for the worker, answer the image (or JSON).
+//! queue, wait for the worker, answer the image (or JSON). With `Prefer: respond-async` the
+//! same checks run, then it answers 202 with a job (see `crate::jobs`, `super::jobs`).
 
 use std::io::Cursor;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, Multipart, State};
-use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use image::{ImageFormat, RgbImage};
 use rl4pix_model::pipeline::EditParams;
 use rl4pix_model::scheduler::SchedulerKind;
 use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::adapters::{validate_name, AdapterEntry};
+use crate::adapters::AdapterEntry;
 use crate::attention_cache::CachedEdit;
-use crate::backend::BatchItem;
+use crate::backend::{BackendError, BatchItem};
 use crate::config::Limits;
 use crate::error::{ApiError, ErrorBody};
-use crate::queue::{CancelToken, Job, JobError, QueueError};
+use crate::jobs::{JobRecord, Outcome};
+use crate::queue::{CancelToken, Job, JobError, JobOutput, QueueError};
 
 /// `multipart/form-data` body of `POST /edit`.
 #[derive(ToSchema)]
@@ -42,7 +45,8 @@ pub struct EditForm {
     seed: Option<u64>,
     /// `ddim` or `euler-ancestral`; default: the model's own.
     scheduler: Option<String>,
-    /// An adapter name from `--adapters`, or `none` (the default).
+    /// An adapter name from `--adapters`; `none` for the base model; absent: the default
+    /// adapter (`PUT /adapters/default`, `--default-adapter`), else the base model.
     adapter: Option<String>,
     /// `png` (default), `jpeg` or `webp`.
     output_format: Option<String>,
@@ -154,6 +158,10 @@ struct CheckedEdit {
             (EditJsonRequest = "application/json"),
         )
     ),
+    params(
+        ("Prefer" = Option<String>, Header,
+            description = "`respond-async`: answer 202 with a job at once (after the same checks) instead of waiting; see `/jobs/{id}`"),
+    ),
     responses(
         (status = 200, description = "The edited image, the input's size. With `Accept: application/json`, JSON with the image in base64.",
             headers(
@@ -169,6 +177,11 @@ struct CheckedEdit {
                 (EditJsonResponse = "application/json"),
             )
         ),
+        (status = 202, description = "With `Prefer: respond-async`: the job is queued; follow `status_url` (also in `Location`)", body = JobAccepted,
+            headers(
+                ("Location" = String, description = "The job's status URL"),
+                ("Preference-Applied" = String, description = "`respond-async`"),
+            )),
         (status = 400, description = "Unparseable body (JSON, multipart, base64) or a corrupt image", body = ErrorBody),
         (status = 404, description = "Unknown adapter", body = ErrorBody),
         (status = 413, description = "Body or declared pixel count over the limit", body = ErrorBody),
@@ -185,13 +198,134 @@ pub async fn edit(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let admitted = admit(&state, &headers, body).await?;
+    let (job, reply) = Job::new(
+        admitted.edit_id.clone(),
+        admitted.item,
+        admitted.adapter,
+        state.info.vae_scale_factor,
+        state.limits.request_timeout(),
+    );
+    if prefers_async(&headers) {
+        return submit_async(state, job, reply, admitted.meta);
+    }
+    let deadline = tokio::time::Instant::from_std(job.deadline);
+    // Dropped with this future when the client disconnects: the worker then skips or cancels it.
+    let _cancel_on_drop = CancelOnDrop(job.cancel.clone());
+    push(&state, job)?;
+    let output = match tokio::time::timeout_at(deadline, reply).await {
+        Ok(Ok(Ok(output))) => output,
+        Ok(Ok(Err(job_error))) => {
+            let outcome = match job_error {
+                JobError::TimedOut => "timeout",
+                _ => "error",
+            };
+            state.metrics.edit_outcome(outcome);
+            return Err(job_error.into());
+        }
+        Ok(Err(_closed)) if tokio::time::Instant::now() < deadline => {
+            state.metrics.edit_outcome("error");
+            return Err(worker_dropped());
+        }
+        _ => {
+            state.metrics.edit_outcome("timeout");
+            return Err(ApiError::timeout(format!(
+                "the edit did not finish within {} s (--request-timeout-s); its work was dropped",
+                state.limits.request_timeout_s
+            )));
+        }
+    };
+    state.metrics.edit_outcome("ok");
+    let result = finish(&state, admitted.edit_id, admitted.meta, output).await?;
+    Ok(result.response(wants_json(&headers)))
+}
+
+/// An edit that passed every check, ready for the queue.
+struct Admitted {
+    edit_id: String,
+    item: BatchItem,
+    adapter: Option<Arc<AdapterEntry>>,
+    meta: ResultMeta,
+}
+
+/// What the answer needs besides the model's output.
+struct ResultMeta {
+    seed: u64,
+    adapter: String,
+    output_format: OutputFormat,
+    instruction: String,
+    image: Arc<RgbImage>,
+}
+
+/// A finished edit, encoded: what the synchronous answer and `GET /jobs/{id}/result` serve.
+#[derive(Debug)]
+pub struct EditResult {
+    pub edit_id: String,
+    pub seed: u64,
+    pub adapter: String,
+    pub width: u32,
+    pub height: u32,
+    format: OutputFormat,
+    pub queue_ms: u64,
+    pub inference_ms: u64,
+    pub batch_size: usize,
+    pub bytes: Bytes,
+}
+
+impl EditResult {
+    pub fn content_type(&self) -> &'static str {
+        self.format.mime()
+    }
+
+    /// The image with its `x-*` headers, or JSON with the image in base64.
+    pub fn response(&self, json: bool) -> Response {
+        if json {
+            let body = EditJsonResponse {
+                edit_id: self.edit_id.clone(),
+                seed: self.seed,
+                adapter: self.adapter.clone(),
+                width: self.width,
+                height: self.height,
+                format: self.format.name().into(),
+                queue_ms: self.queue_ms,
+                inference_ms: self.inference_ms,
+                batch_size: self.batch_size,
+                image: base64::engine::general_purpose::STANDARD.encode(&self.bytes),
+            };
+            return axum::Json(body).into_response();
+        }
+        let mut response = (StatusCode::OK, self.bytes.clone()).into_response();
+        let h = response.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(self.content_type()),
+        );
+        let pairs = [
+            ("x-edit-id", self.edit_id.clone()),
+            ("x-seed", self.seed.to_string()),
+            ("x-adapter", self.adapter.clone()),
+            ("x-queue-ms", self.queue_ms.to_string()),
+            ("x-inference-ms", self.inference_ms.to_string()),
+            ("x-batch-size", self.batch_size.to_string()),
+        ];
+        for (name, value) in pairs {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(name, v);
+            }
+        }
+        response
+    }
+}
+
+/// Everything up to the queue: readiness, room, body, checks, decoding.
+async fn admit(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Admitted, ApiError> {
     if !state.is_ready() {
         return Err(ApiError::unavailable(
             "the server is not ready (starting or shutting down)",
         ));
     }
-    // Refuse before reading or decoding anything when there is clearly no room; `push` below
-    // is the exact check.
+    // Refuse before reading or decoding anything when there is clearly no room; `push` is the
+    // exact check.
     if !state.queue.has_room() {
         state.metrics.edit_outcome("rejected");
         return Err(ApiError::overloaded(
@@ -199,11 +333,11 @@ pub async fn edit(
                 capacity: state.queue.capacity(),
             }
             .to_string(),
-            retry_after_s(&state),
+            retry_after_s(state),
         ));
     }
     let limit = state.limits.max_body_bytes;
-    if let Some(length) = content_length(&headers) {
+    if let Some(length) = content_length(headers) {
         if length > limit as u64 {
             return Err(body_too_large(limit));
         }
@@ -236,120 +370,192 @@ pub async fn edit(
             )))
         }
     };
-    let checked = check(raw, &state)?;
-    let seed = checked.params.seed;
+    let checked = check(raw, state)?;
     let adapter_name = checked
         .adapter
         .as_ref()
         .map(|a| a.adapter.name.clone())
         .unwrap_or_else(|| "none".into());
-    let output_format = checked.output_format;
-    let instruction = checked.instruction.clone();
     let image = Arc::new(decode(checked.image, checked.image_format, &state.limits).await?);
-
-    let edit_id = format!("{:032x}", rand::random::<u128>());
-    let item = BatchItem {
+    let meta = ResultMeta {
+        seed: checked.params.seed,
+        adapter: adapter_name,
+        output_format: checked.output_format,
+        instruction: checked.instruction.clone(),
         image: image.clone(),
-        instruction: checked.instruction,
-        params: checked.params,
     };
-    let (job, reply) = Job::new(
-        edit_id.clone(),
-        item,
-        checked.adapter,
-        state.info.vae_scale_factor,
-        state.limits.request_timeout(),
-    );
-    let deadline = tokio::time::Instant::from_std(job.deadline);
-    // Dropped with this future when the client disconnects: the worker then skips or cancels it.
-    let _cancel_on_drop = CancelOnDrop(job.cancel.clone());
-    if let Err(e) = state.queue.push(job) {
-        return Err(match e {
-            QueueError::Full { .. } => {
-                state.metrics.edit_outcome("rejected");
-                ApiError::overloaded(e.to_string(), retry_after_s(&state))
-            }
-            QueueError::Closed => e.into(),
-        });
-    }
-    let output = match tokio::time::timeout_at(deadline, reply).await {
-        Ok(Ok(Ok(output))) => output,
-        Ok(Ok(Err(job_error))) => {
-            let outcome = match job_error {
-                JobError::TimedOut => "timeout",
-                _ => "error",
-            };
-            state.metrics.edit_outcome(outcome);
-            return Err(job_error.into());
-        }
-        Ok(Err(_closed)) if tokio::time::Instant::now() < deadline => {
-            state.metrics.edit_outcome("error");
-            return Err(ApiError::unavailable(
-                "the worker dropped the edit (shutting down?)",
-            ));
-        }
-        _ => {
-            state.metrics.edit_outcome("timeout");
-            return Err(ApiError::timeout(format!(
-                "the edit did not finish within {} s (--request-timeout-s); its work was dropped",
-                state.limits.request_timeout_s
-            )));
-        }
-    };
-    state.metrics.edit_outcome("ok");
+    Ok(Admitted {
+        // Unguessable: async job ids double as the only credential to a job.
+        edit_id: format!("{:032x}", rand::random::<u128>()),
+        item: BatchItem {
+            image,
+            instruction: checked.instruction,
+            params: checked.params,
+        },
+        adapter: checked.adapter,
+        meta,
+    })
+}
 
+/// Admits a job or answers why not (429 with Retry-After when the queue is full).
+fn push(state: &AppState, job: Job) -> Result<(), ApiError> {
+    state.queue.push(job).map_err(|e| match e {
+        QueueError::Full { .. } => {
+            state.metrics.edit_outcome("rejected");
+            ApiError::overloaded(e.to_string(), retry_after_s(state))
+        }
+        QueueError::Closed => e.into(),
+    })
+}
+
+fn worker_dropped() -> ApiError {
+    ApiError::unavailable("the worker dropped the edit (shutting down?)")
+}
+
+/// Keeps the attention maps for `/attention` and encodes the image.
+async fn finish(
+    state: &AppState,
+    edit_id: String,
+    meta: ResultMeta,
+    output: JobOutput,
+) -> Result<EditResult, ApiError> {
     if let Some(attention) = output.attention {
         state.attention.insert(
             edit_id.clone(),
             CachedEdit {
-                instruction,
-                image,
+                instruction: meta.instruction,
+                image: meta.image,
                 attention,
             },
         );
     }
     let (width, height) = output.image.dimensions();
-    let encoded = tokio::task::spawn_blocking(move || encode(&output.image, output_format))
+    let format = meta.output_format;
+    let image = output.image;
+    let encoded = tokio::task::spawn_blocking(move || encode(&image, format))
         .await
         .map_err(|e| ApiError::internal(format!("encoding task failed: {e}")))??;
-    let queue_ms = output.queue_time.as_millis() as u64;
-    let inference_ms = output.inference_time.as_millis() as u64;
+    Ok(EditResult {
+        edit_id,
+        seed: meta.seed,
+        adapter: meta.adapter,
+        width,
+        height,
+        format,
+        queue_ms: output.queue_time.as_millis() as u64,
+        inference_ms: output.inference_time.as_millis() as u64,
+        batch_size: output.batch_size,
+        bytes: Bytes::from(encoded),
+    })
+}
 
-    if wants_json(&headers) {
-        let body = EditJsonResponse {
-            edit_id,
-            seed,
-            adapter: adapter_name,
-            width,
-            height,
-            format: output_format.name().into(),
-            queue_ms,
-            inference_ms,
-            batch_size: output.batch_size,
-            image: base64::engine::general_purpose::STANDARD.encode(&encoded),
-        };
-        return Ok(axum::Json(body).into_response());
+/// `Prefer: respond-async` (RFC 7240), among other preferences or not.
+fn prefers_async(headers: &HeaderMap) -> bool {
+    headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|preference| {
+            let token = preference.split([';', '=']).next().unwrap_or("");
+            token.trim().eq_ignore_ascii_case("respond-async")
+        })
+}
+
+/// The 202 answer to `Prefer: respond-async`.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"id": "0c9d3f5be1a84e27b61f0a4d2c8e7b13", "status": "queued",
+    "status_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13",
+    "events_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13/events",
+    "result_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13/result"}))]
+pub struct JobAccepted {
+    /// The job id (128 random bits, hex); also the edit id for `/attention/{edit_id}`.
+    pub id: String,
+    pub status: String,
+    pub status_url: String,
+    pub events_url: String,
+    pub result_url: String,
+}
+
+/// Queues the job and answers 202 at once; a task waits for the worker and records the outcome.
+/// The job is not tied to this connection: closing it cancels nothing.
+fn submit_async(
+    state: Arc<AppState>,
+    job: Job,
+    reply: oneshot::Receiver<Result<JobOutput, JobError>>,
+    meta: ResultMeta,
+) -> Result<Response, ApiError> {
+    let id = job.id.clone();
+    let record = Arc::new(JobRecord::new(
+        id.clone(),
+        meta.seed,
+        meta.adapter.clone(),
+        job.cancel.clone(),
+        job.progress.clone(),
+    ));
+    // Stored before it is queued: the worker may finish it before this handler returns.
+    state.jobs.insert(record.clone());
+    if let Err(e) = push(&state, job) {
+        state.jobs.withdraw(&id);
+        return Err(e);
     }
-    let mut response = (StatusCode::OK, encoded).into_response();
+    tokio::spawn(supervise(state, record, reply, meta));
+    let status_url = format!("/jobs/{id}");
+    let body = JobAccepted {
+        events_url: format!("{status_url}/events"),
+        result_url: format!("{status_url}/result"),
+        status_url: status_url.clone(),
+        status: "queued".into(),
+        id,
+    };
+    let mut response = (StatusCode::ACCEPTED, axum::Json(body)).into_response();
     let h = response.headers_mut();
+    if let Ok(location) = HeaderValue::from_str(&status_url) {
+        h.insert(header::LOCATION, location);
+    }
     h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(output_format.mime()),
+        "preference-applied",
+        HeaderValue::from_static("respond-async"),
     );
-    let pairs = [
-        ("x-edit-id", edit_id),
-        ("x-seed", seed.to_string()),
-        ("x-adapter", adapter_name),
-        ("x-queue-ms", queue_ms.to_string()),
-        ("x-inference-ms", inference_ms.to_string()),
-        ("x-batch-size", output.batch_size.to_string()),
-    ];
-    for (name, value) in pairs {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            h.insert(name, v);
+    Ok(response)
+}
+
+async fn supervise(
+    state: Arc<AppState>,
+    record: Arc<JobRecord>,
+    reply: oneshot::Receiver<Result<JobOutput, JobError>>,
+    meta: ResultMeta,
+) {
+    let received = reply.await;
+    // Cancelled meanwhile: the result, if any, is discarded unencoded.
+    if record.finished().is_some() {
+        return;
+    }
+    let outcome = match received {
+        Ok(Ok(output)) => match finish(&state, record.id.clone(), meta, output).await {
+            Ok(result) => Outcome::Done(result),
+            Err(e) => Outcome::failed(e),
+        },
+        Ok(Err(JobError::Cancelled)) => Outcome::Cancelled,
+        Ok(Err(JobError::Backend(e))) if matches!(*e, BackendError::Cancelled) => {
+            Outcome::Cancelled
+        }
+        Ok(Err(e)) => Outcome::failed(e.into()),
+        Err(_closed) if record.cancel.is_cancelled() => Outcome::Cancelled,
+        Err(_closed) => Outcome::failed(worker_dropped()),
+    };
+    let edit_outcome = match &outcome {
+        Outcome::Done(_) => Some("ok"),
+        Outcome::Failed { error_type, .. } if *error_type == "timeout" => Some("timeout"),
+        Outcome::Failed { .. } => Some("error"),
+        // The queue or the worker counted it.
+        Outcome::Cancelled => None,
+    };
+    if state.jobs.finish(&record, outcome) {
+        if let Some(label) = edit_outcome {
+            state.metrics.edit_outcome(label);
         }
     }
-    Ok(response)
 }
 
 struct CancelOnDrop(CancelToken);
@@ -385,7 +591,7 @@ async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     }
 }
 
-fn wants_json(headers: &HeaderMap) -> bool {
+pub fn wants_json(headers: &HeaderMap) -> bool {
     headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -433,17 +639,14 @@ fn parse_json(bytes: &[u8]) -> Result<RawEdit, ApiError> {
 }
 
 async fn parse_multipart(content_type: &str, bytes: Bytes) -> Result<RawEdit, ApiError> {
-    let request = Request::builder()
-        .header(header::CONTENT_TYPE, content_type)
-        .body(Body::from(bytes))
+    // The body is already read under --max-body-bytes; multer parses it as it is (axum's
+    // extractor would apply its own 2 MiB default to a request rebuilt here).
+    let boundary = multer::parse_boundary(content_type)
         .map_err(|e| ApiError::bad_request(format!("bad multipart request: {e}")))?;
-    let mut form = Multipart::from_request(request, &())
-        .await
-        .map_err(|e| ApiError::bad_request(format!("bad multipart body: {}", e.body_text())))?;
+    let body = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(bytes) });
+    let mut form = multer::Multipart::new(body, boundary);
     let mut raw = RawEdit::default();
-    let bad = |e: axum::extract::multipart::MultipartError| {
-        ApiError::bad_request(format!("bad multipart body: {}", e.body_text()))
-    };
+    let bad = |e: multer::Error| ApiError::bad_request(format!("bad multipart body: {e}"));
     while let Some(field) = form.next_field().await.map_err(bad)? {
         let name = field.name().unwrap_or("").to_string();
         if name == "image" {
@@ -551,22 +754,8 @@ fn check(raw: RawEdit, state: &AppState) -> Result<CheckedEdit, ApiError> {
             ))
         })?,
     };
-    let adapter = match raw.adapter.as_deref() {
-        None | Some("") | Some("none") => None,
-        Some(name) => {
-            validate_name(name).map_err(ApiError::invalid)?;
-            Some(state.adapters.get(name).ok_or_else(|| {
-                let why = match state.adapters.refusal(name) {
-                    Some(reason) => format!("adapter `{name}` was refused: {reason}"),
-                    None => format!(
-                        "no adapter named `{name}`; loaded: [{}]",
-                        state.adapters.names().join(", ")
-                    ),
-                };
-                ApiError::not_found("adapter_not_found", why)
-            })?)
-        }
-    };
+    // Pins the version (an Arc) the request runs with, whatever happens to the name later.
+    let adapter = state.adapters.for_request(raw.adapter.as_deref())?;
     let image_format = check_declared_image(&image, limits)?;
     Ok(CheckedEdit {
         image,

@@ -1,15 +1,15 @@
-//! Health, readiness, info, metrics, the adapter list, the OpenAPI document and the docs page.
+//! Health, readiness, info, metrics, the OpenAPI document and the docs page.
 
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::AppState;
-use crate::adapters::AdapterInfo;
+use crate::adapters::AdapterUsage;
 use crate::backend::BackendInfo;
 use crate::config::{BatchingConfig, Limits};
 use crate::error::{ApiError, ErrorBody};
@@ -29,8 +29,11 @@ pub struct InfoResponse {
     pub batching: BatchingConfig,
     /// Edits whose attention maps are kept; 0: capture is off.
     pub attention_cache: usize,
-    /// Loaded adapter names.
+    /// Adapter names a request may ask for (`adapter=<name>`).
     pub adapters: Vec<String>,
+    /// Applied when a request names no adapter; null: the base model.
+    pub default_adapter: Option<String>,
+    pub adapter_memory: AdapterUsage,
     pub queue_depth: usize,
 }
 
@@ -71,6 +74,8 @@ pub async fn info(State(state): State<Arc<AppState>>) -> axum::Json<InfoResponse
         batching: state.batching.clone(),
         attention_cache: state.attention.capacity(),
         adapters: state.adapters.names(),
+        default_adapter: state.adapters.default_name(),
+        adapter_memory: state.adapters.usage(),
         queue_depth: state.queue.depth(),
     })
 }
@@ -86,20 +91,6 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.metrics.render(),
     )
         .into_response()
-}
-
-#[utoipa::path(get, path = "/adapters", tag = "admin",
-    security(("bearer" = [])),
-    responses(
-        (status = 200, description = "Loaded and refused adapters", body = Vec<AdapterInfo>),
-        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
-    ))]
-pub async fn list_adapters(
-    State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
-) -> Result<axum::Json<Vec<AdapterInfo>>, ApiError> {
-    state.check_admin(&headers)?;
-    Ok(axum::Json(state.adapters.list()))
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "service",

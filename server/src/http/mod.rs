@@ -1,18 +1,21 @@
 //! Routes, shared state and the request-tracking middleware.
 
+pub mod admin;
 pub mod attention;
 pub mod edit;
+pub mod jobs;
 pub mod meta;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get, put};
 use axum::Router;
 
 use crate::adapters::AdapterRegistry;
@@ -20,6 +23,7 @@ use crate::attention_cache::AttentionCache;
 use crate::backend::BackendInfo;
 use crate::config::{BatchingConfig, Limits};
 use crate::error::ApiError;
+use crate::jobs::JobStore;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
 
@@ -30,6 +34,8 @@ pub struct AppState {
     pub queue: Arc<Queue>,
     pub adapters: Arc<AdapterRegistry>,
     pub attention: AttentionCache,
+    /// Async edits (`Prefer: respond-async`).
+    pub jobs: JobStore,
     pub metrics: Metrics,
     pub worker_alive: Arc<AtomicBool>,
     pub shutting_down: AtomicBool,
@@ -67,13 +73,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/edit", axum::routing::post(edit::edit))
+        .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
+        .route("/jobs/{id}/events", get(jobs::events))
+        .route("/jobs/{id}/result", get(jobs::result))
         .route("/attention/{edit_id}", get(attention::overlay))
         .route("/attention/{edit_id}/tokens", get(attention::tokens))
         .route("/health", get(meta::health))
         .route("/ready", get(meta::ready))
         .route("/info", get(meta::info))
         .route("/metrics", get(meta::metrics))
-        .route("/adapters", get(meta::list_adapters))
+        .route(
+            "/adapters",
+            get(admin::list_adapters)
+                .post(admin::add_adapter)
+                .layer(DefaultBodyLimit::max(admin::max_upload_bytes(&state))),
+        )
+        .route("/adapters/default", put(admin::set_default_adapter))
+        .route("/adapters/{name}", delete(admin::delete_adapter))
         .route("/openapi.json", get(meta::openapi_json))
         .route("/docs", get(meta::docs))
         .route_layer(middleware::from_fn_with_state(state.clone(), track))
