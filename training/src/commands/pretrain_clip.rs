@@ -27,6 +27,24 @@ pub struct PretrainClipArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Learning-rate warm-up steps.
+    #[arg(long, default_value_t = 100)]
+    pub warmup: usize,
+    /// Vision patch side in pixels (must divide --size).
+    #[arg(long, default_value_t = 4)]
+    pub patch: usize,
+    /// Width of both towers.
+    #[arg(long, default_value_t = 64)]
+    pub hidden: usize,
+    /// Transformer layers of each tower.
+    #[arg(long, default_value_t = 2)]
+    pub layers: usize,
+    /// Attention heads (must divide --hidden).
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    /// Width of the shared embedding space.
+    #[arg(long, default_value_t = 64)]
+    pub projection: usize,
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: usize,
     #[arg(long, default_value_t = 10)]
@@ -36,6 +54,26 @@ pub struct PretrainClipArgs {
 }
 
 pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.patch > 0 && args.size as usize % args.patch == 0,
+        "--patch {} must divide --size {}",
+        args.patch,
+        args.size
+    );
+    anyhow::ensure!(
+        args.heads > 0 && args.hidden % args.heads == 0,
+        "--heads {} must divide --hidden {}",
+        args.heads,
+        args.hidden
+    );
+    anyhow::ensure!(
+        args.layers > 0 && args.projection > 0 && args.batch > 1 && args.steps > 0,
+        "--layers, --projection and --steps must be at least 1 and --batch at least 2"
+    );
+    anyhow::ensure!(
+        args.lr.is_finite() && args.lr > 0.0,
+        "--lr must be a positive number"
+    );
     let run = ClipRun {
         run_dir: args.out.clone(),
         config: ClipTrainConfig {
@@ -44,6 +82,12 @@ pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
             steps: args.steps,
             batch: args.batch,
             lr: args.lr,
+            warmup: args.warmup,
+            patch: args.patch,
+            hidden: args.hidden,
+            layers: args.layers,
+            heads: args.heads,
+            projection: args.projection,
             ..ClipTrainConfig::default()
         },
         resume: args.resume,

@@ -161,7 +161,7 @@ pub fn train_loop(
     std::fs::create_dir_all(spec.run_dir).map_err(io_error(spec.run_dir))?;
     let log_path = spec.run_dir.join(format!("{}.log.jsonl", spec.label));
     let plot_path = spec.run_dir.join(format!("{}.loss.png", spec.label));
-    let mut log = log::JsonlLog::append(&log_path)?;
+    let mut log = log::JsonlLog::resume_at(&log_path, start_step)?;
     let bar = ProgressBar::new(spec.schedule.total_steps as u64);
     bar.set_style(
         ProgressStyle::with_template(
