@@ -211,6 +211,20 @@ fn object_caption(object: &Object) -> String {
     )
 }
 
+/// Whether `description` (a local description as this world writes them) is true of `scene`: an
+/// object of that size, colour and shape in that cell, or nothing in that cell. Most cells of a
+/// scene are empty, so "empty background in ..." is true of most scenes.
+pub fn describes(scene: &Scene, description: &str) -> bool {
+    scene
+        .objects
+        .iter()
+        .any(|object| object_caption(object) == description)
+        || (0..3).flat_map(|row| (0..3).map(move |col| (row, col))).any(|cell| {
+            description == format!("empty background in the {}", cell_name(cell))
+                && scene.objects.iter().all(|object| object.cell != cell)
+        })
+}
+
 /// A referring expression ("the circle", "the red circle", "the small red circle",
 /// "the red circle in the top left") that picks `objects[index]` out of the scene unambiguously:
 /// the shortest unique one, or sometimes a longer unique one.

@@ -132,3 +132,28 @@ fn evaluator_scores_perfect_and_idle_editors() {
     assert!(report.all_turn.edit_l1.unwrap() > 0.05);
     assert!(report.all_turn.l1.unwrap() > 0.0);
 }
+
+#[test]
+fn a_local_description_is_true_of_its_target_and_not_of_its_source() {
+    use rand::SeedableRng;
+    use rl4pix_training::synth::describes;
+    let world = SynthWorld::new(32, 77);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(77);
+    let mut removals = 0;
+    for _ in 0..300 {
+        let sample = world.random_turn(&mut rng);
+        let text = sample.turn.local_description.clone().unwrap();
+        assert!(
+            describes(&sample.after, &text),
+            "{text:?} should describe its target"
+        );
+        // Every edit changes the described cell, so its description was false of the source.
+        assert!(
+            !describes(&sample.before, &text),
+            "{text:?} should not describe the source"
+        );
+        assert!(!describes(&sample.after, "a small grey circle nowhere"));
+        removals += usize::from(text.starts_with("empty background"));
+    }
+    assert!(removals > 30, "{removals}");
+}
