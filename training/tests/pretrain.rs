@@ -156,6 +156,46 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
         .edit(&turn.source, &turn.instruction, &params)
         .expect("edit");
     assert_eq!(out.image.dimensions(), (16, 16));
+    let scheduler: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(model_dir.join("scheduler/scheduler_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(scheduler["prediction_type"], "v_prediction");
+
+    // A warm start takes the weights and nothing else: one step at a negligible learning rate
+    // scores the held-out batch as the source run's last weights did.
+    let val_loss = |records: &[rl4pix_training::pretrain::log::LogRecord]| {
+        records.last().unwrap().eval.as_ref().unwrap()["val_loss"]
+            .as_f64()
+            .unwrap()
+    };
+    let warm_dir = tmp.path().join("warm");
+    let mut warm = UnetRun {
+        run_dir: warm_dir.clone(),
+        config: UnetTrainConfig {
+            steps: 1,
+            lr: 1e-12,
+            warmup: 0,
+            init_from: Some(run_dir.clone()),
+            ..run.config.clone()
+        },
+        eval_every: 1,
+        log_every: 1,
+        ..run
+    };
+    unet::train(&warm).expect("warm start");
+    let warm_log = read_log(&warm_dir.join("unet.log.jsonl")).expect("log");
+    let (source, started) = (val_loss(&log), val_loss(&warm_log));
+    assert!(
+        (source - started).abs() < 1e-4 * source,
+        "{source} vs {started}"
+    );
+    // Without the warm start the same step scores like an untrained model.
+    warm.run_dir = tmp.path().join("cold");
+    warm.config.init_from = None;
+    unet::train(&warm).expect("cold start");
+    let cold = val_loss(&read_log(&warm.run_dir.join("unet.log.jsonl")).expect("log"));
+    assert!(cold > 1.5 * source, "{cold} vs {source}");
 }
 
 #[test]

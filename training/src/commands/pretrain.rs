@@ -60,6 +60,13 @@ pub struct PretrainArgs {
     pub max_length: usize,
     #[arg(long, default_value_t = 0.999)]
     pub ema_decay: f64,
+    /// What the UNet predicts: epsilon or v_prediction (see DESIGN.md / the toy model's README).
+    #[arg(long, default_value = "v_prediction", value_parser = ["epsilon", "v_prediction"])]
+    pub prediction_type: String,
+    /// Start from the weights of another run's checkpoint (a checkpoint folder, or a run folder:
+    /// its newest) of the same architecture, with a fresh optimizer, EMA and schedule.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: usize,
     #[arg(long, default_value_t = 10)]
@@ -90,6 +97,8 @@ impl PretrainArgs {
                 text_heads: self.text_heads,
                 max_length: self.max_length,
                 ema_decay: self.ema_decay,
+                prediction_type: self.prediction_type.clone(),
+                init_from: self.init_from.clone(),
                 ..UnetTrainConfig::default()
             },
             resume: self.resume.clone(),
