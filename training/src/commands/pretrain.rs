@@ -64,8 +64,9 @@ pub struct PretrainArgs {
     #[arg(long, default_value = "v_prediction", value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: String,
     /// Start from the weights of another run's checkpoint (a checkpoint folder, or a run folder:
-    /// its newest) of the same architecture, with a fresh optimizer, EMA and schedule.
-    #[arg(long, conflicts_with = "resume")]
+    /// its newest) of the same architecture, with a fresh optimizer, EMA and schedule. A resumed
+    /// run keeps the one it began with.
+    #[arg(long)]
     pub init_from: Option<PathBuf>,
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: usize,

@@ -241,7 +241,15 @@ fn prepare_run_dir(run: &UnetRun, vae_latent_channels: usize) -> Result<()> {
 }
 
 pub fn train(run: &UnetRun) -> Result<UnetSummary> {
-    let config = &run.config;
+    // A resumed run keeps the warm start it was begun with; it need not be repeated.
+    let mut config = run.config.clone();
+    if let (Some(resume), None) = (&run.resume, &config.init_from) {
+        let ckpt = checkpoint::resolve(resume)?;
+        if let Some(init) = ckpt.state.config.get("init_from").and_then(|v| v.as_str()) {
+            config.init_from = Some(PathBuf::from(init));
+        }
+    }
+    let config = &config;
     let device = &run.device;
     let vae = AutoencoderKl::load(&run.vae_dir, DType::F32, device)?;
     let scaling = vae.scaling_factor();
