@@ -34,6 +34,8 @@ enum Command {
     PretrainExport(commands::pretrain::PretrainExportArgs),
     /// RL fine-tuning (DDPO with PPO): train a LoRA adapter with the InstructRL4Pix reward.
     Ddpo(commands::ddpo::DdpoArgs),
+    /// One command per table of the paper: synthetic data, DDPO run(s), evaluation, table files.
+    Reproduce(commands::reproduce::ReproduceArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -56,6 +58,7 @@ fn main() -> std::process::ExitCode {
         Command::ToyGrid(args) => commands::pretrain::run_grid(args),
         Command::PretrainExport(args) => commands::pretrain::run_export(args),
         Command::Ddpo(args) => commands::ddpo::run(args),
+        Command::Reproduce(args) => commands::reproduce::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

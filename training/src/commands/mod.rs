@@ -6,4 +6,5 @@ pub mod eval;
 pub mod pretrain;
 pub mod pretrain_clip;
 pub mod pretrain_vae;
+pub mod reproduce;
 pub mod synth;
