@@ -55,13 +55,13 @@ pub struct PretrainClipArgs {
 
 pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
     anyhow::ensure!(
-        args.patch > 0 && args.size as usize % args.patch == 0,
+        args.patch > 0 && (args.size as usize).is_multiple_of(args.patch),
         "--patch {} must divide --size {}",
         args.patch,
         args.size
     );
     anyhow::ensure!(
-        args.heads > 0 && args.hidden % args.heads == 0,
+        args.heads > 0 && args.hidden.is_multiple_of(args.heads),
         "--heads {} must divide --hidden {}",
         args.heads,
         args.hidden
