@@ -4,9 +4,12 @@
 use std::cell::RefCell;
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{conv2d, group_norm, layer_norm, Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
 
 use crate::lora::{ActiveAdapters, LoraLinear, ProjectionTable};
+use crate::ops;
+use crate::ops::modules::{Conv2d, GroupNorm, Linear};
+use crate::ops::residual::residual;
 
 /// Cross-attention probabilities of one `attn2` module in one forward call.
 #[derive(Debug, Clone)]
@@ -110,23 +113,62 @@ impl Attention {
         ctx: ForwardCtx,
     ) -> Result<Tensor> {
         let context = context.unwrap_or(xs);
-        let q = self.split_heads(&self.to_q.forward(xs, ctx.adapters)?)?;
-        let k = self.split_heads(&self.to_k.forward(context, ctx.adapters)?)?;
-        let v = self.split_heads(&self.to_v.forward(context, ctx.adapters)?)?;
+        let q = self.to_q.forward(xs, ctx.adapters)?;
+        let k = self.to_k.forward(context, ctx.adapters)?;
+        let v = self.to_v.forward(context, ctx.adapters)?;
+        let capture = ctx.capture.filter(|_| self.is_cross);
+        let tracking = q.track_op() || k.track_op() || v.track_op();
+        let out = match capture {
+            _ if !ops::fast_path(&q) => self.composed(&q, &k, &v, capture, spatial)?,
+            None => ops::attention::attention(&q, &k, &v, self.heads, self.scale)?,
+            // Captured maps are plain tensors: a graph through them needs the composed form.
+            Some(_) if tracking => self.composed(&q, &k, &v, capture, spatial)?,
+            Some(capture) => {
+                let (out, probs) =
+                    ops::attention::attention_with_probs(&q, &k, &v, self.heads, self.scale)?;
+                self.record(capture, probs, spatial);
+                out
+            }
+        };
+        self.to_out.forward(&out, ctx.adapters)
+    }
+
+    fn record(
+        &self,
+        capture: &RefCell<Vec<CapturedAttention>>,
+        probs: Tensor,
+        spatial: (usize, usize),
+    ) {
+        capture.borrow_mut().push(CapturedAttention {
+            module: self.path.clone(),
+            probs,
+            height: spatial.0,
+            width: spatial.1,
+        });
+    }
+
+    /// Attention from candle's ops (other devices and dtypes, or capture inside a graph).
+    fn composed(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        capture: Option<&RefCell<Vec<CapturedAttention>>>,
+        spatial: (usize, usize),
+    ) -> Result<Tensor> {
+        let (q, k, v) = (
+            self.split_heads(q)?,
+            self.split_heads(k)?,
+            self.split_heads(v)?,
+        );
         let scores = (q.matmul(&k.t()?)? * self.scale)?;
         let probs = softmax_last_dim(&scores)?;
-        if let (true, Some(capture)) = (self.is_cross, ctx.capture) {
-            capture.borrow_mut().push(CapturedAttention {
-                module: self.path.clone(),
-                probs: probs.mean(1)?,
-                height: spatial.0,
-                width: spatial.1,
-            });
+        if let Some(capture) = capture {
+            self.record(capture, probs.mean(1)?, spatial);
         }
         let out = probs.matmul(&v)?; // (B, heads, N, d)
         let (b, h, n, d) = out.dims4()?;
-        let out = out.transpose(1, 2)?.reshape((b, n, h * d))?;
-        self.to_out.forward(&out, ctx.adapters)
+        out.transpose(1, 2)?.reshape((b, n, h * d))
     }
 }
 
@@ -141,8 +183,8 @@ impl FeedForward {
     pub fn new(vb: VarBuilder, dim: usize, mult: usize) -> Result<Self> {
         let inner = dim * mult;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj_in: Linear::new(vb.pp("net").pp("0").pp("proj"), dim, inner * 2)?,
+            proj_out: Linear::new(vb.pp("net").pp("2"), inner, dim)?,
         })
     }
 }
@@ -150,8 +192,12 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let projected = self.proj_in.forward(xs)?;
-        let chunks = projected.chunk(2, D::Minus1)?;
-        let gated = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        let gated = if ops::fast_path(&projected) {
+            ops::geglu::geglu(&projected)?
+        } else {
+            let chunks = projected.chunk(2, D::Minus1)?;
+            (&chunks[0] * chunks[1].gelu_erf()?)?
+        };
         self.proj_out.forward(&gated)
     }
 }
@@ -159,11 +205,11 @@ impl Module for FeedForward {
 /// Self-attention, cross-attention and feed-forward, each pre-normed and residual.
 #[derive(Debug, Clone)]
 pub struct BasicTransformerBlock {
-    norm1: LayerNorm,
+    norm1: ops::modules::LayerNorm,
     attn1: Attention,
-    norm2: LayerNorm,
+    norm2: ops::modules::LayerNorm,
     attn2: Attention,
-    norm3: LayerNorm,
+    norm3: ops::modules::LayerNorm,
     ff: FeedForward,
 }
 
@@ -177,9 +223,9 @@ impl BasicTransformerBlock {
         table: &mut ProjectionTable,
     ) -> Result<Self> {
         Ok(Self {
-            norm1: layer_norm(dim, 1e-5, vb.pp("norm1"))?,
+            norm1: ops::modules::LayerNorm::new(vb.pp("norm1"), dim, 1e-5)?,
             attn1: Attention::new(vb.pp("attn1"), dim, None, heads, head_dim, table)?,
-            norm2: layer_norm(dim, 1e-5, vb.pp("norm2"))?,
+            norm2: ops::modules::LayerNorm::new(vb.pp("norm2"), dim, 1e-5)?,
             attn2: Attention::new(
                 vb.pp("attn2"),
                 dim,
@@ -188,7 +234,7 @@ impl BasicTransformerBlock {
                 head_dim,
                 table,
             )?,
-            norm3: layer_norm(dim, 1e-5, vb.pp("norm3"))?,
+            norm3: ops::modules::LayerNorm::new(vb.pp("norm3"), dim, 1e-5)?,
             ff: FeedForward::new(vb.pp("ff"), dim, 4)?,
         })
     }
@@ -200,18 +246,15 @@ impl BasicTransformerBlock {
         spatial: (usize, usize),
         ctx: ForwardCtx,
     ) -> Result<Tensor> {
-        let xs =
-            (self
-                .attn1
-                .forward(&layer_norm_forward(&self.norm1, xs)?, None, spatial, ctx)?
-                + xs)?;
-        let xs = (self.attn2.forward(
-            &layer_norm_forward(&self.norm2, &xs)?,
-            Some(context),
-            spatial,
-            ctx,
-        )? + xs)?;
-        self.ff.forward(&layer_norm_forward(&self.norm3, &xs)?)? + xs
+        let attended = self
+            .attn1
+            .forward(&self.norm1.forward(xs)?, None, spatial, ctx)?;
+        let xs = residual(&attended, xs)?;
+        let attended =
+            self.attn2
+                .forward(&self.norm2.forward(&xs)?, Some(context), spatial, ctx)?;
+        let xs = residual(&attended, &xs)?;
+        residual(&self.ff.forward(&self.norm3.forward(&xs)?)?, &xs)
     }
 }
 
@@ -250,9 +293,15 @@ impl Transformer2DModel {
         let inner = cfg.heads * cfg.head_dim;
         let projection = |vb: VarBuilder, i: usize, o: usize| -> Result<Projection> {
             if cfg.use_linear_projection {
-                Ok(Projection::Linear(candle_nn::linear(i, o, vb)?))
+                Ok(Projection::Linear(Linear::new(vb, i, o)?))
             } else {
-                Ok(Projection::Conv(conv2d(i, o, 1, Default::default(), vb)?))
+                Ok(Projection::Conv(Conv2d::new(
+                    vb,
+                    i,
+                    o,
+                    1,
+                    Default::default(),
+                )?))
             }
         };
         let blocks = (0..cfg.layers)
@@ -268,41 +317,78 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: group_norm(cfg.norm_groups, in_channels, 1e-6, vb.pp("norm"))?,
+            norm: GroupNorm::new(vb.pp("norm"), cfg.norm_groups, in_channels, 1e-6)?,
             proj_in: projection(vb.pp("proj_in"), in_channels, inner)?,
             blocks,
             proj_out: projection(vb.pp("proj_out"), inner, in_channels)?,
         })
     }
 
+    /// The projection's weight as an (out, in) matrix (a 1x1 kernel is one).
+    fn projection_matrix(p: &Projection) -> Result<(Tensor, Option<Tensor>)> {
+        Ok(match p {
+            Projection::Linear(lin) => (lin.weight().clone(), lin.bias().cloned()),
+            Projection::Conv(conv) => {
+                let (o, i, _, _) = conv.weight().dims4()?;
+                (conv.weight().reshape((o, i))?, conv.bias().cloned())
+            }
+        })
+    }
+
     pub fn forward(&self, xs: &Tensor, context: &Tensor, ctx: ForwardCtx) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let normed = self.norm.forward(xs)?;
-        let to_tokens = |t: Tensor, ch: usize| -> Result<Tensor> {
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
-        };
-        let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => {
-                let t = conv.forward(&normed)?;
-                let ch = t.dim(1)?;
-                to_tokens(t, ch)?
+        // On the fast path the projections read the map as tokens and write tokens back as a
+        // map through strides; no permuted copy is made.
+        let fast = ops::fast_path(xs);
+        let mut tokens = if fast {
+            let (weight, bias) = Self::projection_matrix(&self.proj_in)?;
+            ops::linear::project(
+                &normed.reshape((b, c, h * w))?,
+                &weight,
+                bias.as_ref(),
+                ops::linear::Channels::First,
+                ops::linear::Channels::Last,
+            )?
+        } else {
+            let to_tokens = |t: Tensor, ch: usize| -> Result<Tensor> {
+                t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+            };
+            match &self.proj_in {
+                Projection::Conv(conv) => {
+                    let t = conv.forward(&normed)?;
+                    let ch = t.dim(1)?;
+                    to_tokens(t, ch)?
+                }
+                Projection::Linear(lin) => lin.forward(&to_tokens(normed, c)?)?,
             }
-            Projection::Linear(lin) => lin.forward(&to_tokens(normed, c)?)?,
         };
         for block in &self.blocks {
             tokens = block.forward(&tokens, context, (h, w), ctx)?;
         }
         let inner = tokens.dim(2)?;
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => {
-                let map = tokens.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?;
-                conv.forward(&map.contiguous()?)?
+        let out = if fast {
+            let (weight, bias) = Self::projection_matrix(&self.proj_out)?;
+            ops::linear::project(
+                &tokens,
+                &weight,
+                bias.as_ref(),
+                ops::linear::Channels::Last,
+                ops::linear::Channels::First,
+            )?
+            .reshape((b, c, h, w))?
+        } else {
+            match &self.proj_out {
+                Projection::Conv(conv) => {
+                    let map = tokens.reshape((b, h, w, inner))?.permute((0, 3, 1, 2))?;
+                    conv.forward(&map.contiguous()?)?
+                }
+                Projection::Linear(lin) => lin
+                    .forward(&tokens)?
+                    .reshape((b, h, w, c))?
+                    .permute((0, 3, 1, 2))?,
             }
-            Projection::Linear(lin) => lin
-                .forward(&tokens)?
-                .reshape((b, h, w, c))?
-                .permute((0, 3, 1, 2))?,
         };
-        out + xs
+        residual(&out, xs)
     }
 }

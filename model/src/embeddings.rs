@@ -2,7 +2,9 @@
 //! `TimestepEmbedding`).
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::ops::modules::Linear;
 
 /// Sinusoidal embedding of per-sample timesteps `(B,)` into `(B, dim)`.
 #[derive(Debug, Clone, Copy)]
@@ -48,8 +50,8 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     pub fn new(vb: VarBuilder, in_channels: usize, time_embed_dim: usize) -> Result<Self> {
         Ok(Self {
-            linear_1: linear(in_channels, time_embed_dim, vb.pp("linear_1"))?,
-            linear_2: linear(time_embed_dim, time_embed_dim, vb.pp("linear_2"))?,
+            linear_1: Linear::new(vb.pp("linear_1"), in_channels, time_embed_dim)?,
+            linear_2: Linear::new(vb.pp("linear_2"), time_embed_dim, time_embed_dim)?,
         })
     }
 }

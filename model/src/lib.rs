@@ -26,6 +26,9 @@ pub mod unet_blocks;
 
 pub mod scheduler;
 
+/// Fused CPU kernels (custom ops with backward) behind the UNet's layers.
+pub mod ops;
+
 pub mod adapter;
 pub mod image_io;
 pub mod pipeline;

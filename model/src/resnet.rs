@@ -1,7 +1,9 @@
 //! `ResnetBlock2D` as diffusers defines it (shared by the UNet and the VAE).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::ops::modules::{Conv2d, GroupNorm, Linear};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetConfig {
@@ -32,25 +34,25 @@ impl ResnetBlock2D {
         };
         let out = cfg.out_channels;
         let conv_shortcut = if in_channels != out {
-            Some(conv2d(
+            Some(Conv2d::new(
+                vb.pp("conv_shortcut"),
                 in_channels,
                 out,
                 1,
                 Default::default(),
-                vb.pp("conv_shortcut"),
             )?)
         } else {
             None
         };
         let time_emb_proj = match cfg.temb_channels {
-            Some(t) => Some(linear(t, out, vb.pp("time_emb_proj"))?),
+            Some(t) => Some(Linear::new(vb.pp("time_emb_proj"), t, out)?),
             None => None,
         };
         Ok(Self {
-            norm1: group_norm(cfg.groups, in_channels, cfg.eps, vb.pp("norm1"))?,
-            conv1: conv2d(in_channels, out, 3, conv3, vb.pp("conv1"))?,
-            norm2: group_norm(cfg.groups, out, cfg.eps, vb.pp("norm2"))?,
-            conv2: conv2d(out, out, 3, conv3, vb.pp("conv2"))?,
+            norm1: GroupNorm::new(vb.pp("norm1"), cfg.groups, in_channels, cfg.eps)?,
+            conv1: Conv2d::new(vb.pp("conv1"), in_channels, out, 3, conv3)?,
+            norm2: GroupNorm::new(vb.pp("norm2"), cfg.groups, out, cfg.eps)?,
+            conv2: Conv2d::new(vb.pp("conv2"), out, out, 3, conv3)?,
             time_emb_proj,
             conv_shortcut,
             output_scale_factor: cfg.output_scale_factor,
@@ -60,17 +62,21 @@ impl ResnetBlock2D {
     /// `temb` is the already computed time embedding (B, temb_channels), before the SiLU this
     /// block applies.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb) {
-            let t = proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let normed = self.norm1.forward_silu(xs)?;
+        // The time embedding enters as a per-sample bias of conv1.
+        let h = match (&self.time_emb_proj, temb) {
+            (Some(proj), Some(temb)) => {
+                let t = proj.forward(&temb.silu()?)?;
+                self.conv1.forward_with_sample_bias(&normed, &t)?
+            }
+            _ => self.conv1.forward(&normed)?,
+        };
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let out = (shortcut + h)?;
+        let out = crate::ops::residual::residual(&shortcut, &h)?;
         if self.output_scale_factor == 1.0 {
             Ok(out)
         } else {

@@ -1,7 +1,9 @@
 //! `Downsample2D` / `Upsample2D` as diffusers defines them.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::ops::modules::Conv2d;
 
 #[derive(Debug, Clone)]
 pub struct Downsample2D {
@@ -23,7 +25,7 @@ impl Downsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?,
+            conv: Conv2d::new(vb.pp("conv"), channels, out_channels, 3, cfg)?,
             asymmetric_pad: padding == 0,
         })
     }
@@ -52,7 +54,7 @@ impl Upsample2D {
             ..Default::default()
         };
         Ok(Self {
-            conv: conv2d(channels, out_channels, 3, cfg, vb.pp("conv"))?,
+            conv: Conv2d::new(vb.pp("conv"), channels, out_channels, 3, cfg)?,
         })
     }
 

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
@@ -13,6 +13,7 @@ use crate::config::{read_json, unsupported};
 use crate::embeddings::{TimestepEmbedding, Timesteps};
 use crate::error::{ModelError, Result};
 use crate::lora::{ProjectionTable, ResolvedAdapter};
+use crate::ops::modules::{Conv2d, GroupNorm};
 use crate::resnet::ResnetConfig;
 use crate::unet_blocks::{BlockConfig, DownBlock, MidBlock, UpBlock, UpBlockChannels};
 
@@ -338,7 +339,7 @@ impl UNet2DConditionModel {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = conv2d(config.in_channels, ch[0], 3, conv3, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(vb.pp("conv_in"), config.in_channels, ch[0], 3, conv3)?;
         let time_embed_dim = ch[0] * 4;
         let time_proj = Timesteps {
             dim: ch[0],
@@ -416,8 +417,9 @@ impl UNet2DConditionModel {
             prev_out = out;
         }
 
-        let conv_norm_out = group_norm(r.groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = conv2d(ch[0], config.out_channels, 3, conv3, vb.pp("conv_out"))?;
+        let conv_norm_out =
+            GroupNorm::new(vb.pp("conv_norm_out"), r.groups, ch[0], config.norm_eps)?;
+        let conv_out = Conv2d::new(vb.pp("conv_out"), ch[0], config.out_channels, 3, conv3)?;
         let fingerprint = fingerprint(&config, &vb, &table)?;
         Ok(Self {
             config,
@@ -481,7 +483,7 @@ impl UNet2DConditionModel {
         for block in &self.up_blocks {
             xs = block.forward(&xs, &temb, encoder_hidden_states, ctx, &mut skips)?;
         }
-        let xs = self.conv_norm_out.forward(&xs)?.silu()?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 

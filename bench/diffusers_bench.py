@@ -1,0 +1,154 @@
+"""Times diffusers' UNet2DConditionModel the way `rl4pix-bench` times the Candle UNet.
+
+Run with the project's Python environment, e.g.
+
+    /work/pyenv/bin/python bench/diffusers_bench.py unet --config bench/configs/tiny.json \
+        --batch 8 --height 16 --width 16 --tokens 77 --iters 10 --threads 2
+    /work/pyenv/bin/python bench/diffusers_bench.py sgemm --size 2048 --threads 2
+
+`--height`/`--width` are LATENT sizes (the UNet's input), as in `rl4pix-bench`. Weights are
+random (diffusers' default init). `--backward` attaches rank-4 LoRA (PEFT, alpha 4) to
+to_q/to_k/to_v/to_out.0 with the base frozen and times forward + backward of
+mean(output^2). The last line printed is `ms_per_iter X` (median over the timed iterations).
+`--flops` also prints `gflop X`: the forward's FLOPs counted by torch.utils.flop_counter
+(2 per multiply-add, matmuls, convolutions and attention only).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+
+def build_unet(config_path):
+    from diffusers import UNet2DConditionModel
+
+    with open(config_path) as f:
+        config = json.load(f)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(config)
+    unet.eval()
+    return unet, config
+
+
+def cross_dim(config):
+    value = config["cross_attention_dim"]
+    return value[0] if isinstance(value, list) else value
+
+
+def inputs(config, args):
+    generator = torch.Generator().manual_seed(1)
+    sample = torch.randn(
+        args.batch, config["in_channels"], args.height, args.width, generator=generator
+    )
+    timesteps = torch.randint(0, 1000, (args.batch,), generator=generator).float()
+    context = torch.randn(args.batch, args.tokens, cross_dim(config), generator=generator)
+    return sample, timesteps, context
+
+
+def time_iters(step, warmup, iters):
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1000.0)
+    return times
+
+
+def bench_unet(args):
+    unet, config = build_unet(args.config)
+    sample, timesteps, context = inputs(config, args)
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            unet(sample, timesteps, context)
+        print(f"gflop {counter.get_total_flops() / 1e9:.4f}")
+    if args.backward:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(
+                r=4,
+                lora_alpha=4,
+                init_lora_weights="gaussian",
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+            )
+        )
+        lora_params = [p for p in unet.parameters() if p.requires_grad]
+        unet.train()
+
+        def step():
+            for p in lora_params:
+                p.grad = None
+            out = unet(sample, timesteps, context).sample
+            loss = out.square().mean()
+            loss.backward()
+
+    else:
+
+        def step():
+            with torch.no_grad():
+                unet(sample, timesteps, context)
+
+    cpu_start = None
+
+    def timed_step():
+        nonlocal cpu_start
+        if cpu_start is None:
+            cpu_start = time.process_time()
+        step()
+
+    for _ in range(args.warmup):
+        step()
+    times = time_iters(timed_step, 0, args.iters)
+    cpu = (time.process_time() - cpu_start) * 1000.0 / len(times)
+    print(f"cpu_ms_per_iter {cpu:.3f}")
+    print(f"min_ms {min(times):.3f}")
+    print(f"ms_per_iter {statistics.median(times):.3f}")
+
+
+def bench_sgemm(args):
+    a = torch.randn(args.size, args.size)
+    b = torch.randn(args.size, args.size)
+    times = time_iters(lambda: torch.matmul(a, b), 2, args.iters)
+    best = min(times)
+    print(f"gflops {2.0 * args.size**3 / (best / 1000.0) / 1e9:.1f}")
+    print(f"ms_per_iter {best:.3f}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    unet = sub.add_parser("unet")
+    unet.add_argument("--config", required=True)
+    unet.add_argument("--batch", type=int, default=1)
+    unet.add_argument("--height", type=int, required=True, help="latent height")
+    unet.add_argument("--width", type=int, required=True, help="latent width")
+    unet.add_argument("--tokens", type=int, default=77)
+    unet.add_argument("--iters", type=int, default=5)
+    unet.add_argument("--warmup", type=int, default=1)
+    unet.add_argument("--backward", action="store_true")
+    unet.add_argument("--flops", action="store_true")
+    unet.add_argument("--threads", type=int, default=0)
+    sgemm = sub.add_parser("sgemm")
+    sgemm.add_argument("--size", type=int, default=2048)
+    sgemm.add_argument("--iters", type=int, default=5)
+    sgemm.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.command == "unet":
+        bench_unet(args)
+    else:
+        bench_sgemm(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+//! rl4pix-bench: times the Candle UNet (random weights of a diffusers config) and compares it
+//! with diffusers' UNet2DConditionModel on the same config, batch and thread count.
+//!
+//! `rl4pix-bench unet ...` prints its last line as `ms_per_iter X`; `bench/diffusers_bench.py`
+//! is its Python twin; `rl4pix-bench compare` runs both over the standard rows and prints a
+//! markdown table.
+
+mod compare;
+mod unet_bench;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rl4pix-bench",
+    about = "Times the Candle UNet against diffusers"
+)]
+struct Cli {
+    /// Worker threads (sets RAYON_NUM_THREADS, which both rayon and candle's matmul read); 0
+    /// keeps the environment's setting.
+    #[arg(long, global = true, default_value_t = 0)]
+    threads: usize,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Time one UNet forward (or forward + LoRA backward) with random weights.
+    Unet(unet_bench::UnetArgs),
+    /// Candle's f32 matmul rate on a square product.
+    Sgemm {
+        #[arg(long, default_value_t = 2048)]
+        size: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+    /// One fused 3x3 convolution, for tuning.
+    Conv {
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long)]
+        c_in: usize,
+        #[arg(long)]
+        c_out: usize,
+        #[arg(long)]
+        hw: usize,
+        #[arg(long, default_value_t = 5)]
+        iters: usize,
+    },
+    /// Run Candle and diffusers over the standard rows and print a markdown table.
+    Compare(compare::CompareArgs),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // Thread policy, set before any thread exists: every parallel loop runs on rayon's pool
+    // (rayon reads RAYON_NUM_THREADS once, candle's matmul on every call). candle's separate
+    // spin-barrier pool for large element-wise ops is switched off unless asked for
+    // (CANDLE_NUM_THREADS): two pools on the same cores wait on each other, badly so when a
+    // core is busy with another process (small fwd+bwd at 2 threads: 2.8 s with it, 0.64 s
+    // without, on this 2-core machine next to a training job).
+    if cli.threads > 0 {
+        std::env::set_var("RAYON_NUM_THREADS", cli.threads.to_string());
+    }
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    match cli.command {
+        Cmd::Unet(args) => {
+            let ms = unet_bench::run(&args)?;
+            println!("ms_per_iter {ms:.3}");
+        }
+        Cmd::Sgemm { size, iters } => {
+            let gflops = unet_bench::sgemm(size, iters)?;
+            println!("gflops {gflops:.1}");
+        }
+        Cmd::Conv {
+            batch,
+            c_in,
+            c_out,
+            hw,
+            iters,
+        } => {
+            let (ms, gflops) = unet_bench::conv(batch, c_in, c_out, hw, iters)?;
+            println!("gflops {gflops:.1}");
+            println!("ms_per_iter {ms:.3}");
+        }
+        Cmd::Compare(args) => compare::run(&args)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,545 @@
+//! Multi-head attention on the projections' own layout.
+//!
+//! `q` is `(B, N, heads * d)`, `k` and `v` are `(B, M, heads * d)` as the linear projections
+//! produce them; head `h` is the column range `h * d .. (h + 1) * d`, read through strides. The
+//! result is `(B, N, heads * d)`, the layout `to_out` consumes, so no head split or merge is ever
+//! copied. Scores live in one `(rows, M)` block per task, softmaxed in place.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use super::gemm::{par_for, sgemm, MatMut, MatRef, SharedMut};
+use super::vecmath::{dispatch, exp, softmax_row, MulAdd, LANES};
+use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Dims {
+    fn channels(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn of(q: &Shape, k: &Shape, v: &Shape, heads: usize) -> Result<Self> {
+        let (b, n, c) = q.dims3()?;
+        let (bk, m, ck) = k.dims3()?;
+        if (bk, m, ck) != v.dims3()? || bk != b || ck != c || heads == 0 || c % heads != 0 {
+            candle_core::bail!(
+                "fused attention: q {q:?}, k {k:?}, v {v:?} do not fit {heads} heads"
+            );
+        }
+        Ok(Self {
+            batch: b,
+            q_len: n,
+            kv_len: m,
+            heads,
+            head_dim: c / heads,
+        })
+    }
+
+    /// Query rows per task: blocks of up to 64, at least four per sample where the sample has
+    /// 64 rows. Depends on the sequence length alone, never on the batch or the thread count, so
+    /// a sample's result is the same however it is batched.
+    fn rows_per_task(&self) -> usize {
+        let mut rows = 64;
+        while rows > 16 && self.q_len.div_ceil(rows) < 4 {
+            rows /= 2;
+        }
+        rows.min(self.q_len.max(1))
+    }
+}
+
+/// Softmax of one head's scores for a block of `rows` queries into `scores` (rows x M).
+///
+/// # Safety
+/// The pointers of `q_blk` and `k_head` address a valid `rows x d` and `M x d` region.
+#[inline(always)]
+unsafe fn head_probs<F: MulAdd>(
+    dims: &Dims,
+    rows: usize,
+    q_blk: MatRef,
+    k_head: MatRef,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    let m = dims.kv_len;
+    sgemm(
+        rows,
+        m,
+        dims.head_dim,
+        MatMut::rows(scores, 0, m),
+        false,
+        q_blk,
+        k_head.t(),
+        scale,
+        false,
+    );
+    for row in scores.chunks_exact_mut(m) {
+        softmax_row::<F>(row);
+    }
+}
+
+/// exp(row - max(row)) in place over a row padded to whole 16-lane blocks (the padding holds
+/// -inf, so it changes neither the max nor, once zeroed, the sum); returns 1 / sum.
+#[inline(always)]
+fn exp_row_padded<F: MulAdd>(row: &mut [f32], len: usize) -> f32 {
+    let m = super::vecmath::max(row);
+    let mut acc = [0f32; LANES];
+    for chunk in row.chunks_exact_mut(LANES) {
+        for (a, x) in acc.iter_mut().zip(chunk.iter_mut()) {
+            *x = exp::<F>(*x - m);
+            *a += *x;
+        }
+    }
+    // The padding's exp is the clamp's tiny positive value, not 0: take it back out.
+    let pad: f32 = row[len..].iter().sum();
+    row[len..].fill(0.0);
+    1.0 / (acc.iter().sum::<f32>() - pad)
+}
+
+/// One forward task: query rows `row0..row0 + rows` of batch `b`, every head. `probs`, when
+/// given, receives the mean over heads of the probabilities, (B, N, M).
+///
+/// The rows are left unnormalised: the product with v is scaled by 1 / sum afterwards, d values
+/// per row instead of M. Capture normalises its own copy, so the output is the same with or
+/// without it.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn forward_task_impl<F: MulAdd>(
+    dims: Dims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: SharedMut,
+    probs: Option<SharedMut>,
+    b: usize,
+    row0: usize,
+    rows: usize,
+) {
+    let (n, m, c, d) = (dims.q_len, dims.kv_len, dims.channels(), dims.head_dim);
+    let stride = m.div_ceil(LANES) * LANES;
+    let inv_heads = 1.0 / dims.heads as f32;
+    let mut scores = vec![f32::NEG_INFINITY; rows * stride];
+    let mut inv_sums = vec![0f32; rows];
+    for h in 0..dims.heads {
+        let q_blk = MatRef::rows(q, (b * n + row0) * c + h * d, c);
+        let k_head = MatRef::rows(k, b * m * c + h * d, c);
+        let v_head = MatRef::rows(v, b * m * c + h * d, c);
+        // SAFETY: all views are in bounds by the shape checks; this task alone writes rows
+        // row0..row0 + rows of batch b (in `out` and `probs`).
+        unsafe {
+            sgemm(
+                rows,
+                m,
+                d,
+                MatMut::rows(&mut scores, 0, stride),
+                false,
+                q_blk,
+                k_head.t(),
+                scale,
+                false,
+            );
+            if h > 0 {
+                // Restore the -inf padding the previous head zeroed.
+                for row in scores.chunks_exact_mut(stride) {
+                    row[m..].fill(f32::NEG_INFINITY);
+                }
+            }
+            for (row, inv) in scores.chunks_exact_mut(stride).zip(inv_sums.iter_mut()) {
+                *inv = exp_row_padded::<F>(row, m);
+            }
+            if let Some(probs) = probs {
+                let dst = probs.slice((b * n + row0) * m, rows * m);
+                for ((p_row, s_row), &inv) in dst
+                    .chunks_exact_mut(m)
+                    .zip(scores.chunks_exact(stride))
+                    .zip(&inv_sums)
+                {
+                    let w = inv * inv_heads;
+                    if h == 0 {
+                        for (p, &s) in p_row.iter_mut().zip(s_row) {
+                            *p = s * w;
+                        }
+                    } else {
+                        for (p, &s) in p_row.iter_mut().zip(s_row) {
+                            *p += s * w;
+                        }
+                    }
+                }
+            }
+            let out_offset = (b * n + row0) * c + h * d;
+            let dst = MatMut {
+                ptr: out.0.add(out_offset),
+                rs: c as isize,
+                cs: 1,
+            };
+            sgemm(
+                rows,
+                d,
+                m,
+                dst,
+                false,
+                MatRef::rows(&scores, 0, stride),
+                v_head,
+                1.0,
+                false,
+            );
+            for (i, &inv) in inv_sums.iter().enumerate() {
+                for x in out.slice(out_offset + i * c, d) {
+                    *x *= inv;
+                }
+            }
+        }
+    }
+}
+
+dispatch!(fn forward_task(dims: Dims, scale: f32, q: &[f32], k: &[f32], v: &[f32], out: SharedMut, probs: Option<SharedMut>, b: usize, row0: usize, rows: usize) => forward_task_impl);
+
+/// Forward over all (batch, query block) tasks.
+fn forward_kernel(
+    dims: Dims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: SharedMut,
+    probs: Option<SharedMut>,
+) {
+    let rows_per_task = dims.rows_per_task();
+    let blocks = dims.q_len.div_ceil(rows_per_task);
+    let work = dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim;
+    par_for(dims.batch * blocks, work, |task| {
+        let (b, blk) = (task / blocks, task % blocks);
+        let row0 = blk * rows_per_task;
+        let rows = rows_per_task.min(dims.q_len - row0);
+        forward_task(dims, scale, q, k, v, out, probs, b, row0, rows);
+    });
+}
+
+/// Gradients of q, k and v. Tasks are (batch, head) pairs, so each owns its slices of dq, dk
+/// and dv; the probabilities are recomputed block by block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn backward_task_impl<F: MulAdd>(
+    dims: Dims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    grad: &[f32],
+    dq: SharedMut,
+    dk: SharedMut,
+    dv: SharedMut,
+    task: usize,
+) {
+    let (n, m, c, d) = (dims.q_len, dims.kv_len, dims.channels(), dims.head_dim);
+    let rows_per_block = 128.min(n.max(1));
+    {
+        {
+            let (b, h) = (task / dims.heads, task % dims.heads);
+            let mut probs = uninit_vec(rows_per_block * m);
+            let mut dprobs = uninit_vec(rows_per_block * m);
+            let k_head = MatRef::rows(k, b * m * c + h * d, c);
+            let v_head = MatRef::rows(v, b * m * c + h * d, c);
+            let kv_offset = b * m * c + h * d;
+            let dk_head = MatMut {
+                ptr: unsafe { dk.0.add(kv_offset) },
+                rs: c as isize,
+                cs: 1,
+            };
+            let dv_head = MatMut {
+                ptr: unsafe { dv.0.add(kv_offset) },
+                rs: c as isize,
+                cs: 1,
+            };
+            let mut row0 = 0;
+            while row0 < n {
+                let rows = rows_per_block.min(n - row0);
+                let p = &mut probs[..rows * m];
+                let dp = &mut dprobs[..rows * m];
+                let q_off = (b * n + row0) * c + h * d;
+                let q_blk = MatRef::rows(q, q_off, c);
+                let g_blk = MatRef::rows(grad, q_off, c);
+                let first = row0 == 0;
+                // SAFETY: views in bounds by the shape checks; this task alone writes head h of
+                // batch b in dq, dk and dv.
+                unsafe {
+                    head_probs::<F>(&dims, rows, q_blk, k_head, scale, p);
+                    // dv += p^T g
+                    sgemm(
+                        m,
+                        d,
+                        rows,
+                        dv_head,
+                        !first,
+                        MatRef::rows(p, 0, m).t(),
+                        g_blk,
+                        1.0,
+                        false,
+                    );
+                    // dp = g v^T
+                    sgemm(
+                        rows,
+                        m,
+                        d,
+                        MatMut::rows(dp, 0, m),
+                        false,
+                        g_blk,
+                        v_head.t(),
+                        1.0,
+                        false,
+                    );
+                }
+                // ds = p * (dp - sum(dp * p)), kept in dp.
+                for (p_row, dp_row) in p.chunks_exact(m).zip(dp.chunks_exact_mut(m)) {
+                    let inner = super::vecmath::dot(p_row, dp_row);
+                    for (g, &pv) in dp_row.iter_mut().zip(p_row) {
+                        *g = pv * (*g - inner);
+                    }
+                }
+                unsafe {
+                    // dq = scale ds k
+                    let dq_blk = MatMut {
+                        ptr: dq.0.add(q_off),
+                        rs: c as isize,
+                        cs: 1,
+                    };
+                    sgemm(
+                        rows,
+                        d,
+                        m,
+                        dq_blk,
+                        false,
+                        MatRef::rows(dp, 0, m),
+                        k_head,
+                        scale,
+                        false,
+                    );
+                    // dk += scale ds^T q
+                    sgemm(
+                        m,
+                        d,
+                        rows,
+                        dk_head,
+                        !first,
+                        MatRef::rows(dp, 0, m).t(),
+                        q_blk,
+                        scale,
+                        false,
+                    );
+                }
+                row0 += rows;
+            }
+        }
+    }
+}
+
+dispatch!(fn backward_task(dims: Dims, scale: f32, q: &[f32], k: &[f32], v: &[f32], grad: &[f32], dq: SharedMut, dk: SharedMut, dv: SharedMut, task: usize) => backward_task_impl);
+
+#[allow(clippy::too_many_arguments)]
+fn backward_kernel(
+    dims: Dims,
+    scale: f32,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    grad: &[f32],
+    dq: SharedMut,
+    dk: SharedMut,
+    dv: SharedMut,
+) {
+    let work = 3 * dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim;
+    par_for(dims.batch * dims.heads, work, |task| {
+        backward_task(dims, scale, q, k, v, grad, dq, dk, dv, task)
+    });
+}
+
+struct FusedAttention {
+    heads: usize,
+    scale: f32,
+}
+
+impl CustomOp3 for FusedAttention {
+    fn name(&self) -> &'static str {
+        "rl4pix-fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = Dims::of(ql.shape(), kl.shape(), vl.shape(), self.heads)?;
+        let (q, k, v) = (
+            cpu_storage_slice(qs, ql)?,
+            cpu_storage_slice(ks, kl)?,
+            cpu_storage_slice(vs, vl)?,
+        );
+        let mut out = uninit_vec(q.len());
+        forward_kernel(dims, self.scale, q, k, v, SharedMut::new(&mut out), None);
+        Ok((CpuStorage::F32(out), ql.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = Dims::of(q.shape(), k.shape(), v.shape(), self.heads)?;
+        let mut dq = uninit_vec(q.elem_count());
+        let mut dk = uninit_vec(k.elem_count());
+        let mut dv = uninit_vec(v.elem_count());
+        with_data(q, |qd| {
+            with_data(k, |kd| {
+                with_data(v, |vd| {
+                    with_data(grad, |gd| {
+                        backward_kernel(
+                            dims,
+                            self.scale,
+                            qd,
+                            kd,
+                            vd,
+                            gd,
+                            SharedMut::new(&mut dq),
+                            SharedMut::new(&mut dk),
+                            SharedMut::new(&mut dv),
+                        );
+                        Ok(())
+                    })
+                })
+            })
+        })?;
+        Ok((
+            Some(cpu_tensor(dq, q.dims())?),
+            Some(cpu_tensor(dk, k.dims())?),
+            Some(cpu_tensor(dv, v.dims())?),
+        ))
+    }
+}
+
+/// softmax(scale * q_h k_h^T) v_h for every head h, merged back to `(B, N, heads * d)`.
+/// Differentiable with respect to q, k and v. CPU f32 only (see [`super::fast_path`]).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        FusedAttention {
+            heads,
+            scale: scale as f32,
+        },
+    )
+}
+
+/// The same output as [`attention`] (bit for bit), plus the probabilities averaged over heads,
+/// `(B, N, M)`. Not differentiable: for capture outside an autograd graph.
+pub fn attention_with_probs(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
+    let dims = Dims::of(q.shape(), k.shape(), v.shape(), heads)?;
+    let mut out = uninit_vec(q.elem_count());
+    let mut probs = uninit_vec(dims.batch * dims.q_len * dims.kv_len);
+    with_data(q, |qd| {
+        with_data(k, |kd| {
+            with_data(v, |vd| {
+                forward_kernel(
+                    dims,
+                    scale as f32,
+                    qd,
+                    kd,
+                    vd,
+                    SharedMut::new(&mut out),
+                    Some(SharedMut::new(&mut probs)),
+                );
+                Ok(())
+            })
+        })
+    })?;
+    Ok((
+        cpu_tensor(out, q.dims())?,
+        cpu_tensor(probs, &[dims.batch, dims.q_len, dims.kv_len])?,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var, D};
+
+    fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
+        let split = |t: &Tensor| {
+            let (b, n, c) = t.dims3().unwrap();
+            t.reshape((b, n, heads, c / heads))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let (q, k, v) = (split(q), split(k), split(v));
+        let scores = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
+        let probs = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let out = probs.matmul(&v).unwrap();
+        let (b, h, n, d) = out.dims4().unwrap();
+        out.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    #[test]
+    fn forward_backward_and_capture_match_the_composed_ops() {
+        let dev = Device::Cpu;
+        let (b, n, m, heads, d) = (2, 70, 13, 3, 8);
+        let q =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap()).unwrap();
+        let k =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap()).unwrap();
+        let v =
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, m, heads * d), &dev).unwrap()).unwrap();
+        let target = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev).unwrap();
+        let scale = 0.3;
+        let fused = attention(&q, &k, &v, heads, scale).unwrap();
+        let reference = composed(&q, &k, &v, heads, scale);
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+
+        let (plain, probs) = attention_with_probs(&q, &k, &v, heads, scale).unwrap();
+        assert_eq!(max_abs_diff(&plain, &fused), 0.0);
+        assert_eq!(probs.dims(), &[b, n, m]);
+        let row_sums = probs.sum(D::Minus1).unwrap();
+        assert!(max_abs_diff(&row_sums, &row_sums.ones_like().unwrap()) < 1e-5);
+
+        let loss = |out: &Tensor| (out * &target).unwrap().sum_all().unwrap();
+        let g_fused = loss(&fused).backward().unwrap();
+        let g_ref = loss(&reference).backward().unwrap();
+        for var in [&q, &k, &v] {
+            let a = g_fused.get(var.as_tensor()).unwrap();
+            let r = g_ref.get(var.as_tensor()).unwrap();
+            assert!(max_abs_diff(a, r) < 1e-4, "{}", max_abs_diff(a, r));
+        }
+    }
+}
