@@ -23,6 +23,12 @@ pub struct CompareArgs {
     /// Multiplies every row's iteration count (at least one iteration each).
     #[arg(long, default_value_t = 1.0)]
     pub iters_scale: f64,
+    /// OMP_WAIT_POLICY for PyTorch (`default` leaves it unset). PASSIVE is the counterpart of
+    /// rl4pix-bench switching off candle's spinning pool: on a machine where another process
+    /// holds a core, OpenMP's spin-waiting made the small forward at 2 threads 3.7 s instead
+    /// of 0.32 s here.
+    #[arg(long, default_value = "PASSIVE")]
+    pub omp_wait_policy: String,
 }
 
 struct Row {
@@ -155,6 +161,9 @@ fn measure(row: &Row, args: &CompareArgs, threads: usize) -> Result<Measured> {
         python.arg("--flops");
     }
     python.env("OMP_NUM_THREADS", threads.to_string());
+    if args.omp_wait_policy != "default" {
+        python.env("OMP_WAIT_POLICY", &args.omp_wait_policy);
+    }
     let python_out = run_child(python, &format!("diffusers_bench.py {}", row.name))?;
 
     let value = |out: &str, key: &str, who: &str| {
@@ -173,6 +182,9 @@ fn sgemm_ceilings(args: &CompareArgs, threads: usize) -> Result<(f64, f64)> {
         .arg(args.root.join("bench/diffusers_bench.py"))
         .args(["sgemm", "--size", "2048", "--threads", &threads.to_string()])
         .env("OMP_NUM_THREADS", threads.to_string());
+    if args.omp_wait_policy != "default" {
+        python.env("OMP_WAIT_POLICY", &args.omp_wait_policy);
+    }
     let torch = parse_value(&run_child(python, "torch sgemm")?, "gflops")
         .context("no `gflops` line from the torch sgemm")?;
     let mut rust = Command::new(std::env::current_exe()?);
@@ -231,6 +243,15 @@ pub fn run(args: &CompareArgs) -> Result<()> {
             }
         }
     }
+    notes.insert(
+        0,
+        format!(
+            "threads: RAYON_NUM_THREADS for rl4pix (CANDLE_NUM_THREADS={}), torch.set_num_threads and \
+             OMP_NUM_THREADS for PyTorch (OMP_WAIT_POLICY={})",
+            std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
+            args.omp_wait_policy
+        ),
+    );
     if let Some(cpu) = cpu_model() {
         notes.insert(
             0,

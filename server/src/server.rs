@@ -82,14 +82,9 @@ where
         registry.load_folder();
         Ok(backend)
     };
-    let handle = worker::start(
-        factory,
-        queue.clone(),
-        batching.clone(),
-        metrics.clone(),
-    )
-    .await
-    .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
+    let handle = worker::start(factory, queue.clone(), batching.clone(), metrics.clone())
+        .await
+        .with_context(|| format!("cannot load the model from {}", args.model.display()))?;
     let startup_error = if args.max_steps > handle.info.max_steps {
         Some(anyhow::anyhow!(
             "--max-steps {} is more than this model's schedulers accept ({})",

@@ -219,10 +219,12 @@ pub fn describes(scene: &Scene, description: &str) -> bool {
         .objects
         .iter()
         .any(|object| object_caption(object) == description)
-        || (0..3).flat_map(|row| (0..3).map(move |col| (row, col))).any(|cell| {
-            description == format!("empty background in the {}", cell_name(cell))
-                && scene.objects.iter().all(|object| object.cell != cell)
-        })
+        || (0..3)
+            .flat_map(|row| (0..3).map(move |col| (row, col)))
+            .any(|cell| {
+                description == format!("empty background in the {}", cell_name(cell))
+                    && scene.objects.iter().all(|object| object.cell != cell)
+            })
 }
 
 /// A referring expression ("the circle", "the red circle", "the small red circle",
