@@ -211,6 +211,11 @@ fn object_caption(object: &Object) -> String {
     )
 }
 
+/// The local description of a cell a removal emptied.
+fn empty_caption(cell: (usize, usize)) -> String {
+    format!("empty background in the {}", cell_name(cell))
+}
+
 /// Whether `description` (a local description as this world writes them) is true of `scene`: an
 /// object of that size, colour and shape in that cell, or nothing in that cell. Most cells of a
 /// scene are empty, so "empty background in ..." is true of most scenes.
@@ -222,7 +227,7 @@ pub fn describes(scene: &Scene, description: &str) -> bool {
         || (0..3)
             .flat_map(|row| (0..3).map(move |col| (row, col)))
             .any(|cell| {
-                description == format!("empty background in the {}", cell_name(cell))
+                description == empty_caption(cell)
                     && scene.objects.iter().all(|object| object.cell != cell)
             })
 }
@@ -482,7 +487,7 @@ pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
             Edit {
                 kind,
                 instruction: format!("{verb} {target}"),
-                local_description: format!("empty background in the {}", cell_name(object.cell)),
+                local_description: empty_caption(object.cell),
                 result,
                 changed: vec![object],
                 ambiguous: false,

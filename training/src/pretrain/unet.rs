@@ -240,6 +240,22 @@ fn prepare_run_dir(run: &UnetRun, vae_latent_channels: usize) -> Result<()> {
     Ok(())
 }
 
+/// What the UNet is trained to output for noisy latents `signal * x0 + sigma * noise`: the noise,
+/// or v = `signal * noise - sigma * x0`.
+fn denoising_target(
+    v_prediction: bool,
+    noise: &Tensor,
+    x0: &Tensor,
+    signal: &Tensor,
+    sigma: &Tensor,
+) -> candle_core::Result<Tensor> {
+    if v_prediction {
+        noise.broadcast_mul(signal)? - x0.broadcast_mul(sigma)?
+    } else {
+        Ok(noise.clone())
+    }
+}
+
 pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     // A resumed run keeps the warm start it was begun with; it need not be repeated.
     let mut config = run.config.clone();
@@ -380,11 +396,7 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         )?;
         let input = Tensor::cat(&[&noisy, &image_latents], 1)?;
         let pred = trainee.unet.forward(&input, &t, &context)?;
-        let target = if v_prediction {
-            (noise.broadcast_mul(&signal)? - target_latents.broadcast_mul(&sigma)?)?
-        } else {
-            noise
-        };
+        let target = denoising_target(v_prediction, &noise, &target_latents, &signal, &sigma)?;
         Ok((pred - target)?.sqr()?.mean_all()?)
     };
     // A fixed held-out batch (own seed) scored at fixed timesteps and noise: a smooth
@@ -427,11 +439,7 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
             device,
         )?;
         let input = Tensor::cat(&[&noisy, source_latents], 1)?;
-        let target = if v_prediction {
-            (noise.broadcast_mul(&signal)? - target_latents.broadcast_mul(&sigma)?)?
-        } else {
-            noise.clone()
-        };
+        let target = denoising_target(v_prediction, noise, target_latents, &signal, &sigma)?;
         let pred = trainee.unet.forward(&input, &t, &context)?.detach();
         let loss = (pred - &target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         // Also the loss with the text dropped: the gap shows the instruction is being used.
