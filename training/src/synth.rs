@@ -232,6 +232,53 @@ pub fn describes(scene: &Scene, description: &str) -> bool {
             })
 }
 
+/// A local description of the form this world writes that is false of `scene` but one attribute
+/// away from a true one (another colour, shape, size or cell of a shown object; an occupied cell
+/// called empty): the hard negatives a small CLIP needs to learn to bind attributes.
+pub fn near_miss_description<R: Rng>(scene: &Scene, rng: &mut R) -> String {
+    for _ in 0..16 {
+        let candidate = if scene.objects.is_empty() || rng.random_bool(0.2) {
+            match scene
+                .objects
+                .get(rng.random_range(0..scene.objects.len().max(1)))
+            {
+                // An occupied cell called empty.
+                Some(object) => empty_caption(object.cell),
+                // An empty scene: any object anywhere is false.
+                None => object_caption(&random_object(random_cell(rng), rng)),
+            }
+        } else {
+            let mut object = scene.objects[rng.random_range(0..scene.objects.len())];
+            match rng.random_range(0..4) {
+                0 => object.colour = Colour::ALL[rng.random_range(0..Colour::ALL.len())],
+                1 => object.shape = Shape::ALL[rng.random_range(0..Shape::ALL.len())],
+                2 => {
+                    object.size = match object.size {
+                        Size::Small => Size::Large,
+                        Size::Large => Size::Small,
+                    }
+                }
+                _ => object.cell = random_cell(rng),
+            }
+            object_caption(&object)
+        };
+        if !describes(scene, &candidate) {
+            return candidate;
+        }
+    }
+    // Every mutation happened to be true (a crowded scene of look-alikes): any false object.
+    loop {
+        let candidate = object_caption(&random_object(random_cell(rng), rng));
+        if !describes(scene, &candidate) {
+            return candidate;
+        }
+    }
+}
+
+fn random_cell<R: Rng>(rng: &mut R) -> (usize, usize) {
+    (rng.random_range(0..3), rng.random_range(0..3))
+}
+
 /// A referring expression ("the circle", "the red circle", "the small red circle",
 /// "the red circle in the top left") that picks `objects[index]` out of the scene unambiguously:
 /// the shortest unique one, or sometimes a longer unique one.
@@ -920,6 +967,40 @@ mod tests {
                 "the red circle in the top left"
             );
         }
+    }
+
+    #[test]
+    fn near_misses_are_false_and_one_attribute_from_a_true_description() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        // "a SIZE COLOUR SHAPE in the CELL" -> its four slots.
+        let slots = |s: &str| -> Option<[String; 4]> {
+            let (object, cell) = s.strip_prefix("a ")?.split_once(" in the ")?;
+            let mut w = object.split(' ').map(str::to_owned);
+            Some([w.next()?, w.next()?, w.next()?, cell.to_owned()])
+        };
+        let mut kinds = std::collections::HashSet::new();
+        for _ in 0..300 {
+            let scene = random_scene(&mut rng);
+            let miss = near_miss_description(&scene, &mut rng);
+            assert!(!describes(&scene, &miss), "{miss:?} holds in {scene:?}");
+            let truths: Vec<String> = scene
+                .objects
+                .iter()
+                .map(object_caption)
+                .chain(all_cells().map(empty_caption))
+                .filter(|d| describes(&scene, d))
+                .collect();
+            // One slot away from a true object description, or an occupied cell called empty.
+            let close = truths.iter().any(|t| match (slots(t), slots(&miss)) {
+                (Some(a), Some(b)) => a.iter().zip(&b).filter(|(x, y)| x != y).count() == 1,
+                _ => false,
+            });
+            if !scene.objects.is_empty() {
+                assert!(close || miss.starts_with("empty"), "{miss:?} vs {truths:?}");
+            }
+            kinds.insert(miss.split(' ').next().unwrap_or("").to_owned());
+        }
+        assert!(kinds.contains("empty") && kinds.contains("a"), "{kinds:?}");
     }
 }
 

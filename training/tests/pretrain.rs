@@ -134,15 +134,55 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
         checkpoint_every: 30,
         log_every: 5,
         eval_every: 30,
+        stop_after: None,
         device: Device::Cpu,
     };
-    unet::train(&run).expect("train");
+    let summary = unet::train(&run).expect("train");
+    assert_eq!((summary.step, summary.total_steps), (30, 30));
     let log = read_log(&run_dir.join("unet.log.jsonl")).expect("log");
     assert_eq!(log.len(), 6);
     let (first, last) = (mean_of(&log[..2]), mean_of(&log[4..]));
     assert!(last < first, "loss did not fall: {first} -> {last}");
     assert!(log[5].eval.is_some());
     assert!(run_dir.join("unet.loss.png").is_file());
+
+    // Stopped after step 12 (same 30-step schedule) and resumed: the same weights as one go.
+    // Both start from this run's weights (initialisation is not seeded).
+    let again = |dir: &str, resume: bool, stop_after: Option<usize>| UnetRun {
+        run_dir: tmp.path().join(dir),
+        vae_dir: run.vae_dir.clone(),
+        config: UnetTrainConfig {
+            init_from: Some(run_dir.clone()),
+            ..run.config.clone()
+        },
+        resume: resume.then(|| tmp.path().join(dir)),
+        checkpoint_every: 100,
+        log_every: 5,
+        eval_every: 0,
+        stop_after,
+        device: Device::Cpu,
+    };
+    unet::train(&again("one-go", false, None)).expect("one go");
+    let stopped = unet::train(&again("split", false, Some(12))).expect("stopped run");
+    assert_eq!((stopped.step, stopped.total_steps), (12, 30));
+    let resumed = unet::train(&again("split", true, None)).expect("resumed run");
+    assert_eq!(resumed.step, 30);
+    let latest = |dir: &str| {
+        let ckpt = checkpoint::latest(&tmp.path().join(dir)).expect("list");
+        weights(&ckpt.expect("a checkpoint"))
+    };
+    let (one_go, in_two) = (latest("one-go"), latest("split"));
+    for (name, tensor) in &one_go {
+        let diff = (tensor - &in_two[name])
+            .and_then(|d| d.abs())
+            .and_then(|d| d.max_all())
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff");
+        assert!(
+            diff < 1e-5,
+            "{name} differs by {diff} after stop and resume"
+        );
+    }
 
     let model_dir = tmp.path().join("model");
     export::export_model(&run_dir, None, &model_dir, true, DType::F16).expect("export");

@@ -74,6 +74,10 @@ pub struct PretrainArgs {
     pub log_every: usize,
     #[arg(long, default_value_t = 250)]
     pub eval_every: usize,
+    /// End this invocation after step N (checkpointed) without ending the run: the learning-rate
+    /// schedule still spans --steps and `--resume` carries on (no export until the run ends).
+    #[arg(long)]
+    pub stop_after: Option<usize>,
 }
 
 impl PretrainArgs {
@@ -106,6 +110,7 @@ impl PretrainArgs {
             checkpoint_every: self.checkpoint_every,
             log_every: self.log_every,
             eval_every: self.eval_every,
+            stop_after: self.stop_after,
             device: Device::Cpu,
         }
     }
@@ -138,6 +143,15 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::to_string_pretty(&summary).context("summary")?
     );
+    if summary.step < summary.total_steps {
+        println!(
+            "stopped at step {} of {}: continue with --resume {}",
+            summary.step,
+            summary.total_steps,
+            args.out.display()
+        );
+        return Ok(());
+    }
     if let Some(out) = &args.export {
         export_model(&args.out, None, out, args.ema_decay > 0.0, DType::F16)
             .with_context(|| format!("export to {}", out.display()))?;

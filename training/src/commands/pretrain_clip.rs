@@ -45,6 +45,9 @@ pub struct PretrainClipArgs {
     /// Width of the shared embedding space.
     #[arg(long, default_value_t = 64)]
     pub projection: usize,
+    /// Near-miss descriptions per pair (one attribute off, false of the image) added as negatives.
+    #[arg(long, default_value_t = 1)]
+    pub hard_negatives: usize,
     #[arg(long, default_value_t = 250)]
     pub checkpoint_every: usize,
     #[arg(long, default_value_t = 10)]
@@ -88,6 +91,7 @@ pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
             layers: args.layers,
             heads: args.heads,
             projection: args.projection,
+            hard_negatives: args.hard_negatives,
             ..ClipTrainConfig::default()
         },
         resume: args.resume,

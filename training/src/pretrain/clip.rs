@@ -22,7 +22,7 @@ use super::text::{
 };
 use super::Cadence;
 use super::{checkpoint, io_error, write_json, LoopSpec, PretrainError, Result, TrainState};
-use crate::synth::{render, scene_caption, SynthWorld};
+use crate::synth::{describes, near_miss_description, render, scene_caption, Scene, SynthWorld};
 
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
@@ -41,6 +41,10 @@ pub struct ClipTrainConfig {
     pub heads: usize,
     pub projection: usize,
     pub max_length: usize,
+    /// Near-miss descriptions added as extra negatives per pair (runs made before they existed
+    /// had none).
+    #[serde(default)]
+    pub hard_negatives: usize,
 }
 
 impl Default for ClipTrainConfig {
@@ -58,6 +62,7 @@ impl Default for ClipTrainConfig {
             heads: 4,
             projection: 64,
             max_length: 48,
+            hard_negatives: 1,
         }
     }
 }
@@ -198,22 +203,54 @@ fn pixel_values(images: &[&RgbImage], device: &Device) -> candle_core::Result<Te
     Tensor::from_vec(data, (images.len(), 3, h as usize, w as usize), device)
 }
 
+/// A training batch: images with their paired texts, the scenes they show (to tell which other
+/// texts are true of them), and near-miss texts that are false of the image they were made from.
+struct ClipBatch {
+    images: Vec<RgbImage>,
+    texts: Vec<String>,
+    scenes: Vec<Scene>,
+    near_misses: Vec<String>,
+}
+
 /// (image, text) pairs: mostly an edit's target with its local description (what CLIP-T scores),
 /// sometimes a whole scene with its caption.
-fn pairs(world: &SynthWorld, rng: &mut ChaCha8Rng, count: usize) -> (Vec<RgbImage>, Vec<String>) {
-    let mut images = Vec::with_capacity(count);
-    let mut texts = Vec::with_capacity(count);
+fn pairs(
+    world: &SynthWorld,
+    rng: &mut ChaCha8Rng,
+    count: usize,
+    hard_negatives: usize,
+) -> ClipBatch {
+    let mut batch = ClipBatch {
+        images: Vec::with_capacity(count),
+        texts: Vec::with_capacity(count),
+        scenes: Vec::with_capacity(count),
+        near_misses: Vec::with_capacity(count * hard_negatives),
+    };
     for _ in 0..count {
         let turn = world.random_turn(rng);
         if rng.random::<f64>() < 0.25 {
-            images.push(render(&turn.after, world.size));
-            texts.push(scene_caption(&turn.after));
+            batch.images.push(render(&turn.after, world.size));
+            batch.texts.push(scene_caption(&turn.after));
         } else {
-            texts.push(turn.turn.local_description.clone().unwrap_or_default());
-            images.push(turn.turn.target);
+            batch
+                .texts
+                .push(turn.turn.local_description.clone().unwrap_or_default());
+            batch.images.push(turn.turn.target);
         }
+        for _ in 0..hard_negatives {
+            batch
+                .near_misses
+                .push(near_miss_description(&turn.after, rng));
+        }
+        batch.scenes.push(turn.after);
     }
-    (images, texts)
+    batch
+}
+
+/// Whether `text` is true of `scene`, whose own paired text is `own`: the same words, its caption,
+/// or a local description that holds there. A true text is never used as a negative.
+fn holds(scene: &Scene, own: &str, text: &str) -> bool {
+    text == own || describes(scene, text) || text == scene_caption(scene)
 }
 
 pub struct ClipRun {
@@ -365,32 +402,46 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
             start_step,
         },
         |rng| {
-            let (images, texts) = pairs(&world, rng, config.batch);
-            let pixels = pixel_values(&images.iter().collect::<Vec<_>>(), device)?;
-            let ids = encode_batch(
-                &tokenizer,
-                &texts.iter().map(String::as_str).collect::<Vec<_>>(),
-                device,
-            )?;
-            let (image, text) = model.embeddings(&pixels, &ids)?;
-            // Same texts are not negatives of each other: the target spreads over all of them.
-            let b = texts.len();
-            let same: Vec<f32> = (0..b)
-                .flat_map(|i| {
-                    (0..b)
-                        .map(|j| f32::from(u8::from(texts[i] == texts[j])))
-                        .collect::<Vec<_>>()
-                })
+            let batch = pairs(&world, rng, config.batch, config.hard_negatives);
+            let pixels = pixel_values(&batch.images.iter().collect::<Vec<_>>(), device)?;
+            let all_texts: Vec<&str> = batch
+                .texts
+                .iter()
+                .chain(&batch.near_misses)
+                .map(String::as_str)
                 .collect();
-            let same = Tensor::from_vec(same, (b, b), device)?;
-            let target = same.broadcast_div(&same.sum_keepdim(1)?)?;
+            let ids = encode_batch(&tokenizer, &all_texts, device)?;
+            let (image, text) = model.embeddings(&pixels, &ids)?;
+            // The paired text (and copies of it) is the positive; another text that is also
+            // true of the image ("empty background in the top left" holds in most scenes) is
+            // left out of the softmax rather than pushed away; the rest, near misses included,
+            // are negatives.
+            let b = batch.texts.len();
+            let n = all_texts.len();
+            let mut positive = Vec::with_capacity(b * n);
+            let mut excluded = Vec::with_capacity(b * n);
+            for (scene, own) in batch.scenes.iter().zip(&batch.texts) {
+                for text in &all_texts {
+                    let same = *text == own.as_str();
+                    positive.push(f32::from(u8::from(same)));
+                    let also_true = !same && holds(scene, own, text);
+                    excluded.push(if also_true { -1e4f32 } else { 0.0 });
+                }
+            }
+            let positive = Tensor::from_vec(positive, (b, n), device)?;
+            let excluded = Tensor::from_vec(excluded, (b, n), device)?;
             let scale = model.logit_scale.clamp(0.0, 4.6)?.exp()?;
-            let logits = image.matmul(&text.t()?)?.broadcast_mul(&scale)?;
-            let loss_i = (candle_nn::ops::log_softmax(&logits, 1)? * &target)?
+            let logits = (image.matmul(&text.t()?)?.broadcast_mul(&scale)? + excluded)?;
+            let target_i = positive.broadcast_div(&positive.sum_keepdim(1)?)?;
+            let loss_i = (candle_nn::ops::log_softmax(&logits, 1)? * &target_i)?
                 .sum(1)?
                 .mean_all()?
                 .neg()?;
-            let loss_t = (candle_nn::ops::log_softmax(&logits.t()?, 1)? * &target.t()?)?
+            // Text to image over the paired texts only (near misses have no image).
+            let paired = positive.narrow(1, 0, b)?.t()?;
+            let target_t = paired.broadcast_div(&paired.sum_keepdim(1)?)?;
+            let loss_t = (candle_nn::ops::log_softmax(&logits.narrow(1, 0, b)?.t()?, 1)?
+                * &target_t)?
                 .sum(1)?
                 .mean_all()?
                 .neg()?;

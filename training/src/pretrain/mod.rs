@@ -85,6 +85,9 @@ pub struct LoopSpec<'a> {
     pub max_grad_norm: Option<f64>,
     /// The run's configuration, stored in every checkpoint.
     pub config: serde_json::Value,
+    /// End this invocation after this step (checkpointed) without ending the run: the schedule
+    /// still spans `schedule.total_steps`, and `--resume` carries on from here.
+    pub stop_after: Option<usize>,
 }
 
 /// How often a run logs, evaluates and checkpoints (the `--*-every` flags).
@@ -119,6 +122,7 @@ impl<'a> LoopSpec<'a> {
             eval_every: cadence.eval_every,
             max_grad_norm: Some(1.0),
             config,
+            stop_after: None,
         }
     }
 }
@@ -135,7 +139,10 @@ pub struct TrainState<'a> {
 /// Result of a loop: the mean loss of its last tenth.
 pub struct LoopSummary {
     pub final_loss: f64,
+    /// Steps run by this invocation.
     pub steps: usize,
+    /// The step the run stands at now (below the schedule's length after `stop_after`).
+    pub reached: usize,
     pub seconds: f64,
 }
 
@@ -199,7 +206,10 @@ pub fn train_loop(
         }
         Ok(())
     };
-    for step in start_step..spec.schedule.total_steps {
+    let end = spec.stop_after.map_or(spec.schedule.total_steps, |stop| {
+        stop.min(spec.schedule.total_steps)
+    });
+    for step in start_step..end {
         let lr = spec.schedule.at(step);
         optimizer.set_lr(lr);
         let loss = step_loss(rng)?;
@@ -238,7 +248,7 @@ pub fn train_loop(
                 eval: eval_value,
             })?;
         }
-        if done % spec.checkpoint_every.max(1) == 0 || done == spec.schedule.total_steps {
+        if done % spec.checkpoint_every.max(1) == 0 || done == end {
             save(done, optimizer, ema.as_deref(), rng)?;
         }
     }
@@ -251,7 +261,8 @@ pub fn train_loop(
     };
     Ok(LoopSummary {
         final_loss,
-        steps: spec.schedule.total_steps.saturating_sub(start_step),
+        steps: end.saturating_sub(start_step),
+        reached: end.max(start_step),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

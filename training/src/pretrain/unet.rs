@@ -165,12 +165,17 @@ pub struct UnetRun {
     pub checkpoint_every: usize,
     pub log_every: usize,
     pub eval_every: usize,
+    /// Stop this invocation after this step (see [`LoopSpec::stop_after`]).
+    pub stop_after: Option<usize>,
     pub device: Device,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UnetSummary {
     pub final_loss: f64,
+    /// The step the run stands at, and the schedule's length: equal when the run is finished.
+    pub step: usize,
+    pub total_steps: usize,
     pub steps_per_second: f64,
     pub unet_parameters: usize,
     pub text_parameters: usize,
@@ -449,17 +454,20 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         let no_text = (pred - target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         Ok(json!({"val_loss": loss, "val_loss_no_text": no_text}))
     };
-    let spec = LoopSpec::cosine(
-        &run.run_dir,
-        "unet",
-        (config.steps, config.lr, config.warmup),
-        Cadence {
-            checkpoint_every: run.checkpoint_every,
-            log_every: run.log_every,
-            eval_every: run.eval_every,
-        },
-        config_json,
-    );
+    let spec = LoopSpec {
+        stop_after: run.stop_after,
+        ..LoopSpec::cosine(
+            &run.run_dir,
+            "unet",
+            (config.steps, config.lr, config.warmup),
+            Cadence {
+                checkpoint_every: run.checkpoint_every,
+                log_every: run.log_every,
+                eval_every: run.eval_every,
+            },
+            config_json,
+        )
+    };
     let summary = super::train_loop(
         &spec,
         TrainState {
@@ -474,6 +482,8 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     )?;
     let out = UnetSummary {
         final_loss: summary.final_loss,
+        step: summary.reached,
+        total_steps: config.steps,
         steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
         unet_parameters,
         text_parameters,

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# The embedded default model's whole pretraining, stage by stage as it was run for
+# model/assets/toy (see model/assets/toy/README.md for what each stage is and what it measured).
+#
+#   training/scripts/pretrain-toy.sh [OUT]        # OUT defaults to runs/toy-pretrain
+#
+# Resumable: rerun the same command after an interruption and every stage continues from its
+# newest checkpoint (finished stages are skipped). Meant for the background:
+#   nohup training/scripts/pretrain-toy.sh > pretrain-toy.log 2>&1 &
+# The CLIP (for CLIP-T) and the VAE decoder fine-tuning run on the second core beside the UNet.
+# The finished model lands in OUT/model (diffusers layout, f16), with the CLIP in OUT/model/clip.
+set -euo pipefail
+
+OUT=${1:-runs/toy-pretrain}
+BIN=${RL4PIX_TRAIN:-target/release/rl4pix-train}
+if [ ! -x "$BIN" ]; then
+  cargo build --release -p rl4pix-training
+fi
+BIN=$(realpath "$BIN")
+# One thread a job: candle's and rayon's pools spin at barriers, which costs more than it gives
+# on two shared cores.
+export RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1
+mkdir -p "$OUT"
+cd "$OUT"
+
+# Newest checkpoint step of a run folder (0 when none).
+latest_step() {
+  local newest
+  newest=$(ls "$1/checkpoints" 2>/dev/null | sort | tail -n 1)
+  if [ -z "$newest" ]; then echo 0; else echo $((10#${newest#step-})); fi
+}
+# --resume when the run has a checkpoint, else the given flags (a warm start).
+start_flags() {
+  if [ "$(latest_step "$1")" -gt 0 ]; then echo --resume "$1"; else shift; echo "$@"; fi
+}
+stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+
+UNET=(--batch 64 --channels 64,128,128 --attention 1,1,0 --checkpoint-every 100 --eval-every 250 --log-every 10)
+
+# 1. VAE (16-32-64 channels, 32x32x3 -> 8x8x4).
+if [ ! -f vae/vae/config.json ]; then
+  stamp "vae"
+  "$BIN" pretrain-vae --out vae --seed 1 --steps 900 --batch 16 --lr 1e-3 --warmup 50 \
+    --channels 16,32,64 --norm-groups 8 --checkpoint-every 150 --eval-every 150 $(start_flags vae)
+fi
+
+# 2. Beside the UNet: the decoder-only fine-tuning (latent space unchanged, so the UNet can
+#    train on the first VAE's encoder meanwhile), then the CLIP.
+(
+  if [ ! -f vae-dec/vae/config.json ]; then
+    "$BIN" pretrain-vae --out vae-dec --decoder-from vae/vae --seed 3 --steps 500 --batch 16 \
+      --lr 5e-4 --warmup 20 --channels 16,32,64 --norm-groups 8 $(start_flags vae-dec)
+  fi
+  if [ ! -f clip/clip/config.json ]; then
+    "$BIN" pretrain-clip --out clip --seed 5 --steps 6000 --batch 64 --hard-negatives 2 \
+      --eval-every 500 $(start_flags clip)
+  fi
+) > side.log 2>&1 &
+SIDE=$!
+
+# 3. UNet + text encoder, epsilon prediction, seed 2: a 5000-step schedule stopped at 800, then
+#    a 3500-step schedule from there, stopped at 2100 (the run as it happened).
+if [ "$(latest_step unet-eps)" -lt 800 ]; then
+  stamp "unet-eps to 800"
+  "$BIN" pretrain --out unet-eps --vae vae/vae --seed 2 --steps 5000 --lr 5e-4 --warmup 200 \
+    --prediction-type epsilon "${UNET[@]}" --stop-after 800 $(start_flags unet-eps)
+fi
+if [ "$(latest_step unet-eps)" -lt 2100 ]; then
+  stamp "unet-eps to 2100"
+  "$BIN" pretrain --out unet-eps --vae vae/vae --seed 2 --steps 3500 --lr 5e-4 --warmup 200 \
+    --prediction-type epsilon "${UNET[@]}" --stop-after 2100 --resume unet-eps
+fi
+
+# 4. v-prediction from those weights, seed 12: a 1800-step schedule stopped at 300, then 1000.
+if [ "$(latest_step unet-v)" -lt 300 ]; then
+  stamp "unet-v to 300"
+  "$BIN" pretrain --out unet-v --vae vae/vae --seed 12 --steps 1800 --lr 4e-4 --warmup 100 \
+    --prediction-type v_prediction "${UNET[@]}" --stop-after 300 \
+    $(start_flags unet-v --init-from unet-eps/checkpoints/step-0002100)
+fi
+if [ "$(latest_step unet-v)" -lt 1000 ]; then
+  stamp "unet-v to 1000"
+  "$BIN" pretrain --out unet-v --vae vae/vae --seed 12 --steps 1000 --lr 4e-4 --warmup 100 \
+    --prediction-type v_prediction "${UNET[@]}" --resume unet-v
+fi
+
+# 5. v-prediction continued, seed 22: a fresh 7000-step cosine schedule.
+if [ "$(latest_step unet)" -lt 7000 ]; then
+  stamp "unet to 7000"
+  "$BIN" pretrain --out unet --vae vae/vae --seed 22 --steps 7000 --lr 4e-4 --warmup 100 \
+    --prediction-type v_prediction "${UNET[@]}" \
+    $(start_flags unet --init-from unet-v/checkpoints/step-0001000)
+fi
+
+stamp "waiting for the decoder and the CLIP"
+wait "$SIDE"
+
+# 6. Export (EMA weights, f16) with the fine-tuned decoder, and the CLIP beside it.
+"$BIN" pretrain-export --run unet --vae vae-dec/vae --out model
+rm -rf model/clip
+cp -r clip/clip model/clip
+stamp "done: $OUT/model"
