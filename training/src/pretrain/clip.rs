@@ -1,6 +1,7 @@
 //! `pretrain-clip`: a small CLIP (vision and text transformers with projections, transformers'
 //! `CLIPModel` layout) trained contrastively on the synthetic world, so CLIP-T can be measured on
-//! it. Pairs are an edit's target image with its local description, and a scene with its caption.
+//! it. Pairs are an edit's target image with its local description; near-miss descriptions and
+//! the edit's source image are the hard negatives.
 //! The exported folder is what [`crate::metrics::ClipScorer::load`] reads.
 
 use std::path::{Path, PathBuf};
@@ -8,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap};
 use image::RgbImage;
-use rand::{Rng, SeedableRng};
+use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rl4pix_model::text_encoder::ClipTextConfig;
 use rl4pix_model::tokenizer::ClipTokenizer;
@@ -22,7 +23,7 @@ use super::text::{
 };
 use super::Cadence;
 use super::{checkpoint, io_error, write_json, LoopSpec, PretrainError, Result, TrainState};
-use crate::synth::{describes, near_miss_description, render, scene_caption, Scene, SynthWorld};
+use crate::synth::{describes, near_miss_description, Scene, SynthWorld};
 
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
@@ -61,7 +62,8 @@ impl Default for ClipTrainConfig {
             layers: 2,
             heads: 4,
             projection: 64,
-            max_length: 48,
+            // The world's local descriptions are at most 8 words (+ BOS and EOS).
+            max_length: 16,
             hard_negatives: 1,
         }
     }
@@ -203,17 +205,19 @@ fn pixel_values(images: &[&RgbImage], device: &Device) -> candle_core::Result<Te
     Tensor::from_vec(data, (images.len(), 3, h as usize, w as usize), device)
 }
 
-/// A training batch: images with their paired texts, the scenes they show (to tell which other
-/// texts are true of them), and near-miss texts that are false of the image they were made from.
+/// A training batch: edit targets with their local descriptions (what CLIP-T scores) and the
+/// scenes they show (to tell which other texts are also true of them); near-miss texts, false of
+/// the image they were made from; and the edits' sources where the description is false of them
+/// (the same scene without the change: the hardest negative image there is).
 struct ClipBatch {
     images: Vec<RgbImage>,
     texts: Vec<String>,
     scenes: Vec<Scene>,
     near_misses: Vec<String>,
+    negative_images: Vec<RgbImage>,
+    negative_scenes: Vec<Scene>,
 }
 
-/// (image, text) pairs: mostly an edit's target with its local description (what CLIP-T scores),
-/// sometimes a whole scene with its caption.
 fn pairs(
     world: &SynthWorld,
     rng: &mut ChaCha8Rng,
@@ -225,32 +229,56 @@ fn pairs(
         texts: Vec::with_capacity(count),
         scenes: Vec::with_capacity(count),
         near_misses: Vec::with_capacity(count * hard_negatives),
+        negative_images: Vec::new(),
+        negative_scenes: Vec::new(),
     };
-    for _ in 0..count {
-        let turn = world.random_turn(rng);
-        if rng.random::<f64>() < 0.25 {
-            batch.images.push(render(&turn.after, world.size));
-            batch.texts.push(scene_caption(&turn.after));
-        } else {
-            batch
-                .texts
-                .push(turn.turn.local_description.clone().unwrap_or_default());
-            batch.images.push(turn.turn.target);
-        }
+    while batch.images.len() < count {
+        let sample = world.random_turn(rng);
+        let Some(text) = sample.turn.local_description.clone() else {
+            continue;
+        };
         for _ in 0..hard_negatives {
             batch
                 .near_misses
-                .push(near_miss_description(&turn.after, rng));
+                .push(near_miss_description(&sample.after, rng));
         }
-        batch.scenes.push(turn.after);
+        if hard_negatives > 0 && !describes(&sample.before, &text) {
+            batch.negative_images.push(sample.turn.source);
+            batch.negative_scenes.push(sample.before);
+        }
+        batch.texts.push(text);
+        batch.images.push(sample.turn.target);
+        batch.scenes.push(sample.after);
     }
     batch
 }
 
-/// Whether `text` is true of `scene`, whose own paired text is `own`: the same words, its caption,
-/// or a local description that holds there. A true text is never used as a negative.
+/// Whether `text` is true of `scene`, whose own paired text is `own`.
 fn holds(scene: &Scene, own: &str, text: &str) -> bool {
-    text == own || describes(scene, text) || text == scene_caption(scene)
+    text == own || describes(scene, text)
+}
+
+/// Contrastive targets of one direction: rows are the queries, columns the candidates;
+/// `positive[i][j]` marks the right answers, `excluded[i][j]` candidates that are also true and so
+/// neither right nor wrong (left out of the softmax).
+fn contrastive_loss(
+    logits: &Tensor,
+    positive: Vec<f32>,
+    excluded: Vec<bool>,
+) -> candle_core::Result<Tensor> {
+    let (rows, cols) = logits.dims2()?;
+    let device = logits.device();
+    let positive = Tensor::from_vec(positive, (rows, cols), device)?;
+    let excluded: Vec<f32> = excluded
+        .into_iter()
+        .map(|out| if out { -1e4 } else { 0.0 })
+        .collect();
+    let excluded = Tensor::from_vec(excluded, (rows, cols), device)?;
+    let target = positive.broadcast_div(&positive.sum_keepdim(1)?)?;
+    (candle_nn::ops::log_softmax(&(logits + excluded)?, 1)? * target)?
+        .sum(1)?
+        .mean_all()?
+        .neg()
 }
 
 pub struct ClipRun {
@@ -403,7 +431,9 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
         },
         |rng| {
             let batch = pairs(&world, rng, config.batch, config.hard_negatives);
-            let pixels = pixel_values(&batch.images.iter().collect::<Vec<_>>(), device)?;
+            let images: Vec<&RgbImage> =
+                batch.images.iter().chain(&batch.negative_images).collect();
+            let pixels = pixel_values(&images, device)?;
             let all_texts: Vec<&str> = batch
                 .texts
                 .iter()
@@ -412,39 +442,41 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
                 .collect();
             let ids = encode_batch(&tokenizer, &all_texts, device)?;
             let (image, text) = model.embeddings(&pixels, &ids)?;
-            // The paired text (and copies of it) is the positive; another text that is also
-            // true of the image ("empty background in the top left" holds in most scenes) is
-            // left out of the softmax rather than pushed away; the rest, near misses included,
-            // are negatives.
+            let scale = model.logit_scale.clamp(0.0, 4.6)?.exp()?;
             let b = batch.texts.len();
-            let n = all_texts.len();
-            let mut positive = Vec::with_capacity(b * n);
-            let mut excluded = Vec::with_capacity(b * n);
+            let logits = image.matmul(&text.t()?)?.broadcast_mul(&scale)?;
+            // Image to text, for the paired images: their own text (and copies of it) is right;
+            // another text that also holds ("empty background in the top left" holds in most
+            // scenes) is left out rather than pushed away; the rest, near misses included, wrong.
+            let mut positive = Vec::new();
+            let mut excluded = Vec::new();
             for (scene, own) in batch.scenes.iter().zip(&batch.texts) {
                 for text in &all_texts {
                     let same = *text == own.as_str();
                     positive.push(f32::from(u8::from(same)));
-                    let also_true = !same && holds(scene, own, text);
-                    excluded.push(if also_true { -1e4f32 } else { 0.0 });
+                    excluded.push(!same && holds(scene, own, text));
                 }
             }
-            let positive = Tensor::from_vec(positive, (b, n), device)?;
-            let excluded = Tensor::from_vec(excluded, (b, n), device)?;
-            let scale = model.logit_scale.clamp(0.0, 4.6)?.exp()?;
-            let logits = (image.matmul(&text.t()?)?.broadcast_mul(&scale)? + excluded)?;
-            let target_i = positive.broadcast_div(&positive.sum_keepdim(1)?)?;
-            let loss_i = (candle_nn::ops::log_softmax(&logits, 1)? * &target_i)?
-                .sum(1)?
-                .mean_all()?
-                .neg()?;
-            // Text to image over the paired texts only (near misses have no image).
-            let paired = positive.narrow(1, 0, b)?.t()?;
-            let target_t = paired.broadcast_div(&paired.sum_keepdim(1)?)?;
-            let loss_t = (candle_nn::ops::log_softmax(&logits.narrow(1, 0, b)?.t()?, 1)?
-                * &target_t)?
-                .sum(1)?
-                .mean_all()?
-                .neg()?;
+            let loss_i = contrastive_loss(&logits.narrow(0, 0, b)?, positive, excluded)?;
+            // Text to image, for the paired texts, over every image (the sources included).
+            let mut positive = Vec::new();
+            let mut excluded = Vec::new();
+            for own in &batch.texts {
+                for (scene, other) in batch.scenes.iter().zip(&batch.texts) {
+                    let same = other == own;
+                    positive.push(f32::from(u8::from(same)));
+                    excluded.push(!same && holds(scene, other, own));
+                }
+                for scene in &batch.negative_scenes {
+                    positive.push(0.0);
+                    excluded.push(describes(scene, own));
+                }
+            }
+            let loss_t = contrastive_loss(
+                &logits.narrow(1, 0, b)?.t()?.contiguous()?,
+                positive,
+                excluded,
+            )?;
             Ok(((loss_i + loss_t)? * 0.5)?)
         },
         |_| {
