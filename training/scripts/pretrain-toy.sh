@@ -44,15 +44,28 @@ if [ ! -f vae/vae/config.json ]; then
     --channels 16,32,64 --norm-groups 8 --checkpoint-every 150 --eval-every 150 $(start_flags vae)
 fi
 
-# 2. Beside the UNet: the decoder-only fine-tuning (latent space unchanged, so the UNet can
-#    train on the first VAE's encoder meanwhile), then the CLIP.
+# 2. Beside the UNet: decoder-only fine-tuning (latent space unchanged, so the UNet trains on the
+#    first VAE's encoder meanwhile) in two runs as they happened: 500 steps (seed 3), then from
+#    that decoder 2000 steps (seed 4), resumed with a 5000-step schedule stopped at 2200, then
+#    with a 2600-step schedule; then the CLIP.
 (
   if [ ! -f vae-dec/vae/config.json ]; then
     "$BIN" pretrain-vae --out vae-dec --decoder-from vae/vae --seed 3 --steps 500 --batch 16 \
       --lr 5e-4 --warmup 20 --channels 16,32,64 --norm-groups 8 $(start_flags vae-dec)
   fi
+  DEC=(--decoder-from vae-dec/vae --seed 4 --batch 16 --lr 5e-4 --warmup 50 --channels 16,32,64
+       --norm-groups 8 --checkpoint-every 100 --eval-every 250)
+  if [ "$(latest_step vae-dec2)" -lt 2000 ]; then
+    "$BIN" pretrain-vae --out vae-dec2 "${DEC[@]}" --steps 2000 $(start_flags vae-dec2)
+  fi
+  if [ "$(latest_step vae-dec2)" -lt 2200 ]; then
+    "$BIN" pretrain-vae --out vae-dec2 "${DEC[@]}" --steps 5000 --stop-after 2200 --resume vae-dec2
+  fi
+  if [ "$(latest_step vae-dec2)" -lt 2600 ]; then
+    "$BIN" pretrain-vae --out vae-dec2 "${DEC[@]}" --steps 2600 --resume vae-dec2
+  fi
   if [ ! -f clip/clip/config.json ]; then
-    "$BIN" pretrain-clip --out clip --seed 5 --steps 6000 --batch 64 --hard-negatives 2 \
+    "$BIN" pretrain-clip --out clip --seed 5 --steps 4000 --batch 64 --hard-negatives 2 \
       --eval-every 500 $(start_flags clip)
   fi
 ) > side.log 2>&1 &
@@ -96,7 +109,7 @@ stamp "waiting for the decoder and the CLIP"
 wait "$SIDE"
 
 # 6. Export (EMA weights, f16) with the fine-tuned decoder, and the CLIP beside it.
-"$BIN" pretrain-export --run unet --vae vae-dec/vae --out model
+"$BIN" pretrain-export --run unet --vae vae-dec2/vae --out model
 rm -rf model/clip
 cp -r clip/clip model/clip
 stamp "done: $OUT/model"

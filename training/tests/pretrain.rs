@@ -32,6 +32,7 @@ fn tiny_vae(run_dir: &Path, steps: usize, resume: Option<&Path>) -> VaeRun {
         checkpoint_every: 5,
         log_every: 5,
         eval_every: 0,
+        stop_after: None,
         device: Device::Cpu,
     }
 }
@@ -73,6 +74,19 @@ fn tiny_vae_learns_resumes_exactly_and_refuses_truncated_checkpoints() {
             .expect("diff");
         assert!(diff < 1e-4, "{name} differs by {diff} after resume");
     }
+
+    // Stopped early: checkpointed, not exported; resuming finishes and exports.
+    let stopped_dir = tmp.path().join("stopped");
+    let stopped = vae::train(&VaeRun {
+        stop_after: Some(10),
+        ..tiny_vae(&stopped_dir, 40, None)
+    })
+    .expect("stopped");
+    assert_eq!((stopped.step, stopped.total_steps), (10, 40));
+    assert!(!stopped.model_dir.exists(), "a stopped run exported a VAE");
+    let finished = vae::train(&tiny_vae(&stopped_dir, 40, Some(&stopped_dir))).expect("resume");
+    assert_eq!(finished.step, 40);
+    assert!(finished.model_dir.join("config.json").is_file());
 
     // A checkpoint cut short is refused with a message that says so.
     let cut = tmp.path().join("cut");

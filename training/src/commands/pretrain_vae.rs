@@ -43,6 +43,10 @@ pub struct PretrainVaeArgs {
     pub log_every: usize,
     #[arg(long, default_value_t = 150)]
     pub eval_every: usize,
+    /// End this invocation after step N (checkpointed, not exported) without ending the run:
+    /// the learning-rate schedule still spans --steps and `--resume` carries on.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
 }
 
 impl PretrainVaeArgs {
@@ -79,6 +83,7 @@ impl PretrainVaeArgs {
             checkpoint_every: self.checkpoint_every,
             log_every: self.log_every,
             eval_every: self.eval_every,
+            stop_after: self.stop_after,
             device: Device::Cpu,
         }
     }

@@ -89,12 +89,18 @@ pub struct VaeRun {
     pub checkpoint_every: usize,
     pub log_every: usize,
     pub eval_every: usize,
+    /// Stop this invocation after this step (see [`LoopSpec::stop_after`]); nothing is exported.
+    pub stop_after: Option<usize>,
     pub device: Device,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VaeSummary {
     pub final_loss: f64,
+    /// The step the run stands at, and the schedule's length: equal when the run is finished
+    /// (only then is `model_dir` written).
+    pub step: usize,
+    pub total_steps: usize,
     pub psnr_db: f64,
     pub scaling_factor: f64,
     pub steps_per_second: f64,
@@ -202,17 +208,20 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
             ckpt.dir.display()
         );
     }
-    let spec = LoopSpec::cosine(
-        &run.run_dir,
-        "vae",
-        (config.steps, config.lr, config.warmup),
-        Cadence {
-            checkpoint_every: run.checkpoint_every,
-            log_every: run.log_every,
-            eval_every: run.eval_every,
-        },
-        config_json,
-    );
+    let spec = LoopSpec {
+        stop_after: run.stop_after,
+        ..LoopSpec::cosine(
+            &run.run_dir,
+            "vae",
+            (config.steps, config.lr, config.warmup),
+            Cadence {
+                checkpoint_every: run.checkpoint_every,
+                log_every: run.log_every,
+                eval_every: run.eval_every,
+            },
+            config_json,
+        )
+    };
     let summary = super::train_loop(
         &spec,
         TrainState {
@@ -250,9 +259,13 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
     let (psnr, std) = evaluate(&vae, &world, 512, device)?;
     let scaling_factor = fixed_scaling_factor.unwrap_or(1.0 / std);
     let model_dir = run.run_dir.join("vae");
-    export(&varmap, config, scaling_factor, &model_dir)?;
+    if summary.reached >= config.steps {
+        export(&varmap, config, scaling_factor, &model_dir)?;
+    }
     let out = VaeSummary {
         final_loss: summary.final_loss,
+        step: summary.reached,
+        total_steps: config.steps,
         psnr_db: psnr,
         scaling_factor,
         steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
