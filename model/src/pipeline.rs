@@ -138,15 +138,75 @@ pub struct InstructPix2Pix {
     pub unet: UNet2DConditionModel,
     pub scheduler_config: SchedulerConfig,
     pub default_scheduler: SchedulerKind,
+    /// The guidance this model was tuned for (`model_index.json` → `rl4pix.sampling`), else
+    /// InstructPix2Pix's 7.5 / 1.5.
+    pub sampling_defaults: SamplingDefaults,
     pub model_dir: PathBuf,
     device: Device,
     dtype: DType,
+}
+
+/// Guidance scales a model folder recommends for itself: what `edit`, `eval` and the server use
+/// when a request does not say.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
+pub struct SamplingDefaults {
+    pub guidance_scale: f64,
+    pub image_guidance_scale: f64,
+}
+
+impl Default for SamplingDefaults {
+    fn default() -> Self {
+        let params = EditParams::default();
+        Self {
+            guidance_scale: params.guidance_scale,
+            image_guidance_scale: params.image_guidance_scale,
+        }
+    }
+}
+
+/// Where [`SamplingDefaults`] live in `model_index.json`.
+pub const SAMPLING_DEFAULTS_KEY: &str = "rl4pix.sampling";
+
+impl SamplingDefaults {
+    /// The defaults a model folder records (InstructPix2Pix's when it records none).
+    pub fn of_model_dir(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        let index: ModelIndex = read_json(&index_path)?;
+        Self::from_index(&index_path, index.rl4pix)
+    }
+
+    fn from_index(index_path: &Path, section: Option<Rl4pixIndex>) -> Result<Self> {
+        let defaults = section
+            .and_then(|section| section.sampling)
+            .unwrap_or_default();
+        for (key, value) in [
+            ("guidance_scale", defaults.guidance_scale),
+            ("image_guidance_scale", defaults.image_guidance_scale),
+        ] {
+            if !(value.is_finite() && (0.0..=100.0).contains(&value)) {
+                return Err(crate::config::unsupported(
+                    index_path,
+                    &format!("{SAMPLING_DEFAULTS_KEY}.{key}"),
+                    format!("{value} (expected a number from 0 to 100)"),
+                ));
+            }
+        }
+        Ok(defaults)
+    }
 }
 
 #[derive(serde::Deserialize)]
 struct ModelIndex {
     #[serde(rename = "_class_name")]
     class_name: Option<String>,
+    #[serde(default)]
+    rl4pix: Option<Rl4pixIndex>,
+}
+
+#[derive(serde::Deserialize)]
+struct Rl4pixIndex {
+    #[serde(default)]
+    sampling: Option<SamplingDefaults>,
 }
 
 impl InstructPix2Pix {
@@ -173,6 +233,7 @@ impl InstructPix2Pix {
                 ));
             }
         }
+        let sampling_defaults = SamplingDefaults::from_index(&index_path, index.rl4pix)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
         let default_scheduler = match &scheduler_config.class_name {
@@ -202,6 +263,7 @@ impl InstructPix2Pix {
             unet,
             scheduler_config,
             default_scheduler,
+            sampling_defaults,
             model_dir: dir.to_path_buf(),
             device: device.clone(),
             dtype,
@@ -219,6 +281,15 @@ impl InstructPix2Pix {
     /// The VAE's spatial factor between pixels and latents.
     pub fn vae_scale_factor(&self) -> usize {
         self.vae.scale_factor()
+    }
+
+    /// [`EditParams::default`] with this model's own guidance scales.
+    pub fn default_params(&self) -> EditParams {
+        EditParams {
+            guidance_scale: self.sampling_defaults.guidance_scale,
+            image_guidance_scale: self.sampling_defaults.image_guidance_scale,
+            ..EditParams::default()
+        }
     }
 
     pub fn scheduler(&self, params: &EditParams) -> Result<Scheduler> {

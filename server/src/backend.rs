@@ -89,6 +89,12 @@ pub struct BackendInfo {
     pub vae_scale_factor: usize,
     #[schema(example = "ddim")]
     pub default_scheduler: String,
+    /// Guidance a request gets when it names none: the model's own (`model_index.json` →
+    /// `rl4pix.sampling`), else InstructPix2Pix's 7.5 / 1.5.
+    #[schema(example = 2.0)]
+    pub default_guidance_scale: f64,
+    #[schema(example = 1.5)]
+    pub default_image_guidance_scale: f64,
     /// LoRA-capable projections of the UNet.
     pub lora_targets: usize,
     pub base_fingerprint: String,
@@ -163,6 +169,8 @@ impl ModelBackend {
             dtype: dtype_spec.to_ascii_lowercase(),
             vae_scale_factor: pipeline.vae_scale_factor(),
             default_scheduler: pipeline.default_scheduler.name().to_string(),
+            default_guidance_scale: pipeline.sampling_defaults.guidance_scale,
+            default_image_guidance_scale: pipeline.sampling_defaults.image_guidance_scale,
             lora_targets: pipeline.unet.projections().entries.len(),
             base_fingerprint: pipeline.unet.fingerprint().to_string(),
             max_steps: max_supported_steps(&pipeline),

@@ -763,6 +763,9 @@ async fn info_health_ready_docs_and_openapi() {
     assert_eq!(info["model"]["device"], "cpu");
     assert_eq!(info["model"]["dtype"], "f32");
     assert_eq!(info["model"]["vae_scale_factor"], 2);
+    // The fixture records no guidance of its own: InstructPix2Pix's.
+    assert_eq!(info["model"]["default_guidance_scale"], 7.5);
+    assert_eq!(info["model"]["default_image_guidance_scale"], 1.5);
     assert_eq!(info["limits"]["max_body_bytes"], 20 * 1024 * 1024);
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     let spec: serde_json::Value = http

@@ -208,3 +208,46 @@ fn bad_adapter_and_bad_latents_are_refused() {
     assert_clean_failure(&o, &["latents", "expected"]);
     assert!(!tmp.path().join("o.png").exists());
 }
+
+/// `model_index.json` → `rl4pix.sampling` sets the guidance an edit gets when it names none.
+#[test]
+fn the_models_own_guidance_is_the_default_and_a_bad_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_model(&model);
+    let index_path = model.join("model_index.json");
+    let original = std::fs::read_to_string(&index_path).unwrap();
+    let with_sampling = |guidance: f64| {
+        let mut index: serde_json::Value = serde_json::from_str(&original).unwrap();
+        index["rl4pix"]["sampling"] =
+            serde_json::json!({"guidance_scale": guidance, "image_guidance_scale": 1.2});
+        std::fs::write(&index_path, index.to_string()).unwrap();
+    };
+    with_sampling(3.0);
+    let run = |model: &Path, name: &str, extra: &[&str]| {
+        let out = tmp.path().join(name);
+        let o = edit(model, &input(), &out, extra);
+        assert!(o.status.success(), "{}", stderr(&o));
+        std::fs::read(out).unwrap()
+    };
+    let own_default = run(&model, "own.png", &[]);
+    let explicit = run(
+        &fixtures().join("sd1"),
+        "explicit.png",
+        &["--guidance-scale", "3", "--image-guidance-scale", "1.2"],
+    );
+    let ip2p_default = run(&fixtures().join("sd1"), "ip2p.png", &[]);
+    assert_eq!(own_default, explicit);
+    assert_ne!(own_default, ip2p_default);
+    // A flag still overrides the model's choice.
+    let overridden = run(
+        &model,
+        "overridden.png",
+        &["--guidance-scale", "7.5", "--image-guidance-scale", "1.5"],
+    );
+    assert_eq!(overridden, ip2p_default);
+
+    with_sampling(-1.0);
+    let o = edit(&model, &input(), &tmp.path().join("bad.png"), &[]);
+    assert_clean_failure(&o, &["rl4pix.sampling.guidance_scale", "model_index.json"]);
+}

@@ -26,8 +26,8 @@ fn args(dataset: PathBuf, generated: PathBuf, out: &Path) -> EvalArgs {
         steps: None,
         scheduler: None,
         eta: 0.0,
-        guidance_scale: 7.5,
-        image_guidance_scale: 1.5,
+        guidance_scale: None,
+        image_guidance_scale: None,
         seed: 0,
         out: out.join("unused"),
     }

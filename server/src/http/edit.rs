@@ -37,9 +37,9 @@ pub struct EditForm {
     instruction: String,
     /// Denoising steps (default `--default-steps`, at most `--max-steps`).
     steps: Option<usize>,
-    /// Text guidance, 0..=50 (default 7.5).
+    /// Text guidance, 0..=50 (default: the model's, `default_guidance_scale` in `/info`).
     guidance_scale: Option<f64>,
-    /// Image guidance, 0..=20 (default 1.5).
+    /// Image guidance, 0..=20 (default: the model's, `default_image_guidance_scale` in `/info`).
     image_guidance_scale: Option<f64>,
     /// Random when absent; always echoed in `x-seed`.
     seed: Option<u64>,
@@ -718,7 +718,6 @@ fn check(raw: RawEdit, state: &AppState) -> Result<CheckedEdit, ApiError> {
             limits.max_instruction_chars
         )));
     }
-    let defaults = EditParams::default();
     let steps = raw.steps.unwrap_or(limits.default_steps);
     if steps == 0 || steps > limits.max_steps {
         return Err(ApiError::invalid(format!(
@@ -726,10 +725,12 @@ fn check(raw: RawEdit, state: &AppState) -> Result<CheckedEdit, ApiError> {
             limits.max_steps
         )));
     }
-    let guidance_scale = raw.guidance_scale.unwrap_or(defaults.guidance_scale);
+    let guidance_scale = raw
+        .guidance_scale
+        .unwrap_or(state.info.default_guidance_scale);
     let image_guidance_scale = raw
         .image_guidance_scale
-        .unwrap_or(defaults.image_guidance_scale);
+        .unwrap_or(state.info.default_image_guidance_scale);
     check_range("guidance_scale", guidance_scale, limits.max_guidance_scale)?;
     check_range(
         "image_guidance_scale",

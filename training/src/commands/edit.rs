@@ -32,12 +32,13 @@ pub struct EditArgs {
     /// DDIM's eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// Text guidance scale.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
-    /// Image guidance scale.
-    #[arg(long, default_value_t = 1.5)]
-    pub image_guidance_scale: f64,
+    /// Text guidance scale (default: the model's own, `model_index.json` → `rl4pix.sampling`,
+    /// else 7.5).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Image guidance scale (default: the model's own, else 1.5).
+    #[arg(long)]
+    pub image_guidance_scale: Option<f64>,
     /// Seed of the initial and per-step noise.
     #[arg(long, default_value_t = 0, conflicts_with = "init_latents")]
     pub seed: u64,
@@ -96,10 +97,13 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| pipeline.load_adapter(p))
         .collect::<Result<Vec<Arc<_>>, _>>()?;
+    let defaults = pipeline.default_params();
     let params = EditParams {
         steps: args.steps,
-        guidance_scale: args.guidance_scale,
-        image_guidance_scale: args.image_guidance_scale,
+        guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
+        image_guidance_scale: args
+            .image_guidance_scale
+            .unwrap_or(defaults.image_guidance_scale),
         seed: args.seed,
         scheduler: args.scheduler,
         eta: args.eta,

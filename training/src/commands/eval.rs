@@ -62,12 +62,13 @@ pub struct EvalArgs {
     /// DDIM's eta (0 = deterministic).
     #[arg(long, default_value_t = 0.0)]
     pub eta: f64,
-    /// Text guidance scale.
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
-    /// Image guidance scale.
-    #[arg(long, default_value_t = 1.5)]
-    pub image_guidance_scale: f64,
+    /// Text guidance scale (default: the model's own, `model_index.json` → `rl4pix.sampling`,
+    /// else 7.5).
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Image guidance scale (default: the model's own, else 1.5).
+    #[arg(long)]
+    pub image_guidance_scale: Option<f64>,
     /// Base seed when running the model; each turn's seed derives from it and the turn.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -176,8 +177,13 @@ impl ModelImages {
                 .with_context(|| format!("loading adapter {}", path.display()))?],
             None => Vec::new(),
         };
+        let defaults = model.default_params();
+        let guidance_scale = args.guidance_scale.unwrap_or(defaults.guidance_scale);
+        let image_guidance_scale = args
+            .image_guidance_scale
+            .unwrap_or(defaults.image_guidance_scale);
         anyhow::ensure!(
-            args.guidance_scale.is_finite() && args.image_guidance_scale.is_finite(),
+            guidance_scale.is_finite() && image_guidance_scale.is_finite(),
             "guidance scales must be finite numbers"
         );
         anyhow::ensure!(
@@ -188,9 +194,9 @@ impl ModelImages {
         let mut params = EditParams {
             scheduler: args.scheduler,
             eta: args.eta,
-            guidance_scale: args.guidance_scale,
-            image_guidance_scale: args.image_guidance_scale,
-            ..EditParams::default()
+            guidance_scale,
+            image_guidance_scale,
+            ..defaults
         };
         if let Some(steps) = args.steps {
             anyhow::ensure!(steps > 0, "--steps must be at least 1");

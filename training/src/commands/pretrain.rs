@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use candle_core::{DType, Device};
+use rl4pix_model::scheduler::SchedulerKind;
 
 use crate::pretrain::export::export_model;
 use crate::pretrain::unet::{train, UnetRun, UnetTrainConfig};
@@ -181,6 +182,16 @@ pub struct PretrainExportArgs {
     /// `pretrain-vae --decoder-from`).
     #[arg(long)]
     pub vae: Option<PathBuf>,
+    /// The exported model's own scheduler (`scheduler/scheduler_config.json`; the training
+    /// run's noise schedule and prediction type either way): ddim or euler-ancestral.
+    #[arg(long, value_parser = crate::commands::edit::parse_scheduler)]
+    pub scheduler: Option<SchedulerKind>,
+    /// Guidance the model recommends for itself (`model_index.json` → `rl4pix.sampling`), used
+    /// by `edit`, `eval` and the server when a request names none; both or neither.
+    #[arg(long, requires = "image_guidance_scale")]
+    pub guidance_scale: Option<f64>,
+    #[arg(long, requires = "guidance_scale")]
+    pub image_guidance_scale: Option<f64>,
 }
 
 pub fn run_export(args: PretrainExportArgs) -> anyhow::Result<()> {
@@ -195,6 +206,30 @@ pub fn run_export(args: PretrainExportArgs) -> anyhow::Result<()> {
         dtype,
     )
     .with_context(|| format!("export to {}", args.out.display()))?;
+    if let Some(kind) = args.scheduler {
+        let path = args.out.join("scheduler").join("scheduler_config.json");
+        let mut config: serde_json::Value = crate::pretrain::read_json(&path)?;
+        config["_class_name"] = serde_json::json!(kind.class_name());
+        crate::pretrain::write_json(&path, &config)?;
+        let index_path = args.out.join("model_index.json");
+        let mut index: serde_json::Value = crate::pretrain::read_json(&index_path)?;
+        index["scheduler"] = serde_json::json!(["diffusers", kind.class_name()]);
+        crate::pretrain::write_json(&index_path, &index)?;
+    }
+    if let (Some(guidance_scale), Some(image_guidance_scale)) =
+        (args.guidance_scale, args.image_guidance_scale)
+    {
+        let sampling = rl4pix_model::pipeline::SamplingDefaults {
+            guidance_scale,
+            image_guidance_scale,
+        };
+        let index_path = args.out.join("model_index.json");
+        let mut index: serde_json::Value = crate::pretrain::read_json(&index_path)?;
+        index["rl4pix"]["sampling"] = serde_json::to_value(sampling)?;
+        crate::pretrain::write_json(&index_path, &index)?;
+        // Refuse what the loader would refuse, now rather than at serving time.
+        rl4pix_model::pipeline::SamplingDefaults::of_model_dir(&args.out)?;
+    }
     println!("exported to {}", args.out.display());
     Ok(())
 }
@@ -217,10 +252,12 @@ pub struct ToyGridArgs {
     pub per_kind: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance_scale: f64,
-    #[arg(long, default_value_t = 1.5)]
-    pub image_guidance_scale: f64,
+    /// Default: the model's own (`model_index.json` → `rl4pix.sampling`), else 7.5.
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Default: the model's own, else 1.5.
+    #[arg(long)]
+    pub image_guidance_scale: Option<f64>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Upscaling of the 32x32 images in the picture.
@@ -239,8 +276,12 @@ pub fn run_grid(args: ToyGridArgs) -> anyhow::Result<()> {
         per_kind: args.per_kind,
         params: rl4pix_model::pipeline::EditParams {
             steps: args.steps,
-            guidance_scale: args.guidance_scale,
-            image_guidance_scale: args.image_guidance_scale,
+            guidance_scale: args
+                .guidance_scale
+                .unwrap_or(model.sampling_defaults.guidance_scale),
+            image_guidance_scale: args
+                .image_guidance_scale
+                .unwrap_or(model.sampling_defaults.image_guidance_scale),
             seed: args.seed,
             ..Default::default()
         },

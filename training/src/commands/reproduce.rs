@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use rl4pix_model::pipeline::InstructPix2Pix;
+use rl4pix_model::pipeline::{InstructPix2Pix, SamplingDefaults};
 use rl4pix_model::scheduler::SchedulerKind;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -74,8 +74,8 @@ pub struct ReproduceArgs {
     /// CPU threads for tensor work and synthesis (sets RAYON_NUM_THREADS; default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Sampler of every evaluated row: `eval` (eval's defaults: the model's scheduler, eta 0,
-    /// guidance 7.5 / 1.5, 20 steps) or `policy` (the DDPO policy's: DDIM with sample.eta,
+    /// Sampler of every evaluated row: `eval` (eval's defaults: the model's scheduler and
+    /// guidance (`model_index.json` → `rl4pix.sampling`, else 7.5 / 1.5), eta 0, 20 steps) or `policy` (the DDPO policy's: DDIM with sample.eta,
     /// sample.guidance_scale / sample.image_guidance_scale, sample.num_steps).
     #[arg(long, value_enum, default_value = "eval")]
     pub eval_sampler: EvalSampler,
@@ -266,6 +266,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
     let pipeline = InstructPix2Pix::load(&model_dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let fingerprint = pipeline.unet.fingerprint().to_string();
+    let model_sampling = pipeline.sampling_defaults;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut runs = Vec::new();
     for variant in &variants {
@@ -287,7 +288,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
     }
     drop(pipeline);
 
-    let sampler = sampler_spec(&args, &base_config);
+    let sampler = sampler_spec(&args, &base_config, model_sampling);
     let evaluator = EvalContext {
         out: args.out.join("eval"),
         test_dir: test_dir.clone(),
@@ -728,15 +729,19 @@ pub fn first_last_tenth(history: &[EpochLog]) -> (Option<f64>, Option<f64>) {
 
 // ------------------------------------------------------------------ evaluation
 
-fn sampler_spec(args: &ReproduceArgs, config: &DdpoConfig) -> SamplerSpec {
+fn sampler_spec(
+    args: &ReproduceArgs,
+    config: &DdpoConfig,
+    model_sampling: SamplingDefaults,
+) -> SamplerSpec {
     match args.eval_sampler {
         EvalSampler::Eval => SamplerSpec {
             kind: EvalSampler::Eval,
             scheduler: None,
             eta: 0.0,
             steps: args.steps,
-            guidance_scale: 7.5,
-            image_guidance_scale: 1.5,
+            guidance_scale: model_sampling.guidance_scale,
+            image_guidance_scale: model_sampling.image_guidance_scale,
             seed: args.eval_seed,
         },
         EvalSampler::Policy => SamplerSpec {
@@ -817,8 +822,8 @@ impl EvalContext {
             steps: self.sampler.steps,
             scheduler,
             eta: self.sampler.eta,
-            guidance_scale: self.sampler.guidance_scale,
-            image_guidance_scale: self.sampler.image_guidance_scale,
+            guidance_scale: Some(self.sampler.guidance_scale),
+            image_guidance_scale: Some(self.sampler.image_guidance_scale),
             seed: self.sampler.seed,
             out: self.out.join(name).join("generated"),
         };
