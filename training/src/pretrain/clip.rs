@@ -232,7 +232,12 @@ fn pairs(
         negative_images: Vec::new(),
         negative_scenes: Vec::new(),
     };
-    while batch.images.len() < count {
+    // Every turn of this world has a local description; the bound only guards against a world
+    // that stops giving them (a smaller batch then, never a hang).
+    for _ in 0..count * 20 {
+        if batch.images.len() == count {
+            break;
+        }
         let sample = world.random_turn(rng);
         let Some(text) = sample.turn.local_description.clone() else {
             continue;
