@@ -480,6 +480,7 @@ pub fn attention_with_probs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_abs_diff;
     use candle_core::{Device, Var, D};
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Tensor {
@@ -498,17 +499,6 @@ mod tests {
         let out = probs.matmul(&v).unwrap();
         let (b, h, n, d) = out.dims4().unwrap();
         out.transpose(1, 2).unwrap().reshape((b, n, h * d)).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]

@@ -625,22 +625,8 @@ pub fn conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn var(shape: &[usize]) -> Var {
-        Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()).unwrap()
-    }
+    use crate::ops::test_util::{max_abs_diff, var};
+    use candle_core::Device;
 
     #[test]
     fn matches_candle_forward_and_backward() {

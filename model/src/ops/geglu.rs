@@ -112,6 +112,7 @@ pub fn geglu(xs: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_abs_diff as diff;
     use candle_core::{Device, Var, D};
 
     #[test]
@@ -122,16 +123,6 @@ mod tests {
         let fused = geglu(&x).unwrap();
         let chunks = x.chunk(2, D::Minus1).unwrap();
         let reference = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
-        let diff = |a: &Tensor, b: &Tensor| {
-            (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
         assert!(diff(&fused, &reference) < 1e-5);
         let loss = |t: &Tensor| (t * &target).unwrap().sum_all().unwrap();
         let gf = loss(&fused).backward().unwrap();

@@ -392,22 +392,8 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Module, Var};
-
-    fn diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
-    fn var(shape: &[usize]) -> Var {
-        Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()).unwrap()
-    }
+    use crate::ops::test_util::{max_abs_diff as diff, var};
+    use candle_core::{Device, Module};
 
     #[test]
     fn matches_candle_linear_with_gradients() {

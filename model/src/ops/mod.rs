@@ -30,6 +30,8 @@ pub mod linear;
 pub mod modules;
 pub mod norm;
 pub mod residual;
+#[cfg(test)]
+mod test_util;
 pub mod vecmath;
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};

@@ -253,27 +253,39 @@ impl CustomOp3 for GroupNormOp {
                 })
             })
         })?;
-        let per_sample = |offset: usize| -> Result<Tensor> {
-            let mut total = vec![0f32; c];
-            for row in sums.chunks_exact(2 * c) {
-                for (t, &v) in total.iter_mut().zip(&row[offset..offset + c]) {
-                    *t += v;
-                }
-            }
-            cpu_tensor(total, gamma.dims())
-        };
-        let dgamma = if gamma.track_op() {
-            Some(per_sample(0)?)
-        } else {
-            None
-        };
-        let dbeta = if beta.track_op() {
-            Some(per_sample(c)?.reshape(beta.dims())?)
-        } else {
-            None
-        };
+        let (dgamma, dbeta) = affine_grads(&sums, c, gamma, beta)?;
         Ok((Some(cpu_tensor(dx, x.dims())?), dgamma, dbeta))
     }
+}
+
+/// Weight and bias gradients of a norm's affine step from per-task partial sums laid out as
+/// `[d_gamma (width) | d_beta (width)]` per task; `None` for a parameter that tracks no gradient.
+fn affine_grads(
+    partials: &[f32],
+    width: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let sum = |offset: usize| {
+        let mut total = vec![0f32; width];
+        for task in partials.chunks_exact(2 * width) {
+            for (t, &v) in total.iter_mut().zip(&task[offset..offset + width]) {
+                *t += v;
+            }
+        }
+        total
+    };
+    let dgamma = if gamma.track_op() {
+        Some(cpu_tensor(sum(0), gamma.dims())?)
+    } else {
+        None
+    };
+    let dbeta = if beta.track_op() {
+        Some(cpu_tensor(sum(width), beta.dims())?)
+    } else {
+        None
+    };
+    Ok((dgamma, dbeta))
 }
 
 /// GroupNorm over `(B, C, ...)` with per-channel weight and bias, then SiLU when `with_silu`.
@@ -448,25 +460,7 @@ impl CustomOp3 for LayerNormOp {
                 })
             })
         })?;
-        let total = |offset: usize| -> Result<Tensor> {
-            let mut acc = vec![0f32; width];
-            for p in partials.chunks_exact(2 * width) {
-                for (a, &v) in acc.iter_mut().zip(&p[offset..offset + width]) {
-                    *a += v;
-                }
-            }
-            cpu_tensor(acc, gamma.dims())
-        };
-        let dgamma = if gamma.track_op() {
-            Some(total(0)?)
-        } else {
-            None
-        };
-        let dbeta = if beta.track_op() {
-            Some(total(width)?.reshape(beta.dims())?)
-        } else {
-            None
-        };
+        let (dgamma, dbeta) = affine_grads(&partials, width, gamma, beta)?;
         Ok((Some(cpu_tensor(dx, x.dims())?), dgamma, dbeta))
     }
 }
@@ -483,18 +477,8 @@ pub fn layer_norm(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_abs_diff;
     use candle_core::{Device, Module, Var};
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
 
     fn var(shape: &[usize], mean: f32) -> Var {
         Var::from_tensor(&Tensor::randn(mean, 1.0, shape, &Device::Cpu).unwrap()).unwrap()
