@@ -206,26 +206,25 @@ pub fn run_export(args: PretrainExportArgs) -> anyhow::Result<()> {
         dtype,
     )
     .with_context(|| format!("export to {}", args.out.display()))?;
-    if let Some(kind) = args.scheduler {
-        let path = args.out.join("scheduler").join("scheduler_config.json");
-        let mut config: serde_json::Value = crate::pretrain::read_json(&path)?;
-        config["_class_name"] = serde_json::json!(kind.class_name());
-        crate::pretrain::write_json(&path, &config)?;
+    if args.scheduler.is_some() || args.guidance_scale.is_some() {
         let index_path = args.out.join("model_index.json");
         let mut index: serde_json::Value = crate::pretrain::read_json(&index_path)?;
-        index["scheduler"] = serde_json::json!(["diffusers", kind.class_name()]);
-        crate::pretrain::write_json(&index_path, &index)?;
-    }
-    if let (Some(guidance_scale), Some(image_guidance_scale)) =
-        (args.guidance_scale, args.image_guidance_scale)
-    {
-        let sampling = rl4pix_model::pipeline::SamplingDefaults {
-            guidance_scale,
-            image_guidance_scale,
-        };
-        let index_path = args.out.join("model_index.json");
-        let mut index: serde_json::Value = crate::pretrain::read_json(&index_path)?;
-        index["rl4pix"]["sampling"] = serde_json::to_value(sampling)?;
+        if let Some(kind) = args.scheduler {
+            let path = args.out.join("scheduler").join("scheduler_config.json");
+            let mut config: serde_json::Value = crate::pretrain::read_json(&path)?;
+            config["_class_name"] = serde_json::json!(kind.class_name());
+            crate::pretrain::write_json(&path, &config)?;
+            index["scheduler"] = serde_json::json!(["diffusers", kind.class_name()]);
+        }
+        if let (Some(guidance_scale), Some(image_guidance_scale)) =
+            (args.guidance_scale, args.image_guidance_scale)
+        {
+            index["rl4pix"]["sampling"] =
+                serde_json::to_value(rl4pix_model::pipeline::SamplingDefaults {
+                    guidance_scale,
+                    image_guidance_scale,
+                })?;
+        }
         crate::pretrain::write_json(&index_path, &index)?;
         // Refuse what the loader would refuse, now rather than at serving time.
         rl4pix_model::pipeline::SamplingDefaults::of_model_dir(&args.out)?;

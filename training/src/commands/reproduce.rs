@@ -75,8 +75,9 @@ pub struct ReproduceArgs {
     #[arg(long)]
     pub threads: Option<usize>,
     /// Sampler of every evaluated row: `eval` (eval's defaults: the model's scheduler and
-    /// guidance (`model_index.json` → `rl4pix.sampling`, else 7.5 / 1.5), eta 0, 20 steps) or `policy` (the DDPO policy's: DDIM with sample.eta,
-    /// sample.guidance_scale / sample.image_guidance_scale, sample.num_steps).
+    /// guidance (`model_index.json` → `rl4pix.sampling`, else 7.5 / 1.5), eta 0, 20 steps) or
+    /// `policy` (the DDPO policy's: DDIM with sample.eta, sample.guidance_scale /
+    /// sample.image_guidance_scale, sample.num_steps).
     #[arg(long, value_enum, default_value = "eval")]
     pub eval_sampler: EvalSampler,
     /// Denoising steps of the evaluation (overrides the sampler's).
