@@ -283,11 +283,17 @@ impl InstructPix2Pix {
         self.vae.scale_factor()
     }
 
-    /// [`EditParams::default`] with this model's own guidance scales.
-    pub fn default_params(&self) -> EditParams {
+    /// [`EditParams::default`] with the guidance scales the caller names, this model's own
+    /// ([`Self::sampling_defaults`]) otherwise.
+    pub fn params_with_guidance(
+        &self,
+        guidance_scale: Option<f64>,
+        image_guidance_scale: Option<f64>,
+    ) -> EditParams {
+        let own = self.sampling_defaults;
         EditParams {
-            guidance_scale: self.sampling_defaults.guidance_scale,
-            image_guidance_scale: self.sampling_defaults.image_guidance_scale,
+            guidance_scale: guidance_scale.unwrap_or(own.guidance_scale),
+            image_guidance_scale: image_guidance_scale.unwrap_or(own.image_guidance_scale),
             ..EditParams::default()
         }
     }

@@ -97,17 +97,13 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
         .iter()
         .map(|p| pipeline.load_adapter(p))
         .collect::<Result<Vec<Arc<_>>, _>>()?;
-    let defaults = pipeline.default_params();
     let params = EditParams {
         steps: args.steps,
-        guidance_scale: args.guidance_scale.unwrap_or(defaults.guidance_scale),
-        image_guidance_scale: args
-            .image_guidance_scale
-            .unwrap_or(defaults.image_guidance_scale),
         seed: args.seed,
         scheduler: args.scheduler,
         eta: args.eta,
         capture_attention: args.attention_out.is_some(),
+        ..pipeline.params_with_guidance(args.guidance_scale, args.image_guidance_scale)
     };
     let request = EditRequest {
         image: &image,

@@ -177,13 +177,9 @@ impl ModelImages {
                 .with_context(|| format!("loading adapter {}", path.display()))?],
             None => Vec::new(),
         };
-        let defaults = model.default_params();
-        let guidance_scale = args.guidance_scale.unwrap_or(defaults.guidance_scale);
-        let image_guidance_scale = args
-            .image_guidance_scale
-            .unwrap_or(defaults.image_guidance_scale);
+        let defaults = model.params_with_guidance(args.guidance_scale, args.image_guidance_scale);
         anyhow::ensure!(
-            guidance_scale.is_finite() && image_guidance_scale.is_finite(),
+            defaults.guidance_scale.is_finite() && defaults.image_guidance_scale.is_finite(),
             "guidance scales must be finite numbers"
         );
         anyhow::ensure!(
@@ -194,8 +190,6 @@ impl ModelImages {
         let mut params = EditParams {
             scheduler: args.scheduler,
             eta: args.eta,
-            guidance_scale,
-            image_guidance_scale,
             ..defaults
         };
         if let Some(steps) = args.steps {

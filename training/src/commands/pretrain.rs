@@ -275,14 +275,8 @@ pub fn run_grid(args: ToyGridArgs) -> anyhow::Result<()> {
         per_kind: args.per_kind,
         params: rl4pix_model::pipeline::EditParams {
             steps: args.steps,
-            guidance_scale: args
-                .guidance_scale
-                .unwrap_or(model.sampling_defaults.guidance_scale),
-            image_guidance_scale: args
-                .image_guidance_scale
-                .unwrap_or(model.sampling_defaults.image_guidance_scale),
             seed: args.seed,
-            ..Default::default()
+            ..model.params_with_guidance(args.guidance_scale, args.image_guidance_scale)
         },
         scale: args.scale,
         out_dir: &args.out,
