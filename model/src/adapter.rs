@@ -145,7 +145,7 @@ impl LoraAdapter {
             } else {
                 ModelError::Io {
                     path: path.to_path_buf(),
-                    source,
+                    cause: source,
                 }
             }
         })?;
@@ -261,7 +261,7 @@ impl LoraAdapter {
         ));
         let io_error = |path: &Path, source| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         };
         let written = (|| {
             use std::io::Write;

@@ -15,7 +15,7 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     }
     let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     serde_json::from_str(&text).map_err(|e| ModelError::Config {
         file: path.to_path_buf(),

@@ -7,11 +7,11 @@ pub enum ModelError {
     #[error("{}: file not found", path.display())]
     MissingFile { path: PathBuf },
 
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, not also a `source()`: error chains print each link once.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{}: invalid config: {message}", file.display())]

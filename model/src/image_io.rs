@@ -28,7 +28,7 @@ pub fn decode_image(bytes: &[u8]) -> Result<RgbImage> {
 pub fn load_image(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     decode_image(&bytes).map_err(|e| match e {
         ModelError::Image(message) => ModelError::Image(format!("{}: {message}", path.display())),

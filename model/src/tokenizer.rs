@@ -565,7 +565,7 @@ impl ClipBpe {
         let merges_text =
             std::fs::read_to_string(merges_path).map_err(|source| ModelError::Io {
                 path: merges_path.to_path_buf(),
-                source,
+                cause: source,
             })?;
         let merges = parse_merges(&merges_text, merges_path, &vocab)?;
         let unk_id = vocab.get(&special.unk.content).copied();

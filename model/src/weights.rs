@@ -64,7 +64,7 @@ pub fn check_safetensors_layout(file: &Path) -> Result<()> {
     };
     let io = |source| ModelError::Io {
         path: file.to_path_buf(),
-        source,
+        cause: source,
     };
     let mut f = std::fs::File::open(file).map_err(io)?;
     let file_len = f.metadata().map_err(io)?.len();

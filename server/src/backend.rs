@@ -286,7 +286,7 @@ impl Backend for ModelBackend {
     fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError> {
         let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let name = path
             .file_stem()

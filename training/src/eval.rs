@@ -62,12 +62,11 @@ pub enum EvalError {
     },
     #[error(transparent)]
     Data(#[from] DataError),
-    #[error("session {session} turn {turn}: {source}")]
+    #[error("session {session} turn {turn}: {cause}")]
     Metric {
         session: String,
         turn: usize,
-        #[source]
-        source: MetricError,
+        cause: MetricError,
     },
     #[error("editing session {session} turn {turn}: {message}")]
     Edit {
@@ -109,7 +108,7 @@ pub fn score_turn(
     let wrap = |source: MetricError| EvalError::Metric {
         session: turn.session_id.clone(),
         turn: turn.turn_index,
-        source,
+        cause: source,
     };
     let size = turn.target.dimensions();
     let original = generated;

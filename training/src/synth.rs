@@ -1032,7 +1032,7 @@ where
 {
     let io = |source| crate::data::DataError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let file = std::fs::File::create(path).map_err(io)?;
     let encoder = image::codecs::png::PngEncoder::new_with_quality(
@@ -1058,7 +1058,7 @@ fn write_session(
     let dir = images.join(&id);
     std::fs::create_dir_all(&dir).map_err(|source| crate::data::DataError::Io {
         path: dir.clone(),
-        source,
+        cause: source,
     })?;
     let input = format!("{id}-input.png");
     let mut written = WrittenSession {
@@ -1106,7 +1106,7 @@ fn write_json(path: &std::path::Path, value: &serde_json::Value) -> crate::data:
     })?;
     std::fs::write(path, text).map_err(|source| crate::data::DataError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })
 }
 
@@ -1124,7 +1124,7 @@ pub fn write_folder(
     let images = out.join("images");
     std::fs::create_dir_all(&images).map_err(|source| crate::data::DataError::Io {
         path: images.clone(),
-        source,
+        cause: source,
     })?;
     let threads = threads.max(1) as u64;
     let mut parts: Vec<crate::data::Result<Vec<WrittenSession>>> = Vec::new();

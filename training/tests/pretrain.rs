@@ -199,8 +199,54 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
     }
 
     let model_dir = tmp.path().join("model");
-    export::export_model(&run_dir, None, &model_dir, true, DType::F16).expect("export");
+    export::export_model(
+        &run_dir,
+        None,
+        &model_dir,
+        &export::ExportOptions::default(),
+    )
+    .expect("export");
     let pipeline = InstructPix2Pix::load(&model_dir, &Device::Cpu).expect("load");
+    // An export that cannot finish (here: a VAE folder that does not exist; then a guidance the
+    // loader refuses) says why and leaves the model it would have replaced as it was.
+    std::fs::write(model_dir.join("README.md"), "kept").unwrap();
+    let before = std::fs::read(model_dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap();
+    let refused = [
+        export::ExportOptions {
+            vae_source: Some(tmp.path().join("no-such-vae")),
+            dtype: DType::F32,
+            ..export::ExportOptions::default()
+        },
+        export::ExportOptions {
+            sampling: Some(rl4pix_model::pipeline::SamplingDefaults {
+                guidance_scale: -1.0,
+                image_guidance_scale: 1.5,
+            }),
+            dtype: DType::F32,
+            ..export::ExportOptions::default()
+        },
+    ];
+    for (options, reason) in refused.iter().zip(["no-such-vae", "guidance_scale"]) {
+        let err = export::export_model(&run_dir, None, &model_dir, options)
+            .expect_err("a bad export is refused")
+            .to_string();
+        assert!(err.contains(reason), "error names {reason}: {err}");
+        assert_eq!(
+            std::fs::read(model_dir.join("unet/diffusion_pytorch_model.safetensors")).unwrap(),
+            before,
+            "a refused export left the old weights"
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(model_dir.join("README.md")).unwrap(),
+        "kept"
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".export-"))
+        .collect();
+    assert!(leftovers.is_empty(), "staging folders left behind");
     let turn = SynthWorld::new(16, 99).session(0).turns.remove(0);
     let params = EditParams {
         steps: 2,

@@ -259,7 +259,7 @@ impl ModelImages {
             if let Some(parent) = path.parent() {
                 std::fs::create_dir_all(parent).map_err(|source| crate::data::DataError::Io {
                     path: parent.to_path_buf(),
-                    source,
+                    cause: source,
                 })?;
             }
             image

@@ -8,7 +8,7 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use rl4pix_model::scheduler::SchedulerKind;
 
-use crate::pretrain::export::export_model;
+use crate::pretrain::export::{export_model, ExportOptions};
 use crate::pretrain::unet::{train, UnetRun, UnetTrainConfig};
 
 #[derive(clap::Args, Debug)]
@@ -154,7 +154,11 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(out) = &args.export {
-        export_model(&args.out, None, out, args.ema_decay > 0.0, DType::F16)
+        let options = ExportOptions {
+            use_ema: args.ema_decay > 0.0,
+            ..ExportOptions::default()
+        };
+        export_model(&args.out, None, out, &options)
             .with_context(|| format!("export to {}", out.display()))?;
         println!("exported to {}", out.display());
     }
@@ -195,40 +199,23 @@ pub struct PretrainExportArgs {
 }
 
 pub fn run_export(args: PretrainExportArgs) -> anyhow::Result<()> {
-    let dtype = if args.f32 { DType::F32 } else { DType::F16 };
-    let vae_dir = args.vae.clone().unwrap_or_else(|| args.run.join("vae"));
-    crate::pretrain::export::export_model_with_vae(
-        &args.run,
-        args.checkpoint.as_deref(),
-        &vae_dir,
-        &args.out,
-        !args.no_ema,
-        dtype,
-    )
-    .with_context(|| format!("export to {}", args.out.display()))?;
-    if args.scheduler.is_some() || args.guidance_scale.is_some() {
-        let index_path = args.out.join("model_index.json");
-        let mut index: serde_json::Value = crate::pretrain::read_json(&index_path)?;
-        if let Some(kind) = args.scheduler {
-            let path = args.out.join("scheduler").join("scheduler_config.json");
-            let mut config: serde_json::Value = crate::pretrain::read_json(&path)?;
-            config["_class_name"] = serde_json::json!(kind.class_name());
-            crate::pretrain::write_json(&path, &config)?;
-            index["scheduler"] = serde_json::json!(["diffusers", kind.class_name()]);
-        }
-        if let (Some(guidance_scale), Some(image_guidance_scale)) =
-            (args.guidance_scale, args.image_guidance_scale)
-        {
-            index["rl4pix"]["sampling"] =
-                serde_json::to_value(rl4pix_model::pipeline::SamplingDefaults {
+    let options = ExportOptions {
+        use_ema: !args.no_ema,
+        dtype: if args.f32 { DType::F32 } else { DType::F16 },
+        vae_source: args.vae.clone(),
+        scheduler: args.scheduler,
+        sampling: match (args.guidance_scale, args.image_guidance_scale) {
+            (Some(guidance_scale), Some(image_guidance_scale)) => {
+                Some(rl4pix_model::pipeline::SamplingDefaults {
                     guidance_scale,
                     image_guidance_scale,
-                })?;
-        }
-        crate::pretrain::write_json(&index_path, &index)?;
-        // Refuse what the loader would refuse, now rather than at serving time.
-        rl4pix_model::pipeline::SamplingDefaults::of_model_dir(&args.out)?;
-    }
+                })
+            }
+            _ => None,
+        },
+    };
+    export_model(&args.run, args.checkpoint.as_deref(), &args.out, &options)
+        .with_context(|| format!("export to {}", args.out.display()))?;
     println!("exported to {}", args.out.display());
     Ok(())
 }

@@ -76,11 +76,11 @@ pub enum DataError {
     #[error("{}: not found", path.display())]
     MissingFile { path: PathBuf },
 
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, not also a `source()`: error chains print each link once.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{what}: cannot decode image: {message}")]
@@ -179,7 +179,7 @@ pub fn read_image_file(path: &Path) -> Result<DynamicImage> {
     }
     let bytes = std::fs::read(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     decode_image_bytes(&bytes, &path.display().to_string())
 }

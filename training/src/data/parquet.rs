@@ -52,13 +52,13 @@ fn file_in_split(root: &Path, file: &Path, split: &str) -> bool {
 fn collect_parquet_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|source| DataError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })?;
     for entry in entries {
         let path = entry
             .map_err(|source| DataError::Io {
                 path: dir.to_path_buf(),
-                source,
+                cause: source,
             })?
             .path();
         if path.is_dir() {
@@ -80,7 +80,7 @@ fn parquet_error(path: &Path, e: impl std::fmt::Display) -> DataError {
 fn open_reader(path: &Path) -> Result<SerializedFileReader<File>> {
     let file = File::open(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     SerializedFileReader::new(file).map_err(|e| parquet_error(path, e))
 }

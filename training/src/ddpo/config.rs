@@ -441,7 +441,7 @@ impl ConfigTree {
     fn apply_toml_file(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path).map_err(|source| DdpoError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let table: toml::Table = toml::from_str(&text).map_err(|e| DdpoError::Config {
             key: path.display().to_string(),

@@ -25,11 +25,11 @@ pub enum DdpoError {
     #[error("config `{key}`: {message}")]
     Config { key: String, message: String },
 
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, not also a `source()`: error chains print each link once.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("checkpoint {}: {message}", path.display())]
@@ -69,6 +69,6 @@ pub type Result<T> = std::result::Result<T, DdpoError>;
 pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> DdpoError + '_ {
     move |source| DdpoError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }

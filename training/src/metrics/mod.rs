@@ -26,7 +26,15 @@ pub enum MetricError {
     #[error("SSIM needs images of at least {min}x{min} pixels (its Gaussian window), got {width}x{height}")]
     TooSmall { min: usize, width: u32, height: u32 },
     #[error("CLIP-T: {0}")]
-    Clip(#[from] rl4pix_model::ModelError),
+    Clip(rl4pix_model::ModelError),
+}
+
+// By hand rather than `#[from]`, which would also make the model error the `source()` and print
+// it twice in an error chain.
+impl From<rl4pix_model::ModelError> for MetricError {
+    fn from(error: rl4pix_model::ModelError) -> Self {
+        Self::Clip(error)
+    }
 }
 
 pub type Result<T> = std::result::Result<T, MetricError>;

@@ -23,11 +23,11 @@ pub enum PretrainError {
     #[error("checkpoint {}: {message}", path.display())]
     Checkpoint { path: PathBuf, message: String },
 
-    #[error("{}: {source}", path.display())]
+    // The cause is in the message, not also a `source()`: error chains print each link once.
+    #[error("{}: {cause}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     #[error("{}: {message}", path.display())]
@@ -53,7 +53,7 @@ pub(crate) fn io_error(
 ) -> impl FnOnce(std::io::Error) -> PretrainError + '_ {
     move |source| PretrainError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     }
 }
 
