@@ -105,11 +105,22 @@ if [ "$(latest_step unet)" -lt 7000 ]; then
     $(start_flags unet --init-from unet-v/checkpoints/step-0001000)
 fi
 
+# 6. v-prediction continued from step 7000's weights, seed 32: a fresh 4000-step cosine schedule
+#    at half the learning rate.
+if [ "$(latest_step unet-final)" -lt 4000 ]; then
+  stamp "unet-final to 4000"
+  "$BIN" pretrain --out unet-final --vae vae/vae --seed 32 --steps 4000 --lr 2e-4 --warmup 100 \
+    --prediction-type v_prediction "${UNET[@]}" \
+    $(start_flags unet-final --init-from unet/checkpoints/step-0007000)
+fi
+
 stamp "waiting for the decoder and the CLIP"
 wait "$SIDE"
 
-# 6. Export (EMA weights, f16) with the fine-tuned decoder, and the CLIP beside it.
-"$BIN" pretrain-export --run unet --vae vae-dec2/vae --out model
+# 7. Export (EMA weights, f16) with the fine-tuned decoder, the model's own sampler (DDIM,
+#    guidance 2 / 1.5, chosen on a validation world), and the CLIP beside it.
+"$BIN" pretrain-export --run unet-final --vae vae-dec2/vae --out model \
+  --scheduler ddim --guidance-scale 2 --image-guidance-scale 1.5
 rm -rf model/clip
 cp -r clip/clip model/clip
 stamp "done: $OUT/model"
