@@ -10,7 +10,7 @@ use rl4pix_model::pipeline::{EditParams, InstructPix2Pix};
 use rl4pix_training::pretrain::log::read_log;
 use rl4pix_training::pretrain::unet::{UnetRun, UnetTrainConfig};
 use rl4pix_training::pretrain::vae::{VaeRun, VaeTrainConfig};
-use rl4pix_training::pretrain::{checkpoint, export, unet, vae};
+use rl4pix_training::pretrain::{checkpoint, export, unet, vae, Cadence};
 use rl4pix_training::synth::SynthWorld;
 
 fn tiny_vae(run_dir: &Path, steps: usize, resume: Option<&Path>) -> VaeRun {
@@ -29,9 +29,11 @@ fn tiny_vae(run_dir: &Path, steps: usize, resume: Option<&Path>) -> VaeRun {
             ..VaeTrainConfig::default()
         },
         resume: resume.map(Path::to_path_buf),
-        checkpoint_every: 5,
-        log_every: 5,
-        eval_every: 0,
+        cadence: Cadence {
+            checkpoint_every: 5,
+            log_every: 5,
+            eval_every: 0,
+        },
         stop_after: None,
         device: Device::Cpu,
     }
@@ -145,9 +147,11 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             ..UnetTrainConfig::default()
         },
         resume: None,
-        checkpoint_every: 30,
-        log_every: 5,
-        eval_every: 30,
+        cadence: Cadence {
+            checkpoint_every: 30,
+            log_every: 5,
+            eval_every: 30,
+        },
         stop_after: None,
         device: Device::Cpu,
     };
@@ -170,9 +174,11 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             ..run.config.clone()
         },
         resume: resume.then(|| tmp.path().join(dir)),
-        checkpoint_every: 100,
-        log_every: 5,
-        eval_every: 0,
+        cadence: Cadence {
+            checkpoint_every: 100,
+            log_every: 5,
+            eval_every: 0,
+        },
         stop_after,
         device: Device::Cpu,
     };
@@ -279,8 +285,11 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             init_from: Some(run_dir.clone()),
             ..run.config.clone()
         },
-        eval_every: 1,
-        log_every: 1,
+        cadence: Cadence {
+            eval_every: 1,
+            log_every: 1,
+            ..run.cadence
+        },
         ..run
     };
     unet::train(&warm).expect("warm start");
@@ -359,9 +368,11 @@ fn tiny_clip_trains_and_loads_as_a_clip_t_scorer() {
             ..ClipTrainConfig::default()
         },
         resume: None,
-        checkpoint_every: 20,
-        log_every: 5,
-        eval_every: 0,
+        cadence: Cadence {
+            checkpoint_every: 20,
+            log_every: 5,
+            eval_every: 0,
+        },
         device: Device::Cpu,
     })
     .expect("train");

@@ -10,6 +10,7 @@ use rl4pix_model::scheduler::SchedulerKind;
 
 use crate::pretrain::export::{export_model, ExportOptions};
 use crate::pretrain::unet::{train, UnetRun, UnetTrainConfig};
+use crate::pretrain::Cadence;
 
 #[derive(clap::Args, Debug)]
 pub struct PretrainArgs {
@@ -108,9 +109,11 @@ impl PretrainArgs {
                 ..UnetTrainConfig::default()
             },
             resume: self.resume.clone(),
-            checkpoint_every: self.checkpoint_every,
-            log_every: self.log_every,
-            eval_every: self.eval_every,
+            cadence: Cadence {
+                checkpoint_every: self.checkpoint_every,
+                log_every: self.log_every,
+                eval_every: self.eval_every,
+            },
             stop_after: self.stop_after,
             device: Device::Cpu,
         }

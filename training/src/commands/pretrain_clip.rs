@@ -6,6 +6,7 @@ use anyhow::Context;
 use candle_core::Device;
 
 use crate::pretrain::clip::{train, ClipRun, ClipTrainConfig};
+use crate::pretrain::Cadence;
 
 #[derive(clap::Args, Debug)]
 pub struct PretrainClipArgs {
@@ -95,9 +96,11 @@ pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
             ..ClipTrainConfig::default()
         },
         resume: args.resume,
-        checkpoint_every: args.checkpoint_every,
-        log_every: args.log_every,
-        eval_every: args.eval_every,
+        cadence: Cadence {
+            checkpoint_every: args.checkpoint_every,
+            log_every: args.log_every,
+            eval_every: args.eval_every,
+        },
         device: Device::Cpu,
     };
     let summary = train(&run).context("pretrain-clip")?;

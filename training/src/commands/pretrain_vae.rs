@@ -6,6 +6,7 @@ use anyhow::Context;
 use candle_core::Device;
 
 use crate::pretrain::vae::{train, VaeRun, VaeTrainConfig};
+use crate::pretrain::Cadence;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct PretrainVaeArgs {
@@ -80,9 +81,11 @@ impl PretrainVaeArgs {
                 ..VaeTrainConfig::default()
             },
             resume: self.resume.clone(),
-            checkpoint_every: self.checkpoint_every,
-            log_every: self.log_every,
-            eval_every: self.eval_every,
+            cadence: Cadence {
+                checkpoint_every: self.checkpoint_every,
+                log_every: self.log_every,
+                eval_every: self.eval_every,
+            },
             stop_after: self.stop_after,
             device: Device::Cpu,
         }

@@ -290,9 +290,8 @@ pub struct ClipRun {
     pub run_dir: PathBuf,
     pub config: ClipTrainConfig,
     pub resume: Option<PathBuf>,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
-    pub eval_every: usize,
+    /// How often it checkpoints, logs and evaluates.
+    pub cadence: Cadence,
     pub device: Device,
 }
 
@@ -418,11 +417,8 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
         &run.run_dir,
         "clip",
         (config.steps, config.lr, config.warmup),
-        Cadence {
-            checkpoint_every: run.checkpoint_every,
-            log_every: run.log_every,
-            eval_every: run.eval_every,
-        },
+        run.cadence,
+        None,
         config_json,
     );
     let summary = super::train_loop(

@@ -79,9 +79,7 @@ pub struct LoopSpec<'a> {
     pub label: &'a str,
     /// Also fixes the run's length (`schedule.total_steps`).
     pub schedule: schedule::LrSchedule,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
-    pub eval_every: usize,
+    pub cadence: Cadence,
     pub max_grad_norm: Option<f64>,
     /// The run's configuration, stored in every checkpoint.
     pub config: serde_json::Value,
@@ -106,6 +104,7 @@ impl<'a> LoopSpec<'a> {
         label: &'a str,
         (steps, lr, warmup): (usize, f64, usize),
         cadence: Cadence,
+        stop_after: Option<usize>,
         config: serde_json::Value,
     ) -> Self {
         Self {
@@ -117,12 +116,10 @@ impl<'a> LoopSpec<'a> {
                 total_steps: steps,
                 min_ratio: 0.05,
             },
-            checkpoint_every: cadence.checkpoint_every,
-            log_every: cadence.log_every,
-            eval_every: cadence.eval_every,
+            cadence,
             max_grad_norm: Some(1.0),
             config,
-            stop_after: None,
+            stop_after,
         }
     }
 }
@@ -230,9 +227,9 @@ pub fn train_loop(
             "{:.4}",
             recent.iter().sum::<f64>() / recent.len() as f64
         ));
-        let eval_now = spec.eval_every > 0
-            && (done % spec.eval_every == 0 || done == spec.schedule.total_steps);
-        if done % spec.log_every.max(1) == 0 || eval_now {
+        let eval_now = spec.cadence.eval_every > 0
+            && (done % spec.cadence.eval_every == 0 || done == spec.schedule.total_steps);
+        if done % spec.cadence.log_every.max(1) == 0 || eval_now {
             let mean = window.iter().sum::<f64>() / window.len().max(1) as f64;
             window.clear();
             let eval_value = if eval_now { Some(eval(done)?) } else { None };
@@ -248,7 +245,7 @@ pub fn train_loop(
                 eval: eval_value,
             })?;
         }
-        if done % spec.checkpoint_every.max(1) == 0 || done == end {
+        if done % spec.cadence.checkpoint_every.max(1) == 0 || done == end {
             save(done, optimizer, ema.as_deref(), rng)?;
         }
     }

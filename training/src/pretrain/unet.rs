@@ -162,9 +162,8 @@ pub struct UnetRun {
     pub vae_dir: PathBuf,
     pub config: UnetTrainConfig,
     pub resume: Option<PathBuf>,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
-    pub eval_every: usize,
+    /// How often it checkpoints, logs and evaluates.
+    pub cadence: Cadence,
     /// Stop this invocation after this step (see [`LoopSpec::stop_after`]).
     pub stop_after: Option<usize>,
     pub device: Device,
@@ -454,20 +453,14 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         let no_text = (pred - target)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
         Ok(json!({"val_loss": loss, "val_loss_no_text": no_text}))
     };
-    let spec = LoopSpec {
-        stop_after: run.stop_after,
-        ..LoopSpec::cosine(
-            &run.run_dir,
-            "unet",
-            (config.steps, config.lr, config.warmup),
-            Cadence {
-                checkpoint_every: run.checkpoint_every,
-                log_every: run.log_every,
-                eval_every: run.eval_every,
-            },
-            config_json,
-        )
-    };
+    let spec = LoopSpec::cosine(
+        &run.run_dir,
+        "unet",
+        (config.steps, config.lr, config.warmup),
+        run.cadence,
+        run.stop_after,
+        config_json,
+    );
     let summary = super::train_loop(
         &spec,
         TrainState {

@@ -86,9 +86,8 @@ pub struct VaeRun {
     pub run_dir: PathBuf,
     pub config: VaeTrainConfig,
     pub resume: Option<PathBuf>,
-    pub checkpoint_every: usize,
-    pub log_every: usize,
-    pub eval_every: usize,
+    /// How often it checkpoints, logs and evaluates.
+    pub cadence: Cadence,
     /// Stop this invocation after this step (see [`LoopSpec::stop_after`]); nothing is exported.
     pub stop_after: Option<usize>,
     pub device: Device,
@@ -208,20 +207,14 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
             ckpt.dir.display()
         );
     }
-    let spec = LoopSpec {
-        stop_after: run.stop_after,
-        ..LoopSpec::cosine(
-            &run.run_dir,
-            "vae",
-            (config.steps, config.lr, config.warmup),
-            Cadence {
-                checkpoint_every: run.checkpoint_every,
-                log_every: run.log_every,
-                eval_every: run.eval_every,
-            },
-            config_json,
-        )
-    };
+    let spec = LoopSpec::cosine(
+        &run.run_dir,
+        "vae",
+        (config.steps, config.lr, config.warmup),
+        run.cadence,
+        run.stop_after,
+        config_json,
+    );
     let summary = super::train_loop(
         &spec,
         TrainState {
