@@ -165,16 +165,9 @@ impl Default for SamplingDefaults {
 }
 
 /// Where [`SamplingDefaults`] live in `model_index.json`.
-pub const SAMPLING_DEFAULTS_KEY: &str = "rl4pix.sampling";
+const SAMPLING_DEFAULTS_KEY: &str = "rl4pix.sampling";
 
 impl SamplingDefaults {
-    /// The defaults a model folder records (InstructPix2Pix's when it records none).
-    pub fn of_model_dir(dir: &Path) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        let index: ModelIndex = read_json(&index_path)?;
-        Self::from_index(&index_path, index.rl4pix)
-    }
-
     fn from_index(index_path: &Path, section: Option<Rl4pixIndex>) -> Result<Self> {
         let defaults = section
             .and_then(|section| section.sampling)

@@ -357,7 +357,6 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
-    /// The kind a diffusers `_class_name` names.
     /// diffusers' class name (`_class_name` in `scheduler_config.json`).
     pub fn class_name(self) -> &'static str {
         match self {
@@ -366,6 +365,7 @@ impl SchedulerKind {
         }
     }
 
+    /// The kind a diffusers `_class_name` names.
     pub fn from_class_name(name: &str) -> Option<Self> {
         match name {
             "DDIMScheduler" => Some(Self::Ddim),

@@ -162,13 +162,11 @@ fn write_model(
         }
     })?;
     let mut scheduler: serde_json::Value = read_json(&run_dir.join("scheduler_config.json"))?;
-    let scheduler_class = match options.scheduler {
-        Some(kind) => {
-            scheduler["_class_name"] = json!(kind.class_name());
-            kind.class_name()
-        }
-        None => "EulerAncestralDiscreteScheduler",
-    };
+    if let Some(kind) = options.scheduler {
+        scheduler["_class_name"] = json!(kind.class_name());
+    }
+    // The index names the class the scheduler folder holds.
+    let scheduler_class = scheduler["_class_name"].clone();
     let mut rl4pix = json!({
         "trained_steps": ckpt.state.step,
         "ema": use_ema,
