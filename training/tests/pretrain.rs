@@ -153,6 +153,7 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             eval_every: 30,
         },
         stop_after: None,
+        data_parallel: 1,
         device: Device::Cpu,
     };
     let summary = unet::train(&run).expect("train");
@@ -164,9 +165,10 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
     assert!(log[5].eval.is_some());
     assert!(run_dir.join("unet.loss.png").is_file());
 
-    // Stopped after step 12 (same 30-step schedule) and resumed: the same weights as one go.
+    // Stopped after step 12 (same 30-step schedule) and resumed with the batch split across
+    // three threads (uneven shards: 1, 1, 2 rows): the same weights as one go on one thread.
     // Both start from this run's weights (initialisation is not seeded).
-    let again = |dir: &str, resume: bool, stop_after: Option<usize>| UnetRun {
+    let again = |dir: &str, resume: bool, stop_after: Option<usize>, data_parallel| UnetRun {
         run_dir: tmp.path().join(dir),
         vae_dir: run.vae_dir.clone(),
         config: UnetTrainConfig {
@@ -180,12 +182,13 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             eval_every: 0,
         },
         stop_after,
+        data_parallel,
         device: Device::Cpu,
     };
-    unet::train(&again("one-go", false, None)).expect("one go");
-    let stopped = unet::train(&again("split", false, Some(12))).expect("stopped run");
+    unet::train(&again("one-go", false, None, 1)).expect("one go");
+    let stopped = unet::train(&again("split", false, Some(12), 1)).expect("stopped run");
     assert_eq!((stopped.step, stopped.total_steps), (12, 30));
-    let resumed = unet::train(&again("split", true, None)).expect("resumed run");
+    let resumed = unet::train(&again("split", true, None, 3)).expect("resumed run");
     assert_eq!(resumed.step, 30);
     let latest = |dir: &str| {
         let ckpt = checkpoint::latest(&tmp.path().join(dir)).expect("list");
@@ -198,6 +201,11 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             .and_then(|d| d.max_all())
             .and_then(|d| d.to_scalar::<f32>())
             .expect("diff");
+        // A key bias adds the same score to every key of a query, which softmax ignores: its
+        // gradient is rounding noise, and Adam turns noise into full-size steps.
+        if name.ends_with("k_proj.bias") {
+            continue;
+        }
         assert!(
             diff < 1e-5,
             "{name} differs by {diff} after stop and resume"

@@ -80,6 +80,12 @@ pub struct PretrainArgs {
     /// schedule still spans --steps and `--resume` carries on (no export until the run ends).
     #[arg(long)]
     pub stop_after: Option<usize>,
+    /// Split each batch across N threads, each running its shard's forward and backward whole
+    /// (set CANDLE_NUM_THREADS=1 and RAYON_NUM_THREADS=1 beside it so the ops inside a shard do
+    /// not also fan out). On two cores this beats two threads inside each op; batches,
+    /// gradients and checkpoints are the same for any N, so a resume may change it.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub data_parallel: u64,
 }
 
 impl PretrainArgs {
@@ -115,6 +121,7 @@ impl PretrainArgs {
                 eval_every: self.eval_every,
             },
             stop_after: self.stop_after,
+            data_parallel: self.data_parallel as usize,
             device: Device::Cpu,
         }
     }

@@ -478,7 +478,7 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
                 positive,
                 excluded,
             )?;
-            Ok(((loss_i + loss_t)? * 0.5)?)
+            super::backprop(&((loss_i + loss_t)? * 0.5)?)
         },
         |_| {
             Ok(json!({

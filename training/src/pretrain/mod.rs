@@ -143,14 +143,28 @@ pub struct LoopSummary {
     pub seconds: f64,
 }
 
-/// Runs steps `start_step..total_steps`: learning rate from the schedule, `step_loss` builds the
-/// loss of one batch (drawing from the RNG), backward, clipped AdamW update, EMA; logs every
+/// One batch's mean loss and the gradients of it.
+pub struct StepGrads {
+    pub loss: f64,
+    pub grads: candle_core::backprop::GradStore,
+}
+
+/// The gradients of a scalar loss.
+pub fn backprop(loss: &candle_core::Tensor) -> Result<StepGrads> {
+    Ok(StepGrads {
+        loss: loss.to_scalar::<f32>()? as f64,
+        grads: loss.backward()?,
+    })
+}
+
+/// Runs steps `start_step..total_steps`: learning rate from the schedule, `step` computes the
+/// loss of one batch (drawing from the RNG) and its gradients, clipped AdamW update, EMA; logs every
 /// `log_every` steps, runs `eval` every `eval_every`, checkpoints every `checkpoint_every` and at
 /// the end, and redraws the loss curve at each checkpoint.
 pub fn train_loop(
     spec: &LoopSpec,
     state: TrainState,
-    mut step_loss: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> Result<candle_core::Tensor>,
+    mut step: impl FnMut(&mut rand_chacha::ChaCha8Rng) -> Result<StepGrads>,
     mut eval: impl FnMut(usize) -> Result<serde_json::Value>,
 ) -> Result<LoopSummary> {
     use indicatif::{ProgressBar, ProgressStyle};
@@ -206,22 +220,23 @@ pub fn train_loop(
     let end = spec.stop_after.map_or(spec.schedule.total_steps, |stop| {
         stop.min(spec.schedule.total_steps)
     });
-    for step in start_step..end {
-        let lr = spec.schedule.at(step);
+    for at in start_step..end {
+        let lr = spec.schedule.at(at);
         optimizer.set_lr(lr);
-        let loss = step_loss(rng)?;
-        let loss_value = loss.to_scalar::<f32>()? as f64;
-        let grads = loss.backward()?;
+        let StepGrads {
+            loss: loss_value,
+            grads,
+        } = step(rng)?;
         let grad_norm = optimizer.step(&grads, spec.max_grad_norm)?;
         if let Some(ema) = ema.as_deref_mut() {
-            ema.update(step)?;
+            ema.update(at)?;
         }
         window.push(loss_value);
         recent.push_back(loss_value);
         if recent.len() > 100 {
             recent.pop_front();
         }
-        let done = step + 1;
+        let done = at + 1;
         bar.set_position(done as u64);
         bar.set_message(format!(
             "{:.4}",

@@ -21,10 +21,10 @@ use serde_json::json;
 
 use super::optim::{named_vars, AdamW, AdamWParams, Ema};
 use super::text::{encode_batch, text_config, world_vocabulary, write_tokenizer, TrainTextEncoder};
-use super::Cadence;
 use super::{
     checkpoint, data, io_error, read_json, write_json, LoopSpec, PretrainError, Result, TrainState,
 };
+use super::{Cadence, StepGrads};
 use crate::synth::SynthWorld;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -166,6 +166,10 @@ pub struct UnetRun {
     pub cadence: Cadence,
     /// Stop this invocation after this step (see [`LoopSpec::stop_after`]).
     pub stop_after: Option<usize>,
+    /// Split each batch across this many threads, one shard each (1: the whole batch on the
+    /// calling thread). Changes speed only, not the batches drawn nor (up to float rounding) the
+    /// gradients, so a run may be resumed with another value.
+    pub data_parallel: usize,
     pub device: Device,
 }
 
@@ -242,6 +246,34 @@ fn prepare_run_dir(run: &UnetRun, vae_latent_channels: usize) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One step's random draws: images, noise, timesteps, conditioning dropout and token ids.
+struct DrawnBatch {
+    sources: Tensor,
+    targets: Tensor,
+    noise: Tensor,
+    timesteps: Vec<usize>,
+    keep_image: Vec<f32>,
+    ids: Tensor,
+}
+
+/// One single-threaded rayon pool per data-parallel shard (none for one shard): each shard's
+/// forward and backward run whole on its own thread, so two cores work on two half-batches
+/// instead of meeting at a barrier inside every small matmul and elementwise op.
+fn shard_workers(count: usize) -> Result<Vec<rayon::ThreadPool>> {
+    if count <= 1 {
+        return Ok(Vec::new());
+    }
+    (0..count)
+        .map(|i| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .thread_name(move |_| format!("shard-{i}"))
+                .build()
+                .map_err(|e| PretrainError::Config(format!("data-parallel worker: {e}")))
+        })
+        .collect()
 }
 
 /// What the UNet is trained to output for noisy latents `signal * x0 + sigma * noise`: the noise,
@@ -358,17 +390,55 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     }
 
     let world = SynthWorld::new(config.size, config.seed);
+    let latent_channels = vae.config.latent_channels;
+    let latent_size = config.size as usize / vae.config.scale_factor();
     let empty_ids = encode_batch(&tokenizer, &[""], device)?;
-    let step_loss = |rng: &mut ChaCha8Rng| -> Result<Tensor> {
+    // Everything random is drawn here, in one order, whatever the shard count: a run resumed
+    // with another --data-parallel draws the same batches and noise.
+    let draw = |rng: &mut ChaCha8Rng| -> Result<DrawnBatch> {
         let batch = data::edit_batch(&world, rng, config.batch);
         let b = config.batch;
         let sources = data::images_to_tensor(&batch.sources.iter().collect::<Vec<_>>(), device)?;
         let targets = data::images_to_tensor(&batch.targets.iter().collect::<Vec<_>>(), device)?;
-        let both = vae.encode_mode(&Tensor::cat(&[&sources, &targets], 0)?)?;
-        let source_latents = both.narrow(0, 0, b)?;
-        let target_latents = (both.narrow(0, b, b)? * scaling)?;
-        let noise = data::randn(rng, target_latents.dims(), device)?;
+        let noise = data::randn(rng, &[b, latent_channels, latent_size, latent_size], device)?;
         let timesteps = data::random_timesteps(rng, b, train_steps);
+        let mut prompts = Vec::with_capacity(b);
+        let mut keep_image = Vec::with_capacity(b);
+        for instruction in batch.instructions {
+            let p: f64 = rng.random();
+            let drop_text = p < 2.0 * config.dropout;
+            let drop_image = p >= config.dropout && p < 3.0 * config.dropout;
+            prompts.push(if drop_text {
+                String::new()
+            } else {
+                instruction
+            });
+            keep_image.push(if drop_image { 0f32 } else { 1f32 });
+        }
+        let prompt_refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
+        Ok(DrawnBatch {
+            sources,
+            targets,
+            noise,
+            timesteps,
+            keep_image,
+            ids: encode_batch(&tokenizer, &prompt_refs, device)?,
+        })
+    };
+    // The loss of rows `rows` of a drawn batch, weighted by their share of the batch, and its
+    // gradients: the shards' gradients add up to the whole batch's.
+    let shard_grads = |drawn: &DrawnBatch, rows: std::ops::Range<usize>| -> Result<StepGrads> {
+        let (first, n) = (rows.start, rows.len());
+        let both = vae.encode_mode(&Tensor::cat(
+            &[
+                &drawn.sources.narrow(0, first, n)?,
+                &drawn.targets.narrow(0, first, n)?,
+            ],
+            0,
+        )?)?;
+        let source_latents = both.narrow(0, 0, n)?;
+        let target_latents = (both.narrow(0, n, n)? * scaling)?;
+        let timesteps = &drawn.timesteps[rows.clone()];
         let signal: Vec<f32> = timesteps
             .iter()
             .map(|&t| alphas_cumprod[t].sqrt() as f32)
@@ -377,31 +447,69 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
             .iter()
             .map(|&t| (1.0 - alphas_cumprod[t]).sqrt() as f32)
             .collect();
-        let signal = Tensor::from_vec(signal, (b, 1, 1, 1), device)?;
-        let sigma = Tensor::from_vec(sigma, (b, 1, 1, 1), device)?;
+        let signal = Tensor::from_vec(signal, (n, 1, 1, 1), device)?;
+        let sigma = Tensor::from_vec(sigma, (n, 1, 1, 1), device)?;
+        let noise = drawn.noise.narrow(0, first, n)?;
         let noisy = (target_latents.broadcast_mul(&signal)? + noise.broadcast_mul(&sigma)?)?;
-        let mut prompts: Vec<&str> = Vec::with_capacity(b);
-        let mut keep_image = Vec::with_capacity(b);
-        for instruction in &batch.instructions {
-            let p: f64 = rng.random();
-            let drop_text = p < 2.0 * config.dropout;
-            let drop_image = p >= config.dropout && p < 3.0 * config.dropout;
-            prompts.push(if drop_text { "" } else { instruction.as_str() });
-            keep_image.push(if drop_image { 0f32 } else { 1f32 });
-        }
-        let keep_image = Tensor::from_vec(keep_image, (b, 1, 1, 1), device)?;
+        let keep_image = Tensor::from_vec(
+            drawn.keep_image[rows.clone()].to_vec(),
+            (n, 1, 1, 1),
+            device,
+        )?;
         let image_latents = source_latents.broadcast_mul(&keep_image)?;
-        let ids = encode_batch(&tokenizer, &prompts, device)?;
-        let context = trainee.text.forward(&ids)?;
+        let context = trainee.text.forward(&drawn.ids.narrow(0, first, n)?)?;
         let t = Tensor::from_vec(
             timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
-            b,
+            n,
             device,
         )?;
         let input = Tensor::cat(&[&noisy, &image_latents], 1)?;
         let pred = trainee.unet.forward(&input, &t, &context)?;
         let target = denoising_target(v_prediction, &noise, &target_latents, &signal, &sigma)?;
-        Ok((pred - target)?.sqr()?.mean_all()?)
+        let share = n as f64 / drawn.timesteps.len() as f64;
+        super::backprop(&((pred - target)?.sqr()?.mean_all()? * share)?)
+    };
+    let workers = shard_workers(run.data_parallel.clamp(1, config.batch))?;
+    let step = |rng: &mut ChaCha8Rng| -> Result<StepGrads> {
+        let drawn = draw(rng)?;
+        let b = config.batch;
+        if workers.len() <= 1 {
+            return shard_grads(&drawn, 0..b);
+        }
+        let shards: Vec<std::ops::Range<usize>> = (0..workers.len())
+            .map(|i| i * b / workers.len()..(i + 1) * b / workers.len())
+            .collect();
+        let results: Vec<Result<StepGrads>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = workers
+                .iter()
+                .zip(&shards)
+                .map(|(pool, rows)| {
+                    let (drawn, shard_grads) = (&drawn, &shard_grads);
+                    scope.spawn(move || pool.install(|| shard_grads(drawn, rows.clone())))
+                })
+                .collect();
+            handles
+                .into_iter()
+                // A shard that panicked panics here as the whole batch would have.
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+                })
+                .collect()
+        });
+        let mut total: Option<StepGrads> = None;
+        for result in results {
+            let shard = result?;
+            total = Some(match total {
+                None => shard,
+                Some(mut sum) => {
+                    sum.loss += shard.loss;
+                    sum.grads.extend(shard.grads)?;
+                    sum
+                }
+            });
+        }
+        total.ok_or_else(|| PretrainError::Config("no data-parallel shard ran".into()))
     };
     // A fixed held-out batch (own seed) scored at fixed timesteps and noise: a smooth
     // validation loss of the live weights.
@@ -470,7 +578,7 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
             rng: &mut rng,
             start_step,
         },
-        step_loss,
+        step,
         eval,
     )?;
     let out = UnetSummary {

@@ -242,7 +242,7 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
             let diff = (recon - &images)?;
             let loss = ((diff.abs()?.mean_all()? + diff.sqr()?.mean_all()?)?
                 + (z.sqr()?.mean_all()? * config.latent_penalty)?)?;
-            Ok(loss)
+            super::backprop(&loss)
         },
         |_| {
             let (psnr, std) = evaluate(&vae, &world, 128, device)?;
