@@ -473,43 +473,34 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     let step = |rng: &mut ChaCha8Rng| -> Result<StepGrads> {
         let drawn = draw(rng)?;
         let b = config.batch;
-        if workers.len() <= 1 {
+        if workers.is_empty() {
             return shard_grads(&drawn, 0..b);
         }
         let shards: Vec<std::ops::Range<usize>> = (0..workers.len())
             .map(|i| i * b / workers.len()..(i + 1) * b / workers.len())
             .collect();
-        let results: Vec<Result<StepGrads>> = std::thread::scope(|scope| {
-            let handles: Vec<_> = workers
+        // The first shard goes to its pool from this thread (which waits), the others from
+        // spawned threads; their gradients are added to the first's.
+        std::thread::scope(|scope| {
+            let others: Vec<_> = workers[1..]
                 .iter()
-                .zip(&shards)
+                .zip(&shards[1..])
                 .map(|(pool, rows)| {
                     let (drawn, shard_grads) = (&drawn, &shard_grads);
                     scope.spawn(move || pool.install(|| shard_grads(drawn, rows.clone())))
                 })
                 .collect();
-            handles
-                .into_iter()
+            let mut total = workers[0].install(|| shard_grads(&drawn, shards[0].clone()))?;
+            for handle in others {
                 // A shard that panicked panics here as the whole batch would have.
-                .map(|h| {
-                    h.join()
-                        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-                })
-                .collect()
-        });
-        let mut total: Option<StepGrads> = None;
-        for result in results {
-            let shard = result?;
-            total = Some(match total {
-                None => shard,
-                Some(mut sum) => {
-                    sum.loss += shard.loss;
-                    sum.grads.extend(shard.grads)?;
-                    sum
-                }
-            });
-        }
-        total.ok_or_else(|| PretrainError::Config("no data-parallel shard ran".into()))
+                let shard = handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))?;
+                total.loss += shard.loss;
+                total.grads.extend(shard.grads)?;
+            }
+            Ok(total)
+        })
     };
     // A fixed held-out batch (own seed) scored at fixed timesteps and noise: a smooth
     // validation loss of the live weights.
