@@ -15,28 +15,7 @@
 set -euo pipefail
 
 OUT=${1:-runs/toy-pretrain}
-BIN=${RL4PIX_TRAIN:-target/release/rl4pix-train}
-if [ ! -x "$BIN" ]; then
-  cargo build --release -p rl4pix-training
-fi
-BIN=$(realpath "$BIN")
-# One thread a job: candle's and rayon's pools spin at barriers, which costs more than it gives
-# on two shared cores.
-export RAYON_NUM_THREADS=1 CANDLE_NUM_THREADS=1
-mkdir -p "$OUT"
-cd "$OUT"
-
-# Newest checkpoint step of a run folder (0 when none).
-latest_step() {
-  local newest
-  newest=$(ls "$1/checkpoints" 2>/dev/null | sort | tail -n 1)
-  if [ -z "$newest" ]; then echo 0; else echo $((10#${newest#step-})); fi
-}
-# --resume when the run has a checkpoint, else the given flags (a warm start).
-start_flags() {
-  if [ "$(latest_step "$1")" -gt 0 ]; then echo --resume "$1"; else shift; echo "$@"; fi
-}
-stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pretrain-common.sh"
 
 UNET=(--batch 64 --channels 64,128,128 --attention 1,1,0 --checkpoint-every 100 --eval-every 250 --log-every 10)
 
