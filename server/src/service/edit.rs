@@ -98,7 +98,7 @@ impl Service {
     /// client left) abandons the edit: the worker skips it, or cancels its batch when no other
     /// member is still wanted.
     pub async fn run(&self, edit: PreparedEdit) -> Result<EditResult, ServiceError> {
-        let (job, reply, meta) = self.into_job(edit);
+        let (job, reply, meta) = self.job_for(edit);
         let edit_id = job.id.clone();
         let deadline = tokio::time::Instant::from_std(job.deadline);
         let _cancel_on_drop = CancelOnDrop(job.cancel.clone());
@@ -132,7 +132,7 @@ impl Service {
     /// Queues the edit as an async job and returns its id at once; a task waits for the worker
     /// and records the outcome. The job is tied to no connection: only `cancel_job` stops it.
     pub fn submit(self: &Arc<Self>, edit: PreparedEdit) -> Result<String, ServiceError> {
-        let (job, reply, meta) = self.into_job(edit);
+        let (job, reply, meta) = self.job_for(edit);
         let id = job.id.clone();
         let record = Arc::new(JobRecord::new(
             id.clone(),
@@ -151,7 +151,7 @@ impl Service {
         Ok(id)
     }
 
-    fn into_job(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta) {
+    fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta) {
         let (job, reply) = Job::new(
             edit.edit_id,
             edit.item,
