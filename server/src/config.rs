@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 /// Where the embedded default model lives: relative to the working directory (the repository
 /// root, or the image's working directory). The one place the server decides this; the model
@@ -185,7 +183,7 @@ impl Args {
 }
 
 /// What a request may ask for; checked before any decoding or model work.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_pixels: u64,
@@ -204,7 +202,7 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone)]
 pub struct BatchingConfig {
     pub max_batch_size: usize,
     pub max_batch_wait_ms: u64,

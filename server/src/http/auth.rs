@@ -3,7 +3,7 @@
 use axum::http::HeaderMap;
 use subtle::ConstantTimeEq;
 
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 
 /// Checks the bearer token against `expected` in constant time (the lengths may leak).
 pub fn check_admin(expected: Option<&str>, headers: &HeaderMap) -> Result<(), ServiceError> {
