@@ -3,7 +3,7 @@
 //! Layers, each with its own error type: `config` (flags) -> `http` (routes; the only place
 //! errors become statuses, in `error`) -> `queue` (bounded, dynamic batching) -> `worker` (one
 //! thread that owns the model) -> `backend` (the narrow trait over the model). `metrics` and
-//! `openapi` describe it; `server` wires it together. See `shared/DESIGN.md`, "The server".
+//! `openapi` describe it; `server` wires it together. See `docs/architecture.md`, "The request path".
 
 pub mod adapters;
 pub mod attention_cache;
