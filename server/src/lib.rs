@@ -7,7 +7,7 @@
 //! registry of LoRA files), `watcher` (keeps it in line with its folder), `jobs` (async job
 //! records), `attention_cache`, `codec` (image bytes in and out), `edit` (an edit's domain
 //! types), `config` (flags), `metrics`, `openapi`, and `server`, which wires it all together.
-//! See `docs/architecture.md`.
+//! See `docs/architecture.md`, "The request path".
 
 pub mod adapters;
 pub mod attention_cache;
