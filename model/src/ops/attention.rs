@@ -68,17 +68,20 @@ unsafe fn head_probs<F: MulAdd>(
     scores: &mut [f32],
 ) {
     let m = dims.kv_len;
-    sgemm(
-        rows,
-        m,
-        dims.head_dim,
-        MatMut::rows(scores, 0, m),
-        false,
-        q_blk,
-        k_head.t(),
-        scale,
-        false,
-    );
+    // SAFETY: the caller vouches for the q and k regions; `scores` holds the rows x M result.
+    unsafe {
+        sgemm(
+            rows,
+            m,
+            dims.head_dim,
+            MatMut::rows(scores, 0, m),
+            false,
+            q_blk,
+            k_head.t(),
+            scale,
+            false,
+        )
+    };
     for row in scores.chunks_exact_mut(m) {
         softmax_row::<F>(row);
     }

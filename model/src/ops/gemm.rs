@@ -120,7 +120,8 @@ pub unsafe fn sgemm(
         if !accumulate {
             for i in 0..m as isize {
                 for j in 0..n as isize {
-                    *dst.ptr.offset(i * dst.rs + j * dst.cs) = 0.0;
+                    // SAFETY: (i, j) is inside the m x n block the caller vouches for.
+                    unsafe { *dst.ptr.offset(i * dst.rs + j * dst.cs) = 0.0 };
                 }
             }
         }
@@ -132,27 +133,31 @@ pub unsafe fn sgemm(
     } else {
         Parallelism::None
     };
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr,
-        dst.cs,
-        dst.rs,
-        accumulate,
-        a.ptr,
-        a.cs,
-        a.rs,
-        b.ptr,
-        b.cs,
-        b.rs,
-        1.0,
-        scale,
-        false,
-        false,
-        false,
-        parallelism,
-    );
+    // SAFETY: the caller vouches that every element of the three m x k, k x n and m x n blocks
+    // is in bounds and that `dst` overlaps neither input nor is written by anyone else.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.cs,
+            dst.rs,
+            accumulate,
+            a.ptr,
+            a.cs,
+            a.rs,
+            b.ptr,
+            b.cs,
+            b.rs,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        )
+    };
 }
 
 /// A raw pointer that parallel tasks may share because each writes a disjoint part.
@@ -171,7 +176,8 @@ impl SharedMut {
     /// `offset..offset + len` must be in bounds and written by this task alone.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice(&self, offset: usize, len: usize) -> &mut [f32] {
-        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+        // SAFETY: the caller vouches that the range is in bounds and this task's alone.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(offset), len) }
     }
 }
 
