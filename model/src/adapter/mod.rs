@@ -2,10 +2,11 @@
 //! against the loaded base before anything is kept, and writing diffusers' own format.
 //!
 //! This is bookkeeping only; the UNet applies `W x + scale * B (A x)` in its linear layers.
+//! The file format is described in `docs/architecture.md`, "Adapter files".
+//!
 //! [`keys`] names the tensor-key spellings (diffusers PEFT and legacy, kohya), [`peft_config`]
 //! reads PEFT's `LoraConfig` metadata, [`validate`] checks a file against the base, [`writer`]
 //! writes diffusers' format.
-//! See `shared/DESIGN.md`, "Adapters".
 
 use std::collections::BTreeMap;
 use std::path::Path;

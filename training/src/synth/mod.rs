@@ -6,6 +6,8 @@
 //! Everything is drawn from a ChaCha stream chosen by (seed, session index), so a session is the same
 //! on every platform and independent of how many threads generate the set.
 //!
+//! What the world contains and why: `docs/architecture.md`, "The synthetic world".
+//!
 //! [`scene`] holds the objects and scenes, [`edit`] the four edit kinds on them, [`language`]
 //! every sentence (instructions, descriptions, captions), [`render`] the rasteriser and masks,
 //! [`session`] the seeded generator of sessions, [`magicbrush`] the writer of a MagicBrush-style
