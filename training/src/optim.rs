@@ -122,7 +122,7 @@ impl AdamW {
                 step: self.step,
             });
         }
-        let clip = match max_norm.into() {
+        let clip = match max_norm {
             Some(max) if norm > max => max / (norm + 1e-6),
             _ => 1.0,
         };
@@ -311,14 +311,14 @@ mod tests {
         let var = Var::from_tensor(&Tensor::zeros(2, candle_core::DType::F32, &dev)?)?;
         let mut opt = AdamW::new(vec![("v".into(), var)], params)?;
         let g = Tensor::new(&[3.0f32, 4.0], &dev)?;
-        assert!((opt.step(&[Some(g)], 1.0)? - 5.0).abs() < 1e-9);
+        assert!((opt.step(&[Some(g)], Some(1.0))? - 5.0).abs() < 1e-9);
         let m = opt.state()["m.v"].to_vec1::<f32>()?;
         assert!(
             (m[0] - 0.1 * 0.6).abs() < 1e-6 && (m[1] - 0.1 * 0.8).abs() < 1e-6,
             "{m:?}"
         );
         let nan = Tensor::new(&[f32::NAN, 0.0], &dev)?;
-        let err = opt.step(&[Some(nan)], 1.0).unwrap_err();
+        let err = opt.step(&[Some(nan)], Some(1.0)).unwrap_err();
         assert!(
             matches!(err, OptimError::NonFiniteGradient { step: 1, .. }),
             "{err}"

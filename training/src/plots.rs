@@ -195,7 +195,8 @@ fn register_font() {
     ONCE.call_once(|| {
         // The font is part of the binary and was checked when it was added; a parse failure
         // would be a broken build, and the chart then fails with plotters' own font error.
-        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, FONT);
+        let _ =
+            plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT);
     });
 }
 
@@ -215,7 +216,12 @@ mod tests {
 
     #[test]
     fn embedded_font_parses() {
-        assert!(plotters::style::register_font("rl4pix-test", FontStyle::Normal, FONT).is_ok());
+        assert!(plotters::style::register_font(
+            "rl4pix-test",
+            plotters::style::FontStyle::Normal,
+            FONT
+        )
+        .is_ok());
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl AdamW {
 
     /// See [`crate::optim::AdamW::step`].
     pub fn step(&mut self, grads: &[Option<Tensor>], max_norm: f64) -> Result<f64> {
-        Ok(self.0.step(grads, max_norm)?)
+        Ok(self.0.step(grads, Some(max_norm))?)
     }
 
     /// Moments keyed `m.<name>` / `v.<name>`.

@@ -103,7 +103,7 @@ pub const DEFAULT_CADENCE: Cadence = Cadence {
 impl VaeRun {
     /// The default VAE recipe for `size`x`size` images in `run_dir` on the CPU, continuing the
     /// run there if it has a checkpoint (what `pretrain` trains when it is given no VAE).
-    pub fn default_in(run_dir: &std::path::Path, size: u32) -> Result<Self> {
+    pub fn default_in(run_dir: &Path, size: u32) -> Result<Self> {
         let resume = super::checkpoint::latest(run_dir)?.map(|_| run_dir.to_path_buf());
         Ok(Self {
             run_dir: run_dir.to_path_buf(),

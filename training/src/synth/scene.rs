@@ -85,7 +85,7 @@ impl Size {
         }
     }
 
-    fn radius(self) -> f32 {
+    pub(super) fn radius(self) -> f32 {
         match self {
             Size::Small => SMALL_RADIUS,
             Size::Large => LARGE_RADIUS,
@@ -93,7 +93,7 @@ impl Size {
     }
 
     /// How far (in cells) the centre may move from the cell's centre so the shape stays in its cell.
-    fn max_jitter(self) -> f32 {
+    pub(super) fn max_jitter(self) -> f32 {
         (0.5 - self.radius() - 0.03).max(0.0)
     }
 }
