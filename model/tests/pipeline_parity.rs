@@ -16,6 +16,11 @@ fn fixtures() -> PathBuf {
     ))
 }
 
+/// Where the pipeline runs: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}
+
 struct Case {
     pipeline: InstructPix2Pix,
     input: image::RgbImage,
@@ -38,7 +43,7 @@ fn case(name: &str) -> Case {
     )
     .unwrap();
     Case {
-        pipeline: InstructPix2Pix::load(&dir.join(name), &Device::Cpu).unwrap(),
+        pipeline: InstructPix2Pix::load(&dir.join(name), &device()).unwrap(),
         input: image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap(),
         latents: latents.remove("latents").unwrap(),
         prompt: p["prompt"].as_str().unwrap().to_string(),
