@@ -16,7 +16,10 @@ use rl4pix_model::vae::{AutoencoderKl, VaeConfig};
 #[derive(Debug, Clone, clap::Args)]
 pub struct RandomPipelineArgs {
     /// A diffusers `unet/config.json`.
-    #[arg(long, default_value = "model/configs/instruct-pix2pix/unet_config.json")]
+    #[arg(
+        long,
+        default_value = "model/configs/instruct-pix2pix/unet_config.json"
+    )]
     pub unet_config: PathBuf,
     /// A diffusers `vae/config.json`.
     #[arg(long, default_value = "bench/configs/sd15/vae_config.json")]
@@ -74,13 +77,24 @@ pub fn run(args: &RandomPipelineArgs) -> Result<()> {
         &args.unet_config,
     )?;
     std::fs::copy(&args.unet_config, out.join("unet/config.json"))?;
-    save(&varmap, dtype, &out.join("unet/diffusion_pytorch_model.safetensors"))?;
+    save(
+        &varmap,
+        dtype,
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
 
     let vae_config = VaeConfig::from_file(&args.vae_config)?;
     let varmap = VarMap::new();
-    AutoencoderKl::new(VarBuilder::from_varmap(&varmap, DType::F32, &device), vae_config)?;
+    AutoencoderKl::new(
+        VarBuilder::from_varmap(&varmap, DType::F32, &device),
+        vae_config,
+    )?;
     std::fs::copy(&args.vae_config, out.join("vae/config.json"))?;
-    save(&varmap, dtype, &out.join("vae/diffusion_pytorch_model.safetensors"))?;
+    save(
+        &varmap,
+        dtype,
+        &out.join("vae/diffusion_pytorch_model.safetensors"),
+    )?;
 
     let text_config = ClipTextConfig::from_file(&args.text_encoder_config)?;
     let varmap = VarMap::new();
@@ -88,7 +102,10 @@ pub fn run(args: &RandomPipelineArgs) -> Result<()> {
         VarBuilder::from_varmap(&varmap, DType::F32, &device).pp("text_model"),
         &text_config,
     )?;
-    std::fs::copy(&args.text_encoder_config, out.join("text_encoder/config.json"))?;
+    std::fs::copy(
+        &args.text_encoder_config,
+        out.join("text_encoder/config.json"),
+    )?;
     save(&varmap, dtype, &out.join("text_encoder/model.safetensors"))?;
 
     copy_dir(&args.like.join("scheduler"), &out.join("scheduler"))?;

@@ -187,7 +187,14 @@ fn a_result_does_not_depend_on_the_rest_of_the_batch() {
             &mut |_, _| true,
         )
         .unwrap();
-    assert_eq!(alone[0].image, batch[1].image);
+    // The fused CPU kernels give the same bits whatever the batch; the composed ops (CUDA, or
+    // RL4PIX_FUSED=0) sum in an order that may depend on the batch size, so one level of
+    // rounding is allowed there.
+    let fused = rl4pix_model::ops::fused_enabled() && device().is_cpu();
+    let allowed = if fused { 0 } else { 1 };
+    let diff = max_level_diff(&alone[0].image, &batch[1].image);
+    println!("alone vs in a batch of 3: {diff} levels (allowed {allowed})");
+    assert!(diff <= allowed, "{diff} levels between alone and batched");
     assert_ne!(batch[0].image, batch[2].image);
 }
 

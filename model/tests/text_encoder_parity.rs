@@ -29,11 +29,8 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f32> {
 fn last_hidden_state_matches_transformers() -> Result<()> {
     for (name, hidden_act) in [("sd1", "quick_gelu"), ("sd2", "gelu")] {
         let root = pipelines();
-        let encoder = ClipTextEncoder::load(
-            &root.join(name).join("text_encoder"),
-            DType::F32,
-            &device(),
-        )?;
+        let encoder =
+            ClipTextEncoder::load(&root.join(name).join("text_encoder"), DType::F32, &device())?;
         assert_eq!(
             encoder.config.hidden_act, hidden_act,
             "{name}: fixture covers this activation"

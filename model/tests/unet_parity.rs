@@ -54,9 +54,8 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 fn check_unet(name: &str, prefix: &str, check_attention: bool) {
     let r = reference(name);
     let dev = device();
-    let unet =
-        UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &dev)
-            .expect("load unet");
+    let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &dev)
+        .expect("load unet");
     let sample = &r[&format!("{prefix}.sample")].to_device(&dev).unwrap();
     let timesteps = r[&format!("{prefix}.timesteps")]
         .to_dtype(DType::F32)

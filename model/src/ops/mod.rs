@@ -54,7 +54,9 @@ pub fn fused_enabled() -> bool {
     *ENABLED.get_or_init(|| {
         let value = std::env::var(FUSED_ENV).unwrap_or_default();
         parse_fused_switch(&value).unwrap_or_else(|| {
-            tracing::warn!("{FUSED_ENV}={value:?} is not 0/1, true/false or on/off; fused kernels stay on");
+            tracing::warn!(
+                "{FUSED_ENV}={value:?} is not 0/1, true/false or on/off; fused kernels stay on"
+            );
             true
         })
     })
