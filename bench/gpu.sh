@@ -133,20 +133,20 @@ else
 fi
 
 # 4. Server throughput, batch = concurrency 1, 4, 8.
-throughput() { # name, model dir, dtype, image side, steps
+throughput() { # name, model dir, dtype, image side, steps, requests per level
     local out
     out="$(RL4PIX_DTYPE="$3" timeout "$step_timeout" "${server_bench[@]}" --model "$2" --size "$4" \
-        --steps "$5" --concurrency 1,4,8 --requests 16 --rounds 1 2>&1 | tee "$log_dir/server-$1.log")"
+        --steps "$5" --concurrency 1,4,8 --requests "$6" --rounds 1 2>&1 | tee "$log_dir/server-$1.log")"
     local figures
     figures="$(awk -F'|' '/^\| [0-9]+ \|/ {gsub(/ /, "", $2); gsub(/ /, "", $3); gsub(/ /, "", $4);
         printf "%sbatch %s: %s edits/s (p50 %s ms)", sep, $2, $3, $4; sep = ", "}' <<<"$out")"
     row "server $1 ($3, ${4}x$4, $5 steps)" "${figures:+ok}${figures:-FAILED}" "${figures:-see $log_dir/server-$1.log}"
 }
-throughput "default model" model/assets/toy f32 32 20
+throughput "default model" model/assets/toy f32 32 20 16
 sd15="${TMPDIR:-/tmp}/rl4pix-sd15"
 if [ -f "$sd15/model_index.json" ] ||
     timeout "$step_timeout" "$bench_bin" random-pipeline --dtype f16 --out "$sd15" >"$log_dir/sd15.log" 2>&1; then
-    throughput "SD-1.5 config" "$sd15" f16 512 20
+    throughput "SD-1.5 config" "$sd15" f16 512 10 8
 else
     row "server SD-1.5 config" "FAILED" "random-pipeline: see $log_dir/sd15.log"
 fi
