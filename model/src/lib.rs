@@ -6,6 +6,7 @@
 //! files. See `docs/architecture.md`, "The model".
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod weights;
 
