@@ -6,4 +6,5 @@ pub mod ddpo;
 pub mod eval;
 pub mod metrics;
 pub mod pretrain;
+pub mod publish;
 pub mod synth;
