@@ -10,4 +10,5 @@ pub mod optim;
 /// PNG charts of training curves with an embedded font.
 pub mod plots;
 pub mod pretrain;
+pub mod publish;
 pub mod synth;
