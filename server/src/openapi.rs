@@ -32,7 +32,7 @@ use crate::http::{admin, attention, edit, jobs, meta};
         meta::openapi_json,
         meta::docs,
     ),
-    components(schemas(crate::error::ErrorBody)),
+    components(schemas(crate::http::error::ErrorBody)),
     modifiers(&BearerAuth),
     tags(
         (name = "edit", description = "Edit an image by instruction"),
