@@ -156,7 +156,10 @@ fn table1_writes_both_files_and_a_rerun_resumes() {
     assert!(run["train_l1_last_tenth"].is_number());
     // Validation chose the evaluated adapter: its best, kept under best/.
     assert!(run["selected_epoch"].as_u64().unwrap() <= 2);
-    assert!(run["adapter"].as_str().unwrap().ends_with("best/adapter.safetensors"));
+    assert!(run["adapter"]
+        .as_str()
+        .unwrap()
+        .ends_with("best/adapter.safetensors"));
     assert_eq!(table["runs"][1]["reward"], "-100·L1(target)");
     let adapter_row = &rows(&table)[1];
     assert!(adapter_row["verdict"]["wins"].is_array());
@@ -276,7 +279,10 @@ fn table2_runs_the_ablation_and_ours() {
     );
     for run in table["runs"].as_array().unwrap() {
         assert_eq!(run["epochs"], 1);
-        assert!(run["selected_epoch"].is_null(), "no validation: the last adapter");
+        assert!(
+            run["selected_epoch"].is_null(),
+            "no validation: the last adapter"
+        );
         assert!(run["reward_first_tenth"].is_number());
     }
     for row in &rows(&table)[1..5] {

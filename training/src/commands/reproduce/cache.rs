@@ -278,6 +278,9 @@ pub fn train_variant(
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .and_then(|v| v["epoch"].as_u64())
         .map(|e| e as usize);
+    // Epoch 0 is the base itself (a zero adapter): when no epoch beat it on the validation world,
+    // the last adapter is evaluated instead, to show what training did.
+    let selected_epoch = selected_epoch.filter(|&e| e > 0);
     let adapter = if best.is_file() && selected_epoch.is_some() {
         best
     } else {

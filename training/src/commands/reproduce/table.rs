@@ -24,7 +24,8 @@ pub struct RunSummary {
     /// The reward as a formula.
     pub reward: String,
     pub epochs: usize,
-    /// The epoch of the evaluated adapter (the validation's best), when the run validated.
+    /// The epoch of the evaluated adapter (the validation's best), when the run validated and an
+    /// epoch beat the base; `None`: the last adapter is evaluated.
     pub selected_epoch: Option<usize>,
     pub reward_first_tenth: Option<f64>,
     pub reward_last_tenth: Option<f64>,
