@@ -23,7 +23,8 @@ pub struct DdpoArgs {
     /// an object that serving replicas poll (s3://bucket/prefix/name.safetensors).
     #[arg(long, required_unless_present = "print_config")]
     pub out: Option<PathBuf>,
-    /// Starting values: `paper` (Table 4) or `cpu` (a faster start for two CPU cores).
+    /// Starting values: `paper` (Table 4), `cpu` (a faster start for two CPU cores) or `group`
+    /// (our recipe: group sampling, the model's own guidance, L_att from the frozen base).
     #[arg(long, default_value = "paper")]
     pub preset: String,
     /// TOML file of config keys (e.g. `[train]\nlearning_rate = 2e-4`), applied over the preset.
@@ -75,6 +76,18 @@ pub fn run(args: DdpoArgs) -> anyhow::Result<()> {
         .resume
         .or_else(|| (!config.resume_from.is_empty()).then(|| PathBuf::from(&config.resume_from)));
     let mut trainer = Trainer::new(&pipeline, config.clone(), prompts)?;
+    if !config.validation.dataset.is_empty() {
+        let validation = load_prompts(
+            std::path::Path::new(&config.validation.dataset),
+            &crate::ddpo::config::DataConfig {
+                max_prompts: config.validation.max_turns,
+                ..config.data.clone()
+            },
+            pipeline.vae_scale_factor() as u32,
+        )
+        .with_context(|| format!("validation data set {}", config.validation.dataset))?;
+        trainer.set_validation(validation)?;
+    }
     if let Some(from) = resume {
         trainer.resume(&from)?;
         tracing::info!(epoch = trainer.epochs_completed(), from = %from.display(), "resumed");
