@@ -11,7 +11,8 @@ random (diffusers' default init). `--backward` attaches rank-4 LoRA (PEFT, alpha
 to_q/to_k/to_v/to_out.0 with the base frozen and times forward + backward of
 mean(output^2). The last line printed is `ms_per_iter X` (median over the timed iterations).
 `--flops` also prints `gflop X`: the forward's FLOPs counted by torch.utils.flop_counter
-(2 per multiply-add, matmuls, convolutions and attention only).
+(2 per multiply-add, matmuls, convolutions and attention only). `--device cuda:0 --dtype f16`
+times the same on a GPU in half precision (each step waits for the GPU to finish).
 """
 
 import argparse
@@ -38,14 +39,27 @@ def cross_dim(config):
     return value[0] if isinstance(value, list) else value
 
 
+DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+
+
 def inputs(config, args):
     generator = torch.Generator().manual_seed(1)
+    dtype = DTYPES[args.dtype]
     sample = torch.randn(
         args.batch, config["in_channels"], args.height, args.width, generator=generator
     )
     timesteps = torch.randint(0, 1000, (args.batch,), generator=generator).float()
     context = torch.randn(args.batch, args.tokens, cross_dim(config), generator=generator)
-    return sample, timesteps, context
+    return (
+        sample.to(args.device, dtype),
+        timesteps.to(args.device),
+        context.to(args.device, dtype),
+    )
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
 
 
 def time_iters(step, warmup, iters):
@@ -61,6 +75,7 @@ def time_iters(step, warmup, iters):
 
 def bench_unet(args):
     unet, config = build_unet(args.config)
+    unet.to(args.device, DTYPES[args.dtype])
     sample, timesteps, context = inputs(config, args)
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode
@@ -90,12 +105,14 @@ def bench_unet(args):
             out = unet(sample, timesteps, context).sample
             loss = out.square().mean()
             loss.backward()
+            synchronize(args.device)
 
     else:
 
         def step():
             with torch.no_grad():
                 unet(sample, timesteps, context)
+            synchronize(args.device)
 
     cpu_start = None
 
@@ -137,6 +154,8 @@ def main():
     unet.add_argument("--backward", action="store_true")
     unet.add_argument("--flops", action="store_true")
     unet.add_argument("--threads", type=int, default=0)
+    unet.add_argument("--device", default="cpu", help="cpu or cuda:N")
+    unet.add_argument("--dtype", default="f32", choices=sorted(DTYPES))
     sgemm = sub.add_parser("sgemm")
     sgemm.add_argument("--size", type=int, default=2048)
     sgemm.add_argument("--iters", type=int, default=5)

@@ -6,6 +6,7 @@
 //! markdown table.
 
 mod compare;
+mod random_pipeline;
 mod unet_bench;
 
 use anyhow::Result;
@@ -51,6 +52,8 @@ enum Cmd {
     },
     /// Run Candle and diffusers over the standard rows and print a markdown table.
     Compare(compare::CompareArgs),
+    /// Write a model folder with random weights of given architectures (default: SD-1.5's).
+    RandomPipeline(random_pipeline::RandomPipelineArgs),
 }
 
 fn main() -> Result<()> {
@@ -88,6 +91,7 @@ fn main() -> Result<()> {
             println!("ms_per_iter {ms:.3}");
         }
         Cmd::Compare(args) => compare::run(&args)?,
+        Cmd::RandomPipeline(args) => random_pipeline::run(&args)?,
     }
     Ok(())
 }

@@ -41,11 +41,30 @@ pub struct UnetArgs {
     /// Time forward + backward into rank-4 LoRA (base frozen) instead of forward alone.
     #[arg(long)]
     pub backward: bool,
+    /// `cpu` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Weights' and activations' dtype: f32, f16 or bf16 (the fused CPU kernels take f32 only).
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+}
+
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => anyhow::bail!("--dtype must be f32, f16 or bf16, got `{other}`"),
+    }
 }
 
 /// Random weights of `config`: built through a `VarMap` for candle's initialisers, then turned
 /// into plain tensors so that the forward pass sees a frozen model, as inference does.
-pub fn random_unet(config_path: &Path, device: &Device) -> Result<UNet2DConditionModel> {
+pub fn random_unet(
+    config_path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<UNet2DConditionModel> {
     let config = UNetConfig::from_file(config_path)
         .with_context(|| format!("reading {}", config_path.display()))?;
     let varmap = VarMap::new();
@@ -59,7 +78,7 @@ pub fn random_unet(config_path: &Path, device: &Device) -> Result<UNet2DConditio
         .map(|(name, var)| (name.clone(), var.as_detached_tensor()))
         .collect();
     drop(varmap);
-    let vb = VarBuilder::from_tensors(frozen, DType::F32, device);
+    let vb = VarBuilder::from_tensors(frozen, dtype, device);
     Ok(UNet2DConditionModel::new(vb, config, config_path)?)
 }
 
@@ -71,7 +90,7 @@ struct TrainableLora {
 }
 
 impl TrainableLora {
-    fn new(unet: &UNet2DConditionModel, device: &Device) -> Result<Self> {
+    fn new(unet: &UNet2DConditionModel, dtype: DType, device: &Device) -> Result<Self> {
         let table = unet.projections();
         let mut layers = Vec::new();
         for (slot, entry) in table.entries.iter().enumerate() {
@@ -82,8 +101,9 @@ impl TrainableLora {
                 continue;
             }
             let down = (Tensor::randn(0f32, 1.0, (LORA_RANK, entry.in_features), device)?
-                / LORA_RANK as f64)?;
-            let up = Tensor::zeros((entry.out_features, LORA_RANK), DType::F32, device)?;
+                / LORA_RANK as f64)?
+                .to_dtype(dtype)?;
+            let up = Tensor::zeros((entry.out_features, LORA_RANK), dtype, device)?;
             layers.push((slot, Var::from_tensor(&down)?, Var::from_tensor(&up)?));
         }
         Ok(Self {
@@ -118,26 +138,30 @@ fn cross_attention_dim(config: &UNetConfig) -> usize {
 
 /// Median of the timed iterations, in milliseconds (the fastest one is printed too).
 pub fn run(args: &UnetArgs) -> Result<f64> {
-    let device = Device::Cpu;
-    let unet = random_unet(&args.config, &device)?;
+    let device = rl4pix_model::device::parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let unet = random_unet(&args.config, dtype, &device)?;
     let config = &unet.config;
     let sample = Tensor::randn(
         0f32,
         1.0,
         (args.batch, config.in_channels, args.height, args.width),
         &device,
-    )?;
+    )?
+    .to_dtype(dtype)?;
     let timesteps: Vec<f32> = (0..args.batch).map(|i| (97 * i % 1000) as f32).collect();
+    // Timesteps stay f32, as the pipeline passes them (bf16 cannot hold 999).
     let timesteps = Tensor::from_vec(timesteps, args.batch, &device)?;
     let context = Tensor::randn(
         0f32,
         1.0,
         (args.batch, args.tokens, cross_attention_dim(config)),
         &device,
-    )?;
+    )?
+    .to_dtype(dtype)?;
 
     let lora = if args.backward {
-        Some(TrainableLora::new(&unet, &device)?)
+        Some(TrainableLora::new(&unet, dtype, &device)?)
     } else {
         None
     };
@@ -145,8 +169,9 @@ pub fn run(args: &UnetArgs) -> Result<f64> {
         match &lora {
             None => {
                 let out = unet.forward_with(&sample, &timesteps, &context, ForwardCtx::plain())?;
-                // Forces the result, as a caller reading it would.
+                // Waits for the result, as a caller reading it would (GPU work is queued).
                 out.dims4()?;
+                device.synchronize()?;
             }
             Some(lora) => {
                 let adapter = [lora.resolved()?];
@@ -161,6 +186,7 @@ pub fn run(args: &UnetArgs) -> Result<f64> {
                 grads
                     .get(down.as_tensor())
                     .context("no gradient reached the LoRA weights")?;
+                device.synchronize()?;
             }
         }
         Ok(())

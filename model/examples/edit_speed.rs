@@ -21,8 +21,14 @@ use rl4pix_model::pipeline::{EditParams, InstructPix2Pix};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.to_string());
-    let model_dir = PathBuf::from(arg(0, "model/assets/toy"));
-    let image_path = PathBuf::from(arg(1, "model/assets/toy/grid/0-input.png"));
+    let model_dir = match args.first() {
+        Some(dir) => PathBuf::from(dir),
+        None => rl4pix_model::default_model_dir()?,
+    };
+    let image_path = match args.get(1) {
+        Some(path) => PathBuf::from(path),
+        None => model_dir.join("grid/0-input.png"),
+    };
     let steps: usize = arg(2, "20").parse().context("steps")?;
     let iters: usize = arg(3, "10").parse().context("timed edits")?;
     let side: u32 = arg(4, "32").parse().context("side")?;

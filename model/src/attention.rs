@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{LayerNorm, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::lora::{ActiveAdapters, LoraLinear, ProjectionTable};
 use crate::ops;
@@ -46,17 +46,6 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
         candle_nn::ops::softmax(xs, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(xs)
-    }
-}
-
-/// LayerNorm: candle's fused kernel has no backward, so inside an autograd graph (pretraining,
-/// LoRA training) the composed, differentiable form is used instead.
-pub fn layer_norm_forward(norm: &LayerNorm, xs: &Tensor) -> Result<Tensor> {
-    match norm.bias() {
-        Some(bias) if xs.track_op() || norm.weight().track_op() => {
-            candle_nn::ops::layer_norm_slow(xs, norm.weight(), bias, norm.eps() as f32)
-        }
-        _ => norm.forward(xs),
     }
 }
 

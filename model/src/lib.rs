@@ -6,6 +6,7 @@
 //! files. See `docs/architecture.md`, "The model".
 
 pub mod config;
+pub mod device;
 pub mod error;
 pub mod weights;
 
@@ -14,8 +15,9 @@ pub mod clip;
 pub mod text_encoder;
 pub mod tokenizer;
 
+/// The UNet's and VAE's down- and up-sampling layers (strided conv, nearest upsampling + conv).
+pub mod resample;
 pub mod resnet;
-pub mod sampling;
 pub mod vae;
 
 pub mod attention;
@@ -30,7 +32,23 @@ pub mod scheduler;
 pub mod ops;
 
 pub mod adapter;
+/// Atomic whole-file writes (temporary file + rename) for everything the crates write.
+pub mod atomic_file;
 pub mod image_io;
 pub mod pipeline;
 
 pub use error::{ModelError, Result};
+
+/// The embedded default model (`model/assets/toy`, diffusers layout), found from where this
+/// crate's sources are rather than from the current directory, so every binary finds it from
+/// anywhere. An error names the folder when it is not there (a build from a copy without
+/// `model/assets`).
+pub fn default_model_dir() -> Result<std::path::PathBuf> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("assets/toy");
+    let index = dir.join("model_index.json");
+    if index.is_file() {
+        Ok(dir)
+    } else {
+        Err(ModelError::MissingFile { path: index })
+    }
+}

@@ -2,22 +2,29 @@
 //! pipelines call it (`padding="max_length"`, `truncation=True`, `max_length=model_max_length`):
 //! BOS + text tokens (truncated) + EOS, padded with the pad token.
 //!
-//! Two sources, in a tokenizer folder:
-//! - `tokenizer.json` (any Hugging Face `tokenizers` model), run by the `tokenizers` crate;
-//! - CLIP's `vocab.json` + `merges.txt`, run by our own byte-level BPE ([`ClipBpe`]), which mirrors
-//!   transformers 5.x (a `tokenizers` pipeline: NFC, whitespace runs to one space, lower-casing,
-//!   CLIP's split regex, byte-level mapping, BPE with `</w>`). Unlike the old Python tokenizer it
-//!   does no ftfy fixing and no HTML unescaping, so "&amp;" stays three pieces.
+//! Both sources a tokenizer folder can have run on the `tokenizers` crate:
+//! - `tokenizer.json` (any Hugging Face `tokenizers` model), loaded as it is;
+//! - CLIP's `vocab.json` + `merges.txt`, assembled into the pipeline transformers 5.x builds for
+//!   `CLIPTokenizer` ([`clip_bpe_tokenizer`]: NFC, whitespace runs to one space, lower-casing,
+//!   CLIP's split pattern, byte-level mapping, BPE with `</w>` word ends). Unlike the old Python
+//!   tokenizer it does no ftfy fixing and no HTML unescaping, so "&amp;" stays three pieces.
 //!
 //! `tokenizer.json` wins when both are present. Special tokens, `model_max_length` and the pad token
 //! (SD-1 "<|endoftext|>", SD-2 "!") come from `tokenizer_config.json` / `special_tokens_map.json`.
+//! BOS, EOS, truncation and padding are ours rather than the file's post-processor and padding
+//! settings, so that `encode_detailed` can also report where the text's words went.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use serde_json::Value;
+use tokenizers::models::bpe::BPE;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{SplitDelimiterBehavior, Tokenizer};
 
 use crate::error::{ModelError, Result};
 
@@ -28,8 +35,10 @@ const DEFAULT_EOS: &str = "<|endoftext|>";
 const END_OF_WORD: &str = "</w>";
 /// transformers writes ~1e30 for "no limit"; anything this large is not a real context length.
 const MAX_SANE_LENGTH: u64 = 1 << 20;
-/// The BPE cache is cleared when it grows past this many words (user text is unbounded).
-const BPE_CACHE_CAPACITY: usize = 10_000;
+/// CLIP's pre-tokenisation (the `Split` pattern of transformers' `CLIPTokenizer`); whitespace
+/// between the matches is dropped.
+const CLIP_SPLIT_PATTERN: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The token ids of one prompt and where its words ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,30 +61,22 @@ pub struct WordSpan {
 
 /// CLIP tokenizer for a diffusers `tokenizer/` folder.
 pub struct ClipTokenizer {
-    backend: Backend,
+    tokenizer: Box<Tokenizer>,
+    /// The file the tokenizer was built from (`tokenizer.json` or `vocab.json`).
+    source: PathBuf,
+    /// The tokenizer's post-processor adds its own special tokens (e.g. CLIP's BOS/EOS), so we
+    /// must not.
+    post_processor_adds: usize,
     max_length: usize,
     bos_id: u32,
     eos_id: u32,
     pad_id: u32,
 }
 
-enum Backend {
-    Bpe(Box<ClipBpe>),
-    Json {
-        tokenizer: Box<tokenizers::Tokenizer>,
-        /// The file's post-processor adds its own special tokens (e.g. CLIP's BOS/EOS), so we must not.
-        post_processor_adds: usize,
-    },
-}
-
 impl std::fmt::Debug for ClipTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let backend = match &self.backend {
-            Backend::Bpe(_) => "vocab.json+merges.txt",
-            Backend::Json { .. } => "tokenizer.json",
-        };
         f.debug_struct("ClipTokenizer")
-            .field("backend", &backend)
+            .field("source", &self.source)
             .field("max_length", &self.max_length)
             .field("bos_id", &self.bos_id)
             .field("eos_id", &self.eos_id)
@@ -91,7 +92,9 @@ impl ClipTokenizer {
         let special = SpecialTokensConfig::read(dir)?;
         let json_path = dir.join("tokenizer.json");
         if json_path.is_file() {
-            return Self::from_tokenizer_json(&json_path, &special);
+            let tokenizer = Tokenizer::from_file(&json_path)
+                .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", json_path.display())))?;
+            return Self::new(tokenizer, json_path, &special);
         }
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
@@ -100,32 +103,19 @@ impl ClipTokenizer {
                 return Err(ModelError::MissingFile { path: path.clone() });
             }
         }
-        let bpe = ClipBpe::from_files(&vocab_path, &merges_path, &special)?;
-        let id_of = |role: &TokenRole| {
-            bpe.vocab
-                .get(&role.content)
-                .copied()
-                .ok_or_else(|| special.token_not_in_vocab(role, &vocab_path))
-        };
-        let bos_id = id_of(&special.bos)?;
-        let eos_id = id_of(&special.eos)?;
-        let pad_id = id_of(&special.pad)?;
-        Ok(Self {
-            backend: Backend::Bpe(Box::new(bpe)),
-            max_length: special.max_length,
-            bos_id,
-            eos_id,
-            pad_id,
-        })
+        let tokenizer = clip_bpe_tokenizer(&vocab_path, &merges_path, &special)?;
+        Self::new(tokenizer, vocab_path, &special)
     }
 
-    fn from_tokenizer_json(path: &Path, special: &SpecialTokensConfig) -> Result<Self> {
-        let mut tokenizer = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+    fn new(
+        mut tokenizer: Tokenizer,
+        source: PathBuf,
+        special: &SpecialTokensConfig,
+    ) -> Result<Self> {
+        let error =
+            |e: tokenizers::Error| ModelError::Tokenizer(format!("{}: {e}", source.display()));
         // We truncate and pad ourselves; settings baked into the file must not interfere.
-        tokenizer
-            .with_truncation(None)
-            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        tokenizer.with_truncation(None).map_err(error)?;
         tokenizer.with_padding(None);
         let post_processor_adds = tokenizer
             .get_post_processor()
@@ -134,23 +124,22 @@ impl ClipTokenizer {
         if post_processor_adds >= special.max_length {
             return Err(ModelError::Tokenizer(format!(
                 "{}: the post-processor adds {post_processor_adds} tokens, leaving no room in max_length {}",
-                path.display(),
+                source.display(),
                 special.max_length
             )));
         }
         let id_of = |role: &TokenRole| {
             tokenizer
                 .token_to_id(&role.content)
-                .ok_or_else(|| special.token_not_in_vocab(role, path))
+                .ok_or_else(|| special.token_not_in_vocab(role, &source))
         };
         let bos_id = id_of(&special.bos)?;
         let eos_id = id_of(&special.eos)?;
         let pad_id = id_of(&special.pad)?;
         Ok(Self {
-            backend: Backend::Json {
-                tokenizer: Box::new(tokenizer),
-                post_processor_adds,
-            },
+            tokenizer: Box::new(tokenizer),
+            source,
+            post_processor_adds,
             max_length: special.max_length,
             bos_id,
             eos_id,
@@ -182,71 +171,20 @@ impl ClipTokenizer {
 
     /// Ids plus the positions of the text's tokens and of each of its words.
     pub fn encode_detailed(&self, text: &str) -> Result<TokenizedPrompt> {
-        let mut prompt = match &self.backend {
-            Backend::Bpe(bpe) => self.encode_with_bpe(bpe, text),
-            Backend::Json {
-                tokenizer,
-                post_processor_adds,
-            } => self.encode_with_json(tokenizer, *post_processor_adds, text)?,
-        };
-        prompt.ids.truncate(self.max_length);
-        prompt.ids.resize(self.max_length, self.pad_id);
-        Ok(prompt)
-    }
-
-    /// Room for the text's own tokens when we add BOS and EOS ourselves.
-    fn content_budget(&self) -> usize {
-        self.max_length.saturating_sub(2)
-    }
-
-    fn encode_with_bpe(&self, bpe: &ClipBpe, text: &str) -> TokenizedPrompt {
-        let budget = self.content_budget();
-        let mut ids = vec![self.bos_id];
-        let mut words = Vec::new();
-        // No token and no normalisation step crosses whitespace, so encoding word by word gives
-        // the same ids as encoding the whole text and tells us where each word's tokens are.
-        for word in text.split(char::is_whitespace).filter(|w| !w.is_empty()) {
-            let content_len = ids.len() - 1;
-            if content_len >= budget {
-                break;
-            }
-            let start = ids.len();
-            let mut word_ids = Vec::new();
-            bpe.encode_word(word, &mut word_ids);
-            word_ids.truncate(budget - content_len);
-            ids.extend_from_slice(&word_ids);
-            if ids.len() > start {
-                words.push(WordSpan {
-                    word: word.to_string(),
-                    tokens: start..ids.len(),
-                });
-            }
-        }
-        let content = 1..ids.len();
-        ids.push(self.eos_id);
-        TokenizedPrompt {
-            ids,
-            content,
-            words,
-        }
-    }
-
-    fn encode_with_json(
-        &self,
-        tokenizer: &tokenizers::Tokenizer,
-        post_processor_adds: usize,
-        text: &str,
-    ) -> Result<TokenizedPrompt> {
         let tokenizer_error =
             |e: tokenizers::Error| ModelError::Tokenizer(format!("encoding {text:?}: {e}"));
-        let mut encoding = tokenizer.encode(text, false).map_err(tokenizer_error)?;
-        let (ids, content, offsets) = if post_processor_adds > 0 {
+        let mut encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(tokenizer_error)?;
+        let (mut ids, content, offsets) = if self.post_processor_adds > 0 {
             encoding.truncate(
-                self.max_length - post_processor_adds,
+                self.max_length - self.post_processor_adds,
                 0,
                 tokenizers::TruncationDirection::Right,
             );
-            let encoding = tokenizer
+            let encoding = self
+                .tokenizer
                 .post_process(encoding, None, true)
                 .map_err(tokenizer_error)?;
             let sequence_ids = encoding.get_sequence_ids();
@@ -266,8 +204,9 @@ impl ClipTokenizer {
                 encoding.get_offsets().to_vec(),
             )
         } else {
+            // Room for the text's own tokens next to the BOS and EOS we add.
             encoding.truncate(
-                self.content_budget(),
+                self.max_length.saturating_sub(2),
                 0,
                 tokenizers::TruncationDirection::Right,
             );
@@ -280,6 +219,8 @@ impl ClipTokenizer {
             (ids, 1..1 + encoding.len(), offsets)
         };
         let words = word_spans_from_offsets(text, content.clone(), &offsets);
+        ids.truncate(self.max_length);
+        ids.resize(self.max_length, self.pad_id);
         Ok(TokenizedPrompt {
             ids,
             content,
@@ -511,8 +452,7 @@ impl SpecialTokensConfig {
                 }),
             }
         }
-        // Words never contain whitespace (see `encode_with_bpe`), so such a token could never match.
-        tokens.retain(|t| !t.content.is_empty() && !t.content.chars().any(char::is_whitespace));
+        tokens.retain(|t| !t.content.is_empty());
         tokens
     }
 
@@ -538,157 +478,82 @@ struct AddedToken {
     normalized: bool,
 }
 
-/// CLIP's byte-level BPE from `vocab.json` + `merges.txt`.
-struct ClipBpe {
-    vocab: HashMap<String, u32>,
-    /// (left id, right id) -> (rank, id of the merged token).
-    merges: HashMap<(u32, u32), (u32, u32)>,
-    unk_id: Option<u32>,
-    byte_chars: [char; 256],
-    raw_added: Vec<AddedToken>,
-    normalized_added: Vec<AddedToken>,
-    /// CLIP's pre-tokenisation (transformers' `Split` pattern).
-    clip_split: regex::Regex,
-    /// The GPT-2 pattern of the `ByteLevel` pre-tokenizer, restricted to whitespace-free pieces;
-    /// it only matters for pieces like "<|endoftext|>" that CLIP's pattern keeps whole.
-    byte_level_split: regex::Regex,
-    cache: Mutex<HashMap<String, Vec<u32>>>,
-}
-
-impl ClipBpe {
-    fn from_files(
-        vocab_path: &Path,
-        merges_path: &Path,
-        special: &SpecialTokensConfig,
-    ) -> Result<Self> {
-        let vocab: HashMap<String, u32> = crate::config::read_json(vocab_path)?;
-        let merges_text =
-            std::fs::read_to_string(merges_path).map_err(|source| ModelError::Io {
-                path: merges_path.to_path_buf(),
-                cause: source,
-            })?;
-        let merges = parse_merges(&merges_text, merges_path, &vocab)?;
-        let unk_id = vocab.get(&special.unk.content).copied();
-        let (normalized_added, raw_added) = special
-            .added_tokens(&vocab)
-            .into_iter()
-            .partition(|t| t.normalized);
-        let clip_split = regex::Regex::new(
-            r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+",
-        )
-        .map_err(|e| ModelError::Tokenizer(format!("CLIP split pattern: {e}")))?;
-        let byte_level_split =
-            regex::Regex::new(r"'s|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+")
-                .map_err(|e| ModelError::Tokenizer(format!("byte-level pattern: {e}")))?;
-        Ok(Self {
-            vocab,
+/// The `tokenizers` pipeline transformers 5.x builds for `CLIPTokenizer` from `vocab.json` and
+/// `merges.txt`, with the special tokens the config files name matched verbatim in the text.
+fn clip_bpe_tokenizer(
+    vocab_path: &Path,
+    merges_path: &Path,
+    special: &SpecialTokensConfig,
+) -> Result<Tokenizer> {
+    let mut vocab: HashMap<String, u32> = crate::config::read_json(vocab_path)?;
+    let merges_text = std::fs::read_to_string(merges_path).map_err(|source| ModelError::Io {
+        path: merges_path.to_path_buf(),
+        cause: source,
+    })?;
+    let merges = parse_merges(&merges_text, merges_path, &vocab)?;
+    let added = special.added_tokens(&vocab);
+    // An `added_tokens_decoder` entry outside vocab.json keeps the id the config gives it.
+    for token in &added {
+        vocab.entry(token.content.clone()).or_insert(token.id);
+    }
+    let error = |what: &str, e: tokenizers::Error| {
+        ModelError::Tokenizer(format!("{}: {what}: {e}", vocab_path.display()))
+    };
+    let mut bpe = BPE::builder()
+        .vocab_and_merges(
+            vocab
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect::<tokenizers::models::bpe::Vocab>(),
             merges,
-            unk_id,
-            byte_chars: bytes_to_unicode(),
-            raw_added,
-            normalized_added,
-            clip_split,
-            byte_level_split,
-            cache: Mutex::new(HashMap::new()),
-        })
+        )
+        .end_of_word_suffix(END_OF_WORD.to_string())
+        .fuse_unk(false);
+    // Without an unknown token in the vocabulary, symbols outside it are dropped.
+    if vocab.contains_key(&special.unk.content) {
+        bpe = bpe.unk_token(special.unk.content.clone());
     }
-
-    /// Appends the ids of one whitespace-free word of raw input.
-    fn encode_word(&self, word: &str, out: &mut Vec<u32>) {
-        for raw_part in split_added(word, &self.raw_added) {
-            let text = match raw_part {
-                Part::Added(id) => {
-                    out.push(id);
-                    continue;
-                }
-                Part::Text(text) => normalize(text),
-            };
-            for part in split_added(&text, &self.normalized_added) {
-                match part {
-                    Part::Added(id) => out.push(id),
-                    Part::Text(text) => {
-                        for piece in self.clip_split.find_iter(text) {
-                            for sub_piece in self.byte_level_split.find_iter(piece.as_str()) {
-                                self.encode_piece(sub_piece.as_str(), out);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    fn encode_piece(&self, piece: &str, out: &mut Vec<u32>) {
-        if let Ok(cache) = self.cache.lock() {
-            if let Some(ids) = cache.get(piece) {
-                out.extend_from_slice(ids);
-                return;
-            }
-        }
-        let ids = self.bpe(piece);
-        out.extend_from_slice(&ids);
-        if let Ok(mut cache) = self.cache.lock() {
-            if cache.len() >= BPE_CACHE_CAPACITY {
-                cache.clear();
-            }
-            cache.insert(piece.to_string(), ids);
-        }
-    }
-
-    /// Byte-level BPE of one pre-token: one symbol per mapped byte, `</w>` on the last, then the
-    /// lowest-ranked adjacent pair is merged (all its occurrences, left to right) until none is left.
-    fn bpe(&self, piece: &str) -> Vec<u32> {
-        let mapped: Vec<char> = piece.bytes().map(|b| self.byte_chars[b as usize]).collect();
-        let mut symbols: Vec<u32> = Vec::with_capacity(mapped.len());
-        let mut symbol = String::new();
-        for (i, c) in mapped.iter().enumerate() {
-            symbol.clear();
-            symbol.push(*c);
-            if i + 1 == mapped.len() {
-                symbol.push_str(END_OF_WORD);
-            }
-            // Like `tokenizers` with fuse_unk=false: each unknown symbol becomes one unk token.
-            match self.vocab.get(&symbol).copied().or(self.unk_id) {
-                Some(id) => symbols.push(id),
-                None => continue,
-            }
-        }
-        loop {
-            let best = symbols
-                .windows(2)
-                .filter_map(|pair| {
-                    self.merges
-                        .get(&(pair[0], pair[1]))
-                        .map(|&(rank, _)| (rank, (pair[0], pair[1])))
-                })
-                .min_by_key(|&(rank, _)| rank);
-            let Some((_, pair)) = best else { break };
-            let merged_id = self.merges[&pair].1;
-            let mut merged = Vec::with_capacity(symbols.len());
-            let mut i = 0;
-            while i < symbols.len() {
-                if i + 1 < symbols.len() && (symbols[i], symbols[i + 1]) == pair {
-                    merged.push(merged_id);
-                    i += 2;
-                } else {
-                    merged.push(symbols[i]);
-                    i += 1;
-                }
-            }
-            symbols = merged;
-        }
-        symbols
-    }
+    let mut tokenizer = Tokenizer::new(bpe.build().map_err(|e| error("BPE", e))?);
+    let whitespace_runs = Replace::new(
+        tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()),
+        " ",
+    )
+    .map_err(|e| error("whitespace pattern", e))?;
+    tokenizer
+        .with_normalizer(Some(NormalizerSequence::new(vec![
+            NFC.into(),
+            whitespace_runs.into(),
+            Lowercase.into(),
+        ])))
+        .map_err(|e| error("normalizer", e))?;
+    let clip_split = Split::new(
+        SplitPattern::Regex(CLIP_SPLIT_PATTERN.into()),
+        SplitDelimiterBehavior::Removed,
+        true,
+    )
+    .map_err(|e| error("CLIP split pattern", e))?;
+    tokenizer.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
+        clip_split.into(),
+        ByteLevel::new(false, true, true).into(),
+    ])));
+    tokenizer
+        .add_special_tokens(added.into_iter().map(|token| {
+            tokenizers::AddedToken::from(token.content, true).normalized(token.normalized)
+        }))
+        .map_err(|e| error("special tokens", e))?;
+    Ok(tokenizer)
 }
 
 /// `merges.txt`: one "left right" pair per line, rank = line order; "#version" lines are skipped.
+/// Checked here (rather than by the BPE builder) so an error names the line. A pair listed twice
+/// keeps its first (best) rank; the BPE builder would keep the last.
 fn parse_merges(
     text: &str,
     path: &Path,
     vocab: &HashMap<String, u32>,
-) -> Result<HashMap<(u32, u32), (u32, u32)>> {
-    let mut merges = HashMap::new();
-    let mut rank = 0u32;
+) -> Result<Vec<(String, String)>> {
+    let mut merges = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for (line_index, line) in text.lines().enumerate() {
         if line.starts_with("#version") || line.is_empty() {
             continue;
@@ -702,83 +567,16 @@ fn parse_merges(
                 "expected two space-separated symbols, found {line:?}"
             )));
         };
-        let id = |token: &str| {
-            vocab
-                .get(token)
-                .copied()
-                .ok_or_else(|| bad(format!("merge symbol {token:?} is not in vocab.json")))
-        };
-        let merged_id = id(&format!("{left}{right}"))?;
-        // Keep the first (best) rank of a pair listed twice, as `tokenizers` does.
-        merges
-            .entry((id(left)?, id(right)?))
-            .or_insert((rank, merged_id));
-        rank += 1;
-    }
-    Ok(merges)
-}
-
-/// NFC then per-character lower-casing, as the `tokenizers` normalisers do it (per character,
-/// so a final sigma stays "σ"). Whitespace folding is not needed: callers pass single words.
-fn normalize(text: &str) -> String {
-    let mut normalized = tokenizers::NormalizedString::from(text);
-    normalized.nfc();
-    normalized.lowercase();
-    normalized.get().to_string()
-}
-
-enum Part<'a> {
-    Text(&'a str),
-    Added(u32),
-}
-
-/// Splits `text` at the leftmost-longest occurrences of the added tokens.
-fn split_added<'a>(text: &'a str, added: &[AddedToken]) -> Vec<Part<'a>> {
-    if added.is_empty() {
-        return vec![Part::Text(text)];
-    }
-    let mut parts = Vec::new();
-    let mut text_start = 0;
-    let mut pos = 0;
-    while pos < text.len() {
-        let best = added
-            .iter()
-            .filter(|t| text[pos..].starts_with(t.content.as_str()))
-            .max_by_key(|t| t.content.len());
-        match best {
-            Some(token) => {
-                if text_start < pos {
-                    parts.push(Part::Text(&text[text_start..pos]));
-                }
-                parts.push(Part::Added(token.id));
-                pos += token.content.len();
-                text_start = pos;
+        for token in [left, right, &format!("{left}{right}")] {
+            if !vocab.contains_key(token) {
+                return Err(bad(format!("merge symbol {token:?} is not in vocab.json")));
             }
-            None => pos += text[pos..].chars().next().map_or(1, char::len_utf8),
+        }
+        if seen.insert((left, right)) {
+            merges.push((left.to_string(), right.to_string()));
         }
     }
-    if text_start < text.len() {
-        parts.push(Part::Text(&text[text_start..]));
-    }
-    parts
-}
-
-/// GPT-2's reversible byte -> printable character table: printable Latin-1 bytes map to
-/// themselves, the rest to consecutive code points from U+0100.
-fn bytes_to_unicode() -> [char; 256] {
-    let is_printable = |b: u8| matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
-    let mut table = ['\0'; 256];
-    let mut next_extra = 256u32;
-    for b in 0..=255u8 {
-        table[b as usize] = if is_printable(b) {
-            char::from(b)
-        } else {
-            let c = char::from_u32(next_extra).unwrap_or('\u{FFFD}');
-            next_extra += 1;
-            c
-        };
-    }
-    table
+    Ok(merges)
 }
 
 #[cfg(test)]
@@ -787,8 +585,10 @@ mod tests {
 
     /// A tiny CLIP-style vocabulary: all byte symbols (plain and `</w>`), a few merges, specials.
     fn write_tiny_clip(dir: &Path, merges: &[(&str, &str)], extra_config: Option<Value>) {
-        let mut vocab: Vec<String> = bytes_to_unicode().iter().map(|c| c.to_string()).collect();
-        vocab.extend(bytes_to_unicode().iter().map(|c| format!("{c}</w>")));
+        let mut byte_chars: Vec<char> = ByteLevel::alphabet().into_iter().collect();
+        byte_chars.sort_unstable();
+        let mut vocab: Vec<String> = byte_chars.iter().map(|c| c.to_string()).collect();
+        vocab.extend(byte_chars.iter().map(|c| format!("{c}</w>")));
         for (l, r) in merges {
             vocab.push(format!("{l}{r}"));
         }
@@ -811,10 +611,7 @@ mod tests {
     }
 
     fn id(tok: &ClipTokenizer, token: &str) -> u32 {
-        match &tok.backend {
-            Backend::Bpe(bpe) => bpe.vocab[token],
-            Backend::Json { tokenizer, .. } => tokenizer.token_to_id(token).unwrap(),
-        }
+        tok.tokenizer.token_to_id(token).unwrap()
     }
 
     #[test]
@@ -822,16 +619,6 @@ mod tests {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<ClipTokenizer>();
         assert_send_sync::<crate::text_encoder::ClipTextEncoder>();
-    }
-
-    #[test]
-    fn byte_table_is_a_bijection_onto_gpt2_chars() {
-        let table = bytes_to_unicode();
-        assert_eq!(table[b'a' as usize], 'a');
-        assert_eq!(table[b' ' as usize], '\u{120}');
-        assert_eq!(table[0], '\u{100}');
-        let unique: std::collections::HashSet<char> = table.iter().copied().collect();
-        assert_eq!(unique.len(), 256);
     }
 
     #[test]

@@ -520,13 +520,6 @@ impl UNet2DConditionModel {
         attached.retain(|a| a.name != name);
         attached.len() != before
     }
-
-    pub fn detach_all(&self) {
-        self.attached
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
 }
 
 fn fingerprint(config: &UNetConfig, vb: &VarBuilder, table: &ProjectionTable) -> Result<String> {

@@ -6,8 +6,8 @@ use candle_nn::VarBuilder;
 
 use crate::attention::{ForwardCtx, Transformer2DConfig, Transformer2DModel};
 use crate::lora::ProjectionTable;
+use crate::resample::{Downsample2D, Upsample2D};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::sampling::{Downsample2D, Upsample2D};
 
 /// What every block shares: resnet settings and, for blocks with attention, the transformer's.
 pub struct BlockConfig {
@@ -216,10 +216,6 @@ impl UpBlock {
             attentions,
             upsampler,
         })
-    }
-
-    pub fn num_layers(&self) -> usize {
-        self.resnets.len()
     }
 
     /// Consumes this block's skip states from the end of `skips`. The upsampler targets the

@@ -10,8 +10,8 @@ use serde::Deserialize;
 use crate::attention::softmax_last_dim;
 use crate::config::{read_json, unsupported};
 use crate::error::{ModelError, Result};
+use crate::resample::{Downsample2D, Upsample2D};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::sampling::{Downsample2D, Upsample2D};
 use crate::weights::{find_weight_file, var_builder_from_file};
 
 /// diffusers hard-codes this epsilon for every norm inside the VAE.

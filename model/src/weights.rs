@@ -46,15 +46,6 @@ pub fn var_builder_from_file(
     })
 }
 
-/// `VarBuilder` for the weight file inside a component folder.
-pub fn component_var_builder(
-    dir: &Path,
-    dtype: DType,
-    device: &Device,
-) -> Result<VarBuilder<'static>> {
-    var_builder_from_file(&find_weight_file(dir)?, dtype, device)
-}
-
 /// Checks that `file` has a parseable safetensors header and exactly the data it declares.
 pub fn check_safetensors_layout(file: &Path) -> Result<()> {
     use std::io::Read;

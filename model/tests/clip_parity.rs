@@ -7,6 +7,11 @@ use candle_core::{DType, Device, Tensor};
 use rl4pix_model::clip::{cosine_similarity, ClipModel};
 use rl4pix_model::tokenizer::ClipTokenizer;
 
+/// Where the tensors live: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}
+
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/clip")
 }
@@ -25,12 +30,12 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 fn expected() -> std::collections::HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap()
+    candle_core::safetensors::load(fixtures().join("expected.safetensors"), &device()).unwrap()
 }
 
 #[test]
 fn image_and_text_embeddings_match_transformers() {
-    let model = ClipModel::load(&fixtures().join("tiny"), &Device::Cpu).unwrap();
+    let model = ClipModel::load(&fixtures().join("tiny"), &device()).unwrap();
     let expected = expected();
     let image = model.image_embeds(&expected["pixel_values"]).unwrap();
     let image_diff = max_abs_diff(&image, &expected["image_embeds"]);
@@ -66,14 +71,14 @@ fn tokenizer_ids_match_transformers() {
 
 #[test]
 fn wrong_image_size_and_bad_config_are_reported() {
-    let model = ClipModel::load(&fixtures().join("tiny"), &Device::Cpu).unwrap();
-    let wrong = Tensor::zeros((1, 3, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let model = ClipModel::load(&fixtures().join("tiny"), &device()).unwrap();
+    let wrong = Tensor::zeros((1, 3, 16, 16), DType::F32, &device()).unwrap();
     let err = model.image_embeds(&wrong).unwrap_err().to_string();
     assert!(err.contains("(1, 3, 16, 16)"), "{err}");
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), r#"{"projection_dim": 8}"#).unwrap();
-    let err = ClipModel::load(dir.path(), &Device::Cpu)
+    let err = ClipModel::load(dir.path(), &device())
         .err()
         .unwrap()
         .to_string();
@@ -81,7 +86,7 @@ fn wrong_image_size_and_bad_config_are_reported() {
         err.contains("config.json") && err.contains("text_config"),
         "{err}"
     );
-    let err = ClipModel::load(&fixtures().join("missing"), &Device::Cpu)
+    let err = ClipModel::load(&fixtures().join("missing"), &device())
         .err()
         .unwrap()
         .to_string();

@@ -16,6 +16,11 @@ fn fixtures() -> PathBuf {
     ))
 }
 
+/// Where the pipeline runs: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}
+
 struct Case {
     pipeline: InstructPix2Pix,
     input: image::RgbImage,
@@ -38,7 +43,7 @@ fn case(name: &str) -> Case {
     )
     .unwrap();
     Case {
-        pipeline: InstructPix2Pix::load(&dir.join(name), &Device::Cpu).unwrap(),
+        pipeline: InstructPix2Pix::load(&dir.join(name), &device()).unwrap(),
         input: image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap(),
         latents: latents.remove("latents").unwrap(),
         prompt: p["prompt"].as_str().unwrap().to_string(),
@@ -182,7 +187,14 @@ fn a_result_does_not_depend_on_the_rest_of_the_batch() {
             &mut |_, _| true,
         )
         .unwrap();
-    assert_eq!(alone[0].image, batch[1].image);
+    // The fused CPU kernels give the same bits whatever the batch; the composed ops (CUDA, or
+    // RL4PIX_FUSED=0) sum in an order that may depend on the batch size, so one level of
+    // rounding is allowed there.
+    let fused = rl4pix_model::ops::fused_enabled() && device().is_cpu();
+    let allowed = if fused { 0 } else { 1 };
+    let diff = max_level_diff(&alone[0].image, &batch[1].image);
+    println!("alone vs in a batch of 3: {diff} levels (allowed {allowed})");
+    assert!(diff <= allowed, "{diff} levels between alone and batched");
     assert_ne!(batch[0].image, batch[2].image);
 }
 

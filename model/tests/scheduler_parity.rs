@@ -30,7 +30,7 @@ fn load_reference(name: &str) -> anyhow::Result<HashMap<String, Tensor>> {
     let path = workspace().join(format!(
         "tests/fixtures/pipelines/{name}.reference.safetensors"
     ));
-    Ok(candle_core::safetensors::load(&path, &Device::Cpu)?)
+    Ok(candle_core::safetensors::load(&path, &device())?)
 }
 
 fn get<'a>(refs: &'a HashMap<String, Tensor>, key: &str) -> anyhow::Result<&'a Tensor> {
@@ -113,7 +113,7 @@ fn ddim_pipeline_parity(name: &str) -> TestResult {
     for eta in [0.0, 1.0] {
         let scheduler = DdimScheduler::new(&config, steps, eta)?;
         anyhow::ensure!(scheduler.timesteps() == expected_timesteps.as_slice());
-        let alphas = Tensor::new(scheduler.alphas_cumprod(), &Device::Cpu)?;
+        let alphas = Tensor::new(scheduler.alphas_cumprod(), &device())?;
         assert_close(
             "alphas_cumprod",
             &alphas,
@@ -372,11 +372,11 @@ fn pattern(kind: usize, step: usize) -> anyhow::Result<Tensor> {
                 as f32
         })
         .collect();
-    Ok(Tensor::from_vec(values, SHAPE, &Device::Cpu)?)
+    Ok(Tensor::from_vec(values, SHAPE, &device())?)
 }
 
 fn expected(values: &[f32], shape: impl Into<candle_core::Shape>) -> anyhow::Result<Tensor> {
-    Ok(Tensor::from_slice(values, shape, &Device::Cpu)?)
+    Ok(Tensor::from_slice(values, shape, &device())?)
 }
 
 struct Case {
@@ -664,3 +664,8 @@ pub(super) const CASES: &[Case] = &[
 // END GENERATED
 }
 use generated::CASES;
+
+/// Where the tensors live: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}

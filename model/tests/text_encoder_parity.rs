@@ -9,6 +9,11 @@ use rl4pix_model::text_encoder::{ClipTextConfig, ClipTextEncoder};
 use rl4pix_model::tokenizer::ClipTokenizer;
 use rl4pix_model::ModelError;
 
+/// Where the tensors live: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}
+
 fn pipelines() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join("tests/fixtures/pipelines")
 }
@@ -24,18 +29,15 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f32> {
 fn last_hidden_state_matches_transformers() -> Result<()> {
     for (name, hidden_act) in [("sd1", "quick_gelu"), ("sd2", "gelu")] {
         let root = pipelines();
-        let encoder = ClipTextEncoder::load(
-            &root.join(name).join("text_encoder"),
-            DType::F32,
-            &Device::Cpu,
-        )?;
+        let encoder =
+            ClipTextEncoder::load(&root.join(name).join("text_encoder"), DType::F32, &device())?;
         assert_eq!(
             encoder.config.hidden_act, hidden_act,
             "{name}: fixture covers this activation"
         );
         let reference = candle_core::safetensors::load(
             root.join(format!("{name}.reference.safetensors")),
-            &Device::Cpu,
+            &device(),
         )?;
         let ids = reference.get("text.ids").context("text.ids")?;
         let expected = reference.get("text.hidden").context("text.hidden")?;
@@ -54,7 +56,7 @@ fn last_hidden_state_matches_transformers() -> Result<()> {
         let tokenizer = ClipTokenizer::from_dir(&root.join(name).join("tokenizer"))?;
         let rows = prompts
             .iter()
-            .map(|p| Ok(Tensor::new(tokenizer.encode(p)?.as_slice(), &Device::Cpu)?))
+            .map(|p| Ok(Tensor::new(tokenizer.encode(p)?.as_slice(), &device())?))
             .collect::<Result<Vec<_>>>()?;
         let (hidden, pooled) = encoder
             .transformer()
@@ -95,7 +97,7 @@ fn config_errors_name_file_and_key() -> Result<()> {
     config["hidden_act"] = "mish".into();
     std::fs::write(dir.path().join("config.json"), config.to_string())?;
 
-    let err = ClipTextEncoder::load(dir.path(), DType::F32, &Device::Cpu)
+    let err = ClipTextEncoder::load(dir.path(), DType::F32, &device())
         .err()
         .context("loaded a bad config")?;
     let message = err.to_string();
@@ -112,13 +114,13 @@ fn config_errors_name_file_and_key() -> Result<()> {
     config["hidden_act"] = "quick_gelu".into();
     config["hidden_size"] = 64.into();
     std::fs::write(dir.path().join("config.json"), config.to_string())?;
-    let err = ClipTextEncoder::load(dir.path(), DType::F32, &Device::Cpu)
+    let err = ClipTextEncoder::load(dir.path(), DType::F32, &device())
         .err()
         .context("loaded wrong width")?;
     assert!(matches!(err, ModelError::Weights { .. }), "{err}");
 
     std::fs::remove_file(dir.path().join("config.json"))?;
-    let err = ClipTextEncoder::load(dir.path(), DType::F32, &Device::Cpu)
+    let err = ClipTextEncoder::load(dir.path(), DType::F32, &device())
         .err()
         .context("loaded without config")?;
     assert!(matches!(err, ModelError::MissingFile { .. }), "{err}");

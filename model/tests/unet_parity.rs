@@ -23,9 +23,16 @@ fn reference(name: &str) -> HashMap<String, Tensor> {
     .expect("reference fixture")
 }
 
-/// max |a - b| / max |b|
+/// Where the models run: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}
+
+/// max |a - b| / max |b|, compared on the CPU.
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shape");
+    let a = &a.to_device(&Device::Cpu).unwrap();
+    let b = &b.to_device(&Device::Cpu).unwrap();
     let diff = (a - b)
         .unwrap()
         .abs()
@@ -46,17 +53,18 @@ fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
 
 fn check_unet(name: &str, prefix: &str, check_attention: bool) {
     let r = reference(name);
-    let unet = UNet2DConditionModel::load(
-        &fixtures().join(name).join("unet"),
-        DType::F32,
-        &Device::Cpu,
-    )
-    .expect("load unet");
-    let sample = &r[&format!("{prefix}.sample")];
+    let dev = device();
+    let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &dev)
+        .expect("load unet");
+    let sample = &r[&format!("{prefix}.sample")].to_device(&dev).unwrap();
     let timesteps = r[&format!("{prefix}.timesteps")]
         .to_dtype(DType::F32)
+        .unwrap()
+        .to_device(&dev)
         .unwrap();
-    let context = &r[&format!("{prefix}.encoder_hidden_states")];
+    let context = &r[&format!("{prefix}.encoder_hidden_states")]
+        .to_device(&dev)
+        .unwrap();
     let captured = RefCell::new(Vec::<CapturedAttention>::new());
     let ctx = ForwardCtx {
         adapters: &[],

@@ -14,9 +14,15 @@ fn pipelines_dir() -> PathBuf {
     Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join("tests/fixtures/pipelines")
 }
 
+/// Where the models run: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
+fn device() -> Device {
+    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
+}
+
+/// The reference tensors, on the device the model runs on.
 fn load_reference(name: &str) -> HashMap<String, Tensor> {
     let path = pipelines_dir().join(format!("{name}.reference.safetensors"));
-    candle_core::safetensors::load(&path, &Device::Cpu)
+    candle_core::safetensors::load(&path, &device())
         .unwrap_or_else(|e| panic!("{}: {e} (run tests/make_model_fixtures.py)", path.display()))
 }
 
@@ -42,7 +48,7 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> f32 {
 fn check_pipeline_vae(name: &str) {
     let reference = load_reference(name);
     let vae_dir = pipelines_dir().join(name).join("vae");
-    let vae = AutoencoderKl::load(&vae_dir, DType::F32, &Device::Cpu).unwrap();
+    let vae = AutoencoderKl::load(&vae_dir, DType::F32, &device()).unwrap();
 
     let image = reference_tensor(&reference, "vae.image");
     let expected_mode = reference_tensor(&reference, "vae.mode");

@@ -2,6 +2,7 @@
 //! against the same model called in-process at the same batch sizes.
 //!
 //! `cargo run --release -p rl4pix-server --example bench -- --model tests/fixtures/pipelines/sd1`
+//! (`RL4PIX_DEVICE=cuda:0 RL4PIX_DTYPE=f16` for a GPU, in a build with `--features cuda`)
 
 use std::io::Cursor;
 use std::path::PathBuf;
@@ -212,12 +213,20 @@ fn main() -> anyhow::Result<()> {
         opts.max_batch_wait_ms
     );
 
-    let model = InstructPix2Pix::load(&opts.model, &candle_core::Device::Cpu)?;
+    // The server reads RL4PIX_DEVICE and RL4PIX_DTYPE; the in-process side runs the same.
+    let mut args = rl4pix_server::Args::for_model(&opts.model);
+    let dtype = match args.dtype.to_ascii_lowercase().as_str() {
+        "f16" => candle_core::DType::F16,
+        "bf16" => candle_core::DType::BF16,
+        _ => candle_core::DType::F32,
+    };
+    let device = rl4pix_model::device::parse_device(&args.device)?;
+    println!("device {} | dtype {:?}", args.device, dtype);
+    let model = InstructPix2Pix::load_with_dtype(&opts.model, &device, dtype)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let (local, remote) = runtime.block_on(async {
-        let mut args = rl4pix_server::Args::for_model(&opts.model);
         args.max_batch_size = max_concurrency;
         args.max_batch_wait_ms = opts.max_batch_wait_ms;
         args.max_queue = 4 * max_concurrency;

@@ -30,9 +30,18 @@ pub struct Args {
     #[arg(long, env = "RL4PIX_MODEL", default_value_os_t = default_model_dir())]
     pub model: PathBuf,
     /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start and
-    /// watched: new, replaced and removed files are picked up while serving.
+    /// watched: new, replaced and removed files are picked up while serving. Or an object
+    /// store every replica reads (`s3://bucket/prefix`, `file:///folder`, `gs://bucket/prefix`
+    /// with the `gcs` feature), polled every `--adapter-poll-s`.
     #[arg(long, env = "RL4PIX_ADAPTERS")]
     pub adapters: Option<PathBuf>,
+    /// With an object store: seconds between listings of it.
+    #[arg(long, env = "RL4PIX_ADAPTER_POLL_S", default_value_t = 10.0)]
+    pub adapter_poll_s: f64,
+    /// With an object store: the local folder its adapters are downloaded to (default: a
+    /// temporary folder removed at exit).
+    #[arg(long, env = "RL4PIX_ADAPTER_CACHE")]
+    pub adapter_cache: Option<PathBuf>,
     /// Adapter applied when a request names none (`adapter=none` still asks for the base);
     /// changeable at run time with `PUT /adapters/default`.
     #[arg(long, env = "RL4PIX_DEFAULT_ADAPTER")]
@@ -81,6 +90,11 @@ pub struct Args {
     /// From arrival to answer; past it the request gets 504 and its work is dropped.
     #[arg(long, env = "RL4PIX_REQUEST_TIMEOUT_S", default_value_t = 300.0)]
     pub request_timeout_s: f64,
+    /// On SIGTERM, seconds `/ready` answers 503 while requests are still admitted, before the
+    /// listener closes: load balancers that poll `/ready` stop sending first. (On Kubernetes
+    /// the pod's preStop sleep plays this part.)
+    #[arg(long, env = "RL4PIX_SHUTDOWN_DRAIN_S", default_value_t = 0.0)]
+    pub shutdown_drain_s: f64,
     /// Bearer token of the admin routes; without it they are closed (401).
     #[arg(long, env = "RL4PIX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -122,7 +136,10 @@ impl Args {
             return Err("--max-adapter-bytes must be at least 1".into());
         }
         if self.default_adapter.is_some() && self.adapters.is_none() {
-            return Err("--default-adapter needs --adapters DIR".into());
+            return Err("--default-adapter needs --adapters DIR or URL".into());
+        }
+        if !(self.adapter_poll_s.is_finite() && self.adapter_poll_s > 0.0) {
+            return Err("--adapter-poll-s must be a positive number of seconds".into());
         }
         if self.max_pixels == 0 {
             return Err("--max-pixels must be at least 1".into());
@@ -135,6 +152,9 @@ impl Args {
         }
         if !(self.request_timeout_s.is_finite() && self.request_timeout_s > 0.0) {
             return Err("--request-timeout-s must be a positive number of seconds".into());
+        }
+        if !(self.shutdown_drain_s.is_finite() && self.shutdown_drain_s >= 0.0) {
+            return Err("--shutdown-drain-s must be zero or a positive number of seconds".into());
         }
         if !(self.job_ttl_s.is_finite() && self.job_ttl_s > 0.0) {
             return Err("--job-ttl-s must be a positive number of seconds".into());

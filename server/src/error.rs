@@ -137,6 +137,9 @@ impl ServiceError {
             }
             AdapterError::Unavailable { .. } => Self::unavailable(message).with_retry_after(1),
             AdapterError::NoFolder => Self::new(ErrorKind::Conflict, "no_adapters_folder", message),
+            AdapterError::InObjectStore(_) => {
+                Self::new(ErrorKind::Conflict, "adapters_in_object_store", message)
+            }
             AdapterError::PathOutside(_) => Self::new(
                 ErrorKind::Forbidden,
                 "path_outside_adapters_folder",

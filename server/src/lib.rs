@@ -9,6 +9,7 @@
 //! types), `config` (flags), `metrics`, `openapi`, and `server`, which wires it all together.
 //! See `docs/architecture.md`, "The request path".
 
+pub mod adapter_store;
 pub mod adapters;
 pub mod attention_cache;
 pub mod backend;

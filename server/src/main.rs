@@ -45,6 +45,14 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     println!("rl4pix-server listening on {}", server.url());
     let _ = std::io::stdout().flush();
     shutdown_signal().await;
+    if args.shutdown_drain_s > 0.0 {
+        server.service.begin_drain();
+        tracing::info!(
+            seconds = args.shutdown_drain_s,
+            "draining: /ready answers 503, requests still admitted"
+        );
+        tokio::time::sleep(std::time::Duration::from_secs_f64(args.shutdown_drain_s)).await;
+    }
     tracing::info!("shutting down: finishing admitted requests");
     server.shutdown().await?;
     tracing::info!("stopped");

@@ -11,6 +11,7 @@ use anyhow::{bail, Context};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::adapter_store::{self, PollReport, StoreMirror, StorePoller};
 use crate::adapters::AdapterRegistry;
 use crate::backend::{Backend, BackendError, ModelBackend};
 use crate::config::{default_model_dir, Args};
@@ -28,6 +29,9 @@ pub struct RunningServer {
     serve: JoinHandle<std::io::Result<()>>,
     worker: std::thread::JoinHandle<()>,
     watcher: Option<AdapterWatcher>,
+    poller: Option<StorePoller>,
+    // The default adapter cache of an object store; removed after the poller stops.
+    _cache: Option<tempfile::TempDir>,
 }
 
 /// Checks the model folder before anything heavy, with a message that says what to do.
@@ -70,8 +74,20 @@ where
     let batching = args.batching();
     let metrics = Metrics::new(batching.max_batch_size);
     let queue = Arc::new(Queue::new(batching.max_queue, metrics.clone()));
-    let adapter_settings = args.adapter_settings();
+    let mut adapter_settings = args.adapter_settings();
+    // An object store is mirrored into a cache folder that the registry reads like any other;
+    // the first full copy is made before the model loads, so `/ready` means "adapters too".
+    let (mut mirror, first_copy, cache) = open_adapter_store(args).await?;
+    if let Some(mirror) = &mirror {
+        adapter_settings.dir = Some(mirror.cache_dir().to_path_buf());
+    }
     let adapters = Arc::new(AdapterRegistry::new(&adapter_settings).map_err(anyhow::Error::msg)?);
+    if let Some(mirror) = &mirror {
+        adapters.set_store(mirror.url().to_string());
+    }
+    for (name, reason) in first_copy.refused {
+        adapters.refuse_unread(&name, reason);
+    }
     // On the worker thread, right after the model: the folder is read before `/ready` says
     // ready, and the loader is then shared with the watcher and the admin routes.
     let registry = adapters.clone();
@@ -106,12 +122,19 @@ where
         let _ = handle.thread.join();
         return Err(error);
     }
+    let poller = mirror.take().map(|mirror| {
+        StorePoller::start(
+            mirror,
+            adapters.clone(),
+            Duration::from_secs_f64(args.adapter_poll_s),
+        )
+    });
     let watcher = match adapters.dir() {
-        Some(_) => Some(
+        Some(_) if poller.is_none() => Some(
             AdapterWatcher::start(adapters.clone(), adapter_settings.debounce)
                 .context("cannot start the adapters folder watcher")?,
         ),
-        None => None,
+        _ => None,
     };
     let info = handle.info;
     let (model_name, device) = (info.model.clone(), info.device.clone());
@@ -153,7 +176,49 @@ where
         serve,
         worker: handle.thread,
         watcher,
+        poller,
+        _cache: cache,
     })
+}
+
+/// The mirror of `--adapters URL` after its first full copy (whose downloads the registry
+/// reads with the folder; the refusals are returned), and the temporary cache folder it copies
+/// into when `--adapter-cache` is not given.
+async fn open_adapter_store(
+    args: &Args,
+) -> anyhow::Result<(Option<StoreMirror>, PollReport, Option<tempfile::TempDir>)> {
+    let Some(url) = args
+        .adapters
+        .as_ref()
+        .filter(|a| adapter_store::is_store_url(a))
+    else {
+        return Ok((None, PollReport::default(), None));
+    };
+    let url = url.to_string_lossy().into_owned();
+    let (cache_dir, temporary) = match &args.adapter_cache {
+        Some(dir) => (dir.clone(), None),
+        None => {
+            let dir = tempfile::Builder::new()
+                .prefix("rl4pix-adapters-")
+                .tempdir()
+                .context("cannot create a folder for the adapters store's cache")?;
+            (dir.path().to_path_buf(), Some(dir))
+        }
+    };
+    let mut mirror =
+        StoreMirror::open(&url, &cache_dir, args.max_adapter_bytes).map_err(anyhow::Error::msg)?;
+    let report = mirror.poll().await;
+    if let Some(failure) = report.failed.first() {
+        bail!("--adapters {url}: cannot copy the store at start ({failure}); check the URL, the credentials (AWS_* variables) and that the store is reachable");
+    }
+    tracing::info!(
+        store = %url,
+        adapters = report.changed.len(),
+        refused = report.refused.len(),
+        cache = %cache_dir.display(),
+        "adapters store copied"
+    );
+    Ok((Some(mirror), report, temporary))
 }
 
 impl RunningServer {
@@ -165,6 +230,7 @@ impl RunningServer {
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
         self.service.begin_shutdown();
         drop(self.watcher.take());
+        drop(self.poller.take());
         if let Some(tx) = self.shutdown_tx.take() {
             let _ = tx.send(());
         }

@@ -12,12 +12,17 @@
 //! PIL-exact bicubic (what MagicBrush's script does), sources and masks of another size likewise
 //! (masks bilinearly); CLIP-T sees the generated image as it is.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use image::RgbImage;
+use rl4pix_model::lora::ResolvedAdapter;
+use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::scheduler::SchedulerKind;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{read_image_file, DataError, Session, Turn};
+use crate::data::{read_image_file, DataError, Dataset, Session, Turn};
 use crate::metrics::{self, ClipScorer, MetricError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,6 +357,250 @@ impl<'a> Evaluator<'a> {
             final_turn: self.final_turn.summary(),
         }
     }
+}
+
+/// The editing model run on the data set's turns; writes what it makes in the generated layout.
+pub struct ModelImages {
+    model: InstructPix2Pix,
+    adapters: Vec<Arc<ResolvedAdapter>>,
+    params: EditParams,
+    base_seed: u64,
+    out: PathBuf,
+    /// Independent edits of the current session, by turn index.
+    session_id: Option<String>,
+    independent: HashMap<usize, RgbImage>,
+    /// The last iterative edit of the current session, and its turn index.
+    chain: Option<(usize, RgbImage)>,
+}
+
+/// How the model samples during an evaluation; `None` = the model's own.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SamplerSettings {
+    pub steps: Option<usize>,
+    pub scheduler: Option<SchedulerKind>,
+    /// DDIM's eta (0 = deterministic).
+    pub eta: f64,
+    pub guidance_scale: Option<f64>,
+    pub image_guidance_scale: Option<f64>,
+    /// Base of the per-turn seeds ([`turn_seed`]).
+    pub seed: u64,
+}
+
+/// An invalid sampler setting, named.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SamplerError(pub String);
+
+impl ModelImages {
+    /// The model (with `adapters` on its UNet) editing each turn as `sampler` says; what it makes
+    /// is written under `out` in the generated layout.
+    pub fn new(
+        model: InstructPix2Pix,
+        adapters: Vec<Arc<ResolvedAdapter>>,
+        sampler: &SamplerSettings,
+        out: PathBuf,
+    ) -> std::result::Result<Self, SamplerError> {
+        let defaults =
+            model.params_with_guidance(sampler.guidance_scale, sampler.image_guidance_scale);
+        if !(defaults.guidance_scale.is_finite() && defaults.image_guidance_scale.is_finite()) {
+            return Err(SamplerError(
+                "guidance scales must be finite numbers".into(),
+            ));
+        }
+        if !(0.0..=1.0).contains(&sampler.eta) {
+            return Err(SamplerError(format!(
+                "eta must be in [0, 1], got {}",
+                sampler.eta
+            )));
+        }
+        let mut params = EditParams {
+            scheduler: sampler.scheduler,
+            eta: sampler.eta,
+            ..defaults
+        };
+        if let Some(steps) = sampler.steps {
+            if steps == 0 {
+                return Err(SamplerError("steps must be at least 1".into()));
+            }
+            params.steps = steps;
+        }
+        Ok(ModelImages {
+            model,
+            adapters,
+            params,
+            base_seed: sampler.seed,
+            out,
+            session_id: None,
+            independent: HashMap::new(),
+            chain: None,
+        })
+    }
+
+    fn edit_error(session: &Session, turn: usize, e: impl std::fmt::Display) -> EvalError {
+        EvalError::Edit {
+            session: session.id.clone(),
+            turn,
+            message: e.to_string(),
+        }
+    }
+
+    /// Edits `(image, turn index)` pairs of `session`, batched when they share a size.
+    fn edit(
+        &self,
+        session: &Session,
+        inputs: &[(&RgbImage, usize)],
+        setting: Setting,
+    ) -> Result<Vec<RgbImage>> {
+        let requests: Vec<EditRequest> = inputs
+            .iter()
+            .map(|(image, k)| EditRequest {
+                image,
+                instruction: &session.turns[k - 1].instruction,
+                params: EditParams {
+                    seed: turn_seed(self.base_seed, &session.id, *k, setting),
+                    ..self.params.clone()
+                },
+                init_latents: None,
+            })
+            .collect();
+        let same_size = inputs
+            .windows(2)
+            .all(|w| w[0].0.dimensions() == w[1].0.dimensions());
+        let outputs = if same_size {
+            self.model
+                .edit_batch(&requests, &self.adapters, &mut |_, _| true)
+                .map_err(|e| Self::edit_error(session, inputs[0].1, e))?
+        } else {
+            let mut outputs = Vec::with_capacity(requests.len());
+            for (request, (_, k)) in requests.into_iter().zip(inputs) {
+                let mut one = self
+                    .model
+                    .edit_batch(&[request], &self.adapters, &mut |_, _| true)
+                    .map_err(|e| Self::edit_error(session, *k, e))?;
+                outputs.append(&mut one);
+            }
+            outputs
+        };
+        let images: Vec<RgbImage> = outputs.into_iter().map(|o| o.image).collect();
+        for (image, (_, k)) in images.iter().zip(inputs) {
+            let path = generated_path(&self.out, &session.id, *k, setting);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| DataError::Io {
+                    path: parent.to_path_buf(),
+                    cause: source,
+                })?;
+            }
+            image.save(&path).map_err(|e| DataError::Image {
+                what: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        }
+        Ok(images)
+    }
+}
+
+impl GeneratedImages for ModelImages {
+    fn generated(
+        &mut self,
+        session: &Session,
+        turn_index: usize,
+        setting: Setting,
+    ) -> Result<RgbImage> {
+        if self.session_id.as_deref() != Some(session.id.as_str()) {
+            let inputs: Vec<(&RgbImage, usize)> = session
+                .turns
+                .iter()
+                .map(|t| (&t.source, t.turn_index))
+                .collect();
+            let outputs = self.edit(session, &inputs, Setting::Independent)?;
+            self.independent = inputs.iter().map(|(_, k)| *k).zip(outputs).collect();
+            self.session_id = Some(session.id.clone());
+            self.chain = None;
+        }
+        let independent = |k: usize| {
+            self.independent
+                .get(&k)
+                .cloned()
+                .ok_or_else(|| Self::edit_error(session, k, "no such turn"))
+        };
+        if setting == Setting::Independent || turn_index == 1 {
+            return independent(turn_index);
+        }
+        let previous = match &self.chain {
+            Some((k, image)) if *k == turn_index - 1 => image.clone(),
+            _ if turn_index == 2 => independent(1)?,
+            _ => {
+                return Err(Self::edit_error(
+                    session,
+                    turn_index,
+                    "iterative turns must be requested in order",
+                ))
+            }
+        };
+        let image = self
+            .edit(session, &[(&previous, turn_index)], Setting::Iterative)?
+            .remove(0);
+        self.chain = Some((turn_index, image.clone()));
+        Ok(image)
+    }
+}
+
+/// What a trivial editor would score: the floor (ground truth) and the do-nothing line (identity)
+/// that every model number is read against.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Baseline {
+    /// Output = the turn's source image (no edit at all).
+    Identity,
+    /// Output = the turn's target image.
+    GroundTruth,
+}
+
+impl GeneratedImages for Baseline {
+    fn generated(
+        &mut self,
+        session: &Session,
+        turn_index: usize,
+        _setting: Setting,
+    ) -> Result<RgbImage> {
+        let turn = session
+            .turns
+            .iter()
+            .find(|t| t.turn_index == turn_index)
+            .ok_or_else(|| EvalError::Edit {
+                session: session.id.clone(),
+                turn: turn_index,
+                message: "no such turn".into(),
+            })?;
+        Ok(match self {
+            Baseline::Identity => turn.source.clone(),
+            Baseline::GroundTruth => turn.target.clone(),
+        })
+    }
+}
+
+/// Scores the first `limit` sessions of `dataset` (all when `None`) with the images `images`
+/// gives; `on_session(turns)` is called after each session (for progress bars).
+pub fn evaluate(
+    dataset: &Dataset,
+    images: &mut dyn GeneratedImages,
+    clip: Option<&ClipScorer>,
+    limit: Option<usize>,
+    on_session: &mut dyn FnMut(usize),
+) -> Result<EvalReport> {
+    let mut evaluator = Evaluator::new(clip);
+    for session in dataset.sessions().take(limit.unwrap_or(usize::MAX)) {
+        let session = session?;
+        evaluator.add_session(&session, images)?;
+        on_session(session.turns.len());
+    }
+    if evaluator.missing_descriptions() > 0 {
+        tracing::warn!(
+            turns = evaluator.missing_descriptions(),
+            "turns without a local description have no CLIP-T"
+        );
+    }
+    Ok(evaluator.report())
 }
 
 /// A stable per-turn seed, so a model's output for a turn does not depend on what ran before it.

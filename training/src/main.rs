@@ -36,6 +36,8 @@ enum Command {
     Ddpo(commands::ddpo::DdpoArgs),
     /// One command per table of the paper: synthetic data, DDPO run(s), evaluation, table files.
     Reproduce(commands::reproduce::ReproduceArgs),
+    /// Which reward terms rank a turn's samples like the target does (run before RL).
+    RewardAudit(commands::reward_audit::RewardAuditArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +60,7 @@ fn main() -> std::process::ExitCode {
         Command::ToyGrid(args) => commands::pretrain::run_grid(args),
         Command::PretrainExport(args) => commands::pretrain::run_export(args),
         Command::Ddpo(args) => commands::ddpo::run(args),
+        Command::RewardAudit(args) => commands::reward_audit::run(args),
         Command::Reproduce(args) => commands::reproduce::run(args),
     };
     match result {

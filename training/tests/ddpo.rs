@@ -14,7 +14,7 @@ use rl4pix_training::ddpo::config::DataConfig;
 use rl4pix_training::ddpo::lora::TrainableLora;
 use rl4pix_training::ddpo::prompts::load_prompts;
 use rl4pix_training::ddpo::sampler::{
-    recompute_log_prob, requests, sample_batch, Guidance, PromptItem,
+    recompute_log_prob, requests, sample_batch, AttentionSource, Guidance, PromptItem,
 };
 use rl4pix_training::ddpo::{DdpoConfig, DdpoError, EpochLog, Trainer};
 use rl4pix_training::synth::{write_folder, SynthWorld};
@@ -114,6 +114,7 @@ fn recomputed_log_prob_equals_the_sampled_one() {
         &[11, 12, 13],
         guidance,
         &lora.resolved_detached().unwrap(),
+        AttentionSource::Policy,
     )
     .unwrap();
     assert_eq!(batch.latents.dims()[..2], [3, 4]);
@@ -209,6 +210,7 @@ fn gradients_reach_only_the_lora_and_base_weights_stay() {
         &[1, 2],
         guidance,
         &trainer.lora().resolved_detached().unwrap(),
+        AttentionSource::Policy,
     )
     .unwrap();
     let cond = pipeline
@@ -494,6 +496,7 @@ fn a_ppo_step_moves_the_policy_towards_the_advantage() {
         &[7, 8],
         guidance,
         &lora.resolved_detached().unwrap(),
+        AttentionSource::Policy,
     )
     .unwrap();
     let cond = pipeline
@@ -558,5 +561,209 @@ fn a_ppo_step_moves_the_policy_towards_the_advantage() {
     assert!(
         after[1] < before[1],
         "negative advantage: {before:?} -> {after:?}"
+    );
+}
+
+/// Group sampling on the tiny world: P prompts x K samples, steps after `skip_last_steps` never
+/// trained, per-step gradient norms logged for the others.
+#[test]
+fn group_sampling_trains_only_the_kept_steps_and_logs_their_gradients() {
+    let pipeline = sd1();
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tiny_config(&tmp.path().join("run"))
+        .with_sets(&[
+            "num_epochs=1",
+            "sample.prompts_per_epoch=2",
+            "sample.samples_per_prompt=2",
+            "train.batch_size=4",
+            "train.skip_last_steps=1",
+            "per_prompt_stat_tracking.group_std_floor=0.001",
+            "reward.attention_source=base",
+        ])
+        .unwrap();
+    assert_eq!(config.samples_per_epoch(), 4);
+    let mut trainer = Trainer::new(&pipeline, config, prompts(tmp.path(), &pipeline)).unwrap();
+    trainer.run(false).unwrap();
+    let log = &trainer.history()[0];
+    assert_eq!(log.samples, 4);
+    assert!(
+        log.within_group_std.is_some_and(|s| s.is_finite()),
+        "{log:?}"
+    );
+    assert!(
+        log.oracle_l1_mean > 0.0 && log.oracle_l1_mean < 1.0,
+        "{log:?}"
+    );
+    assert_eq!(log.step_grad_norms.len(), 3);
+    assert!(
+        log.step_grad_norms[2].is_none(),
+        "the last step is skipped: {log:?}"
+    );
+    assert!(
+        log.step_grad_norms[..2]
+            .iter()
+            .all(|n| n.is_some_and(|n| n > 0.0)),
+        "{log:?}"
+    );
+}
+
+/// The attention term read from the frozen base cannot be moved by the adapter alone: with one
+/// step the base sees the same initial noise whatever the adapter, so its map is the same; the
+/// policy's own map moves with a LoRA on the attention keys.
+#[test]
+fn base_attention_ignores_the_adapter_and_policy_attention_does_not() {
+    let pipeline = sd1();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts(tmp.path(), &pipeline);
+    let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 1, 1.0).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let zero = TrainableLora::new(&pipeline, 4, 4.0, &["to_k".to_string()], &mut rng).unwrap();
+    let moved = TrainableLora::new(&pipeline, 4, 4.0, &["to_k".to_string()], &mut rng).unwrap();
+    for layer in &moved.layers {
+        let b = Tensor::randn(0f32, 0.5, layer.up.dims(), &Device::Cpu).unwrap();
+        layer.up.set(&b).unwrap();
+    }
+    let guidance = Guidance {
+        text: 5.0,
+        image: 1.5,
+    };
+    let attention = |lora: &TrainableLora, source| {
+        sample_batch(
+            &pipeline,
+            &scheduler,
+            &prompts,
+            &[0, 1],
+            &[5, 6],
+            guidance,
+            &lora.resolved_detached().unwrap(),
+            source,
+        )
+        .unwrap()
+        .attention
+    };
+    assert_eq!(
+        attention(&zero, AttentionSource::Base),
+        attention(&moved, AttentionSource::Base)
+    );
+    assert_eq!(
+        attention(&zero, AttentionSource::Base),
+        attention(&zero, AttentionSource::Policy),
+        "with a zero adapter both read the same UNet"
+    );
+    assert_ne!(
+        attention(&zero, AttentionSource::Policy),
+        attention(&moved, AttentionSource::Policy)
+    );
+}
+
+/// The KL penalty toward the base is 0 for the base itself, positive for a moved adapter, and its
+/// gradient reaches the LoRA.
+#[test]
+fn kl_to_base_is_zero_at_the_base_and_grows_with_the_adapter() {
+    use rl4pix_training::ddpo::sampler::{base_prediction, kl_to_base, policy_prediction};
+    let pipeline = sd1();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts(tmp.path(), &pipeline);
+    let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 3, 1.0).unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let targets: Vec<String> = ["to_q", "to_v"].iter().map(|s| s.to_string()).collect();
+    let lora = TrainableLora::new(&pipeline, 4, 4.0, &targets, &mut rng).unwrap();
+    let guidance = Guidance {
+        text: 5.0,
+        image: 1.5,
+    };
+    let indices = [0, 1];
+    let size = prompts[0].source.dimensions();
+    let cond = pipeline
+        .condition(&requests(&prompts, &indices, guidance, &scheduler), size)
+        .unwrap();
+    let latents = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &Device::Cpu).unwrap();
+    let steps = [0, 1];
+    let base = base_prediction(&pipeline, &scheduler, &cond, &latents, &steps).unwrap();
+    let kl = |lora: &TrainableLora| {
+        let pred = policy_prediction(
+            &pipeline,
+            &scheduler,
+            &cond,
+            &latents,
+            &steps,
+            &lora.resolved().unwrap(),
+        )
+        .unwrap();
+        kl_to_base(&scheduler, &pred, &base, &steps, &latents).unwrap()
+    };
+    let at_base = kl(&lora).to_vec1::<f32>().unwrap();
+    assert!(at_base.iter().all(|v| v.abs() < 1e-6), "{at_base:?}");
+    for layer in &lora.layers {
+        let b = Tensor::randn(0f32, 0.05, layer.up.dims(), &Device::Cpu).unwrap();
+        layer.up.set(&b).unwrap();
+    }
+    let moved = kl(&lora);
+    let values = moved.to_vec1::<f32>().unwrap();
+    assert!(values.iter().all(|v| *v > 0.0), "{values:?}");
+    let grads = moved.mean_all().unwrap().backward().unwrap();
+    let reached = lora
+        .named_vars()
+        .iter()
+        .filter(|(_, v)| grads.get(v.as_tensor()).is_some())
+        .count();
+    assert!(reached > 0);
+}
+
+/// Validation scores the base at epoch 0 and every `every` epochs, keeps the best adapter, and
+/// the policy samples with the model's own guidance when asked.
+#[test]
+fn validation_keeps_the_best_adapter_and_the_model_guidance_is_used() {
+    let pipeline = sd1();
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let config = tiny_config(&run)
+        .with_sets(&[
+            "validation.dataset=unused-here",
+            "validation.every=1",
+            "validation.max_turns=2",
+            "validation.steps=2",
+            "sample.use_model_guidance=true",
+        ])
+        .unwrap();
+    let prompts = prompts(tmp.path(), &pipeline);
+    let mut trainer = Trainer::new(&pipeline, config, prompts.clone()).unwrap();
+    let guidance = trainer.sampling_guidance();
+    assert_eq!(
+        (guidance.text, guidance.image),
+        (
+            pipeline.sampling_defaults.guidance_scale,
+            pipeline.sampling_defaults.image_guidance_scale
+        )
+    );
+    trainer.set_validation(prompts[..2].to_vec()).unwrap();
+    trainer.run(false).unwrap();
+    let text = std::fs::read_to_string(run.join("validation.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let epochs: Vec<u64> = records
+        .iter()
+        .map(|r| r["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [0, 1, 2]);
+    assert_eq!(records[0]["improved"], true);
+    assert_eq!(records[0]["turns"], 2);
+    let (best_epoch, best_score) = trainer.best().unwrap();
+    let best_record = &records[best_epoch];
+    assert_eq!(best_record["score"].as_f64().unwrap(), best_score);
+    assert!(records
+        .iter()
+        .all(|r| r["score"].as_f64().unwrap() >= best_score));
+    let best = LoraAdapter::load(
+        &run.join("best/adapter.safetensors"),
+        &pipeline.lora_targets(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(
+        best.metadata.base_fingerprint.as_deref(),
+        Some(pipeline.unet.fingerprint())
     );
 }

@@ -15,8 +15,9 @@ fn fixtures() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures"))
 }
 
-/// Tiny settings: 3 training sessions, 2 test sessions of 16x16 (unless `extra` has `--size`), 2 samples x 2 steps per epoch,
-/// 2-step evaluation.
+/// Tiny settings: 3 training sessions, one test set of 2 sessions and a validation world of 2, all
+/// 16x16 (unless `extra` has `--size`), 2 samples x 2 steps per epoch, 2-step evaluation, the `cpu`
+/// preset (independent draws).
 fn reproduce(out: &Path, table: &str, extra: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_rl4pix-train"))
         .args(["reproduce", "--table", table, "--model"])
@@ -29,6 +30,12 @@ fn reproduce(out: &Path, table: &str, extra: &[&str]) -> Output {
             &["--size", "16"][..]
         })
         .args([
+            "--preset",
+            "cpu",
+            "--test-seed",
+            "12345",
+            "--validation-count",
+            "2",
             "--train-count",
             "3",
             "--test-count",
@@ -53,6 +60,12 @@ fn reproduce(out: &Path, table: &str, extra: &[&str]) -> Output {
             "data.max_prompts=4",
             "--set",
             "save_freq=1",
+            "--set",
+            "validation.every=1",
+            "--set",
+            "validation.max_turns=2",
+            "--set",
+            "validation.steps=2",
         ])
         .args(extra)
         .env_remove("RUST_BACKTRACE")
@@ -70,8 +83,12 @@ fn modified(path: &Path) -> SystemTime {
     std::fs::metadata(path).unwrap().modified().unwrap()
 }
 
+fn rows(table: &Value) -> &Vec<Value> {
+    table["test_sets"][0]["rows"].as_array().unwrap()
+}
+
 fn row_names(table: &Value) -> Vec<String> {
-    table["rows"]
+    table["test_sets"][0]["rows"]
         .as_array()
         .unwrap()
         .iter()
@@ -122,23 +139,35 @@ fn table1_writes_both_files_and_a_rerun_resumes() {
 
     let table = read_json(&out.join("table1.json"));
     assert_eq!(table["table"], 1);
-    assert_eq!(row_names(&table), ["base", "both", "identity"]);
-    assert_eq!(table["test_set"]["seed"], 12345);
+    assert_eq!(row_names(&table), ["base", "both", "oracle", "identity"]);
+    assert_eq!(table["test_sets"].as_array().unwrap().len(), 1);
+    assert_eq!(table["test_sets"][0]["seed"], 12345);
     assert_eq!(table["train_world"]["seed"], 11);
+    assert_eq!(table["validation_set"]["seed"], 777);
     assert_eq!(table["sampler"]["kind"], "eval");
-    for row in table["rows"].as_array().unwrap() {
+    for row in rows(&table) {
         assert_metrics(row);
     }
-    let adapter_row = &table["rows"][1];
-    assert_eq!(adapter_row["run"]["epochs"], 2);
-    assert!(adapter_row["run"]["reward_first_tenth"].is_number());
-    assert!(adapter_row["run"]["reward_last_tenth"].is_number());
+    let run = &table["runs"][0];
+    assert_eq!(run["name"], "both");
+    assert_eq!(run["epochs"], 2);
+    assert_eq!(run["reward"], "1·L_att -1·L_clip");
+    assert!(run["reward_first_tenth"].is_number());
+    assert!(run["train_l1_last_tenth"].is_number());
+    // Validation chose the evaluated adapter: its best, kept under best/.
+    assert!(run["selected_epoch"].as_u64().unwrap() <= 2);
+    assert!(run["adapter"]
+        .as_str()
+        .unwrap()
+        .ends_with("best/adapter.safetensors"));
+    assert_eq!(table["runs"][1]["reward"], "-100·L1(target)");
+    let adapter_row = &rows(&table)[1];
     assert!(adapter_row["verdict"]["wins"].is_array());
     assert!(adapter_row["verdict"]["pass"].is_boolean());
     // The identity baseline preserves everything outside the mask exactly.
-    assert_eq!(table["rows"][2]["all_turn"]["preserve_l1"], 0.0);
+    assert_eq!(rows(&table)[3]["all_turn"]["preserve_l1"], 0.0);
     if toy_clip().is_some() {
-        for row in table["rows"].as_array().unwrap() {
+        for row in rows(&table) {
             assert!(row["all_turn"]["clip_t"].is_number(), "{row}");
         }
     }
@@ -147,22 +176,25 @@ fn table1_writes_both_files_and_a_rerun_resumes() {
     for needle in [
         "| model | turns | L1 ↓ | L2 ↓ | SSIM ↑ | PSNR ↑ | CLIP-T ↑ | edit-region L1 ↓ | preservation L1 ↓ |",
         "| base |",
-        "| + RL adapter (L_att - L_clip) |",
+        "| + RL, the paper's reward (attention + clip) (1·L_att -1·L_clip) |",
+        "| + RL, ORACLE ablation (-L1 to the target; not the paper's method)",
         "| identity (no edit) |",
         "All turns",
         "Final turn",
         "reward, first tenth",
-        "Issue's pass condition",
+        "Pass (>= 3 of 4",
+        "Passing on every test set",
     ] {
         assert!(md.contains(needle), "`{needle}` missing from:\n{md}");
     }
 
     // Rerunning keeps the data, the finished run and the evaluations.
     let run = out.join("runs/both");
+    let eval = out.join("eval/test-12345");
     let log = std::fs::read_to_string(run.join("ddpo.jsonl")).unwrap();
     let adapter_time = modified(&run.join("adapter.safetensors"));
-    let base_time = modified(&out.join("eval/base.json"));
-    let rl_time = modified(&out.join("eval/both.json"));
+    let base_time = modified(&eval.join("base.json"));
+    let rl_time = modified(&eval.join("both.json"));
     let world_time = modified(&out.join("world/edit_sessions.json"));
     let o = reproduce(&out, "1", &first);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -172,8 +204,8 @@ fn table1_writes_both_files_and_a_rerun_resumes() {
         log
     );
     assert_eq!(modified(&run.join("adapter.safetensors")), adapter_time);
-    assert_eq!(modified(&out.join("eval/base.json")), base_time);
-    assert_eq!(modified(&out.join("eval/both.json")), rl_time);
+    assert_eq!(modified(&eval.join("base.json")), base_time);
+    assert_eq!(modified(&eval.join("both.json")), rl_time);
     assert_eq!(modified(&out.join("world/edit_sessions.json")), world_time);
     assert_eq!(std::fs::read_to_string(out.join("table1.md")).unwrap(), md);
 
@@ -186,10 +218,9 @@ fn table1_writes_both_files_and_a_rerun_resumes() {
     let longer = std::fs::read_to_string(run.join("ddpo.jsonl")).unwrap();
     assert_eq!(longer.lines().count(), 3);
     assert!(longer.starts_with(&log), "the first epochs were redone");
-    assert_eq!(modified(&out.join("eval/base.json")), base_time);
-    assert_ne!(modified(&out.join("eval/both.json")), rl_time);
+    assert_eq!(modified(&eval.join("base.json")), base_time);
     let table = read_json(&out.join("table1.json"));
-    assert_eq!(table["rows"][1]["run"]["epochs"], 3);
+    assert_eq!(table["runs"][0]["epochs"], 3);
 
     // Another configuration for the same run folder is refused, naming the key.
     let mut other = longer_args.clone();
@@ -213,6 +244,7 @@ fn table2_runs_the_ablation_and_ours() {
             "--no-clip",
             "--eval-sampler",
             "policy",
+            "--no-validation",
         ],
     );
     assert!(o.status.success(), "{}", stderr(&o));
@@ -223,39 +255,45 @@ fn table2_runs_the_ablation_and_ours() {
         ["base", "attn", "clip", "both", "ours", "identity"]
     );
     assert!(table["clip"].is_null());
+    assert!(table["validation_set"].is_null());
     assert_eq!(table["sampler"]["kind"], "policy");
     assert_eq!(table["sampler"]["scheduler"], "ddim");
-    let rows = table["rows"].as_array().unwrap();
-    for row in rows {
+    for row in rows(&table) {
         assert_metrics(row);
         assert!(row["all_turn"]["clip_t"].is_null());
     }
-    let weights = |row: &Value| {
-        let run = &row["run"];
-        (
-            run["attention_weight"].as_f64().unwrap(),
-            run["alpha"].as_f64().unwrap(),
-            run["localization_weight"].as_f64().unwrap(),
-        )
-    };
-    assert_eq!(weights(&rows[1]), (1.0, 0.0, 0.0));
-    assert_eq!(weights(&rows[2]), (0.0, -1.0, 0.0));
-    assert_eq!(weights(&rows[3]), (1.0, -1.0, 0.0));
-    assert_eq!(weights(&rows[4]), (1.0, -1.0, 1.0));
-    for row in &rows[1..5] {
-        assert_eq!(row["run"]["epochs"], 1);
-        assert!(row["run"]["reward_first_tenth"].is_number());
+    let rewards: Vec<&str> = table["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["reward"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rewards,
+        [
+            "1·L_att",
+            "-1·L_clip",
+            "1·L_att -1·L_clip",
+            "1·L_att -1·L_clip +1·L_loc"
+        ]
+    );
+    for run in table["runs"].as_array().unwrap() {
+        assert_eq!(run["epochs"], 1);
+        assert!(
+            run["selected_epoch"].is_null(),
+            "no validation: the last adapter"
+        );
+        assert!(run["reward_first_tenth"].is_number());
+    }
+    for row in &rows(&table)[1..5] {
         assert!(row["verdict"]["pass"].is_boolean());
     }
     let md = std::fs::read_to_string(out.join("table2.md")).unwrap();
     for needle in [
-        "| + RL, attention only |",
-        "| + RL, clip only |",
-        "| + RL, attention + clip |",
-        "| + RL, ours (+ localization) |",
-        "| attention only | L_att | 1 |",
-        "| clip only | -L_clip | 1 |",
-        "| ours (+ localization) | L_att - L_clip + L_loc | 1 |",
+        "| + RL, attention only (1·L_att) |",
+        "| + RL, clip only (-1·L_clip) |",
+        "| + RL, ours (1·L_att -1·L_clip +1·L_loc) |",
+        "| attention only | 1·L_att | 1 | last |",
         "the DDPO policy's",
     ] {
         assert!(md.contains(needle), "`{needle}` missing from:\n{md}");
@@ -297,5 +335,8 @@ fn bad_arguments_fail_cleanly_before_any_work() {
     std::fs::write(out.join("world/notes.txt"), "mine").unwrap();
     let o = reproduce(&out, "1", &[]);
     assert_clean_failure(&o, &["world", "not empty"]);
-    assert!(!out.join("test").exists(), "nothing else should be written");
+    assert!(
+        !out.join("test-12345").exists(),
+        "nothing else should be written"
+    );
 }

@@ -3,7 +3,8 @@
 //! Each op has a forward for f32 tensors on the CPU and a backward (`bwd`) so that the same code
 //! serves inference, LoRA training (frozen base: gradients of frozen weights are skipped) and
 //! full-parameter pretraining. Callers check [`fast_path`] and otherwise use the composed candle
-//! ops (other devices and dtypes, e.g. CUDA f16).
+//! ops (other devices and dtypes, e.g. CUDA f16). `RL4PIX_FUSED=0` ([`FUSED_ENV`]) turns the
+//! kernels off so that the composed path, the one a GPU runs, can be tested on the CPU.
 //!
 //! - [`attention`]: softmax(scale q k^T) v over all heads at once, reading heads straight out of
 //!   the `(B, N, heads * d)` projections and writing the merged result, with the scores kept in
@@ -36,9 +37,38 @@ pub mod vecmath;
 
 use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
 
-/// Whether the fused CPU kernels handle these tensors (f32 on the CPU).
+/// Whether the fused CPU kernels handle these tensors (f32 on the CPU, kernels enabled). This is
+/// the one place the model chooses between the fused kernels and the composed candle ops.
 pub fn fast_path(xs: &Tensor) -> bool {
-    matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32
+    fused_enabled() && matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32
+}
+
+/// The environment variable that turns the fused kernels off (`RL4PIX_FUSED=0`), so that the
+/// composed candle ops, the path CUDA and f16/bf16 weights take, also run on the CPU.
+pub const FUSED_ENV: &str = "RL4PIX_FUSED";
+
+/// Whether the fused kernels are enabled; [`FUSED_ENV`] is read once per process. `0`, `false`
+/// and `off` turn them off; anything else (or nothing) leaves them on.
+pub fn fused_enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let value = std::env::var(FUSED_ENV).unwrap_or_default();
+        parse_fused_switch(&value).unwrap_or_else(|| {
+            tracing::warn!(
+                "{FUSED_ENV}={value:?} is not 0/1, true/false or on/off; fused kernels stay on"
+            );
+            true
+        })
+    })
+}
+
+/// `None` for a value that is neither on nor off; empty means unset (on).
+fn parse_fused_switch(value: &str) -> Option<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "" | "1" | "true" | "on" | "yes" => Some(true),
+        "0" | "false" | "off" | "no" => Some(false),
+        _ => None,
+    }
 }
 
 /// The f32 elements of a contiguous CPU tensor's storage, from its start offset.
@@ -80,4 +110,20 @@ pub(crate) fn uninit_vec(len: usize) -> Vec<f32> {
 
 pub(crate) fn cpu_tensor(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
     Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+#[cfg(test)]
+mod switch_tests {
+    use super::parse_fused_switch;
+
+    #[test]
+    fn fused_switch_values() {
+        for on in ["", "1", "true", "ON", " yes "] {
+            assert_eq!(parse_fused_switch(on), Some(true), "{on:?}");
+        }
+        for off in ["0", "false", "Off", "no"] {
+            assert_eq!(parse_fused_switch(off), Some(false), "{off:?}");
+        }
+        assert_eq!(parse_fused_switch("2"), None);
+    }
 }

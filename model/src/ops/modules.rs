@@ -75,7 +75,17 @@ impl LayerNorm {
                 bias,
                 self.inner.eps() as f32,
             ),
-            _ => crate::attention::layer_norm_forward(&self.inner, xs),
+            // candle's fused kernel has no backward, so inside an autograd graph (pretraining,
+            // LoRA training) the composed, differentiable form is used instead.
+            Some(bias) if xs.track_op() || self.inner.weight().track_op() => {
+                candle_nn::ops::layer_norm_slow(
+                    xs,
+                    self.inner.weight(),
+                    bias,
+                    self.inner.eps() as f32,
+                )
+            }
+            _ => self.inner.forward(xs),
         }
     }
 }

@@ -374,16 +374,23 @@ impl SchedulerKind {
         }
     }
 
-    /// Command-line spelling: "ddim", "euler-ancestral" (also "euler_ancestral", "euler_a").
-    pub fn parse(s: &str) -> Option<Self> {
+    /// Command-line (and request) spelling: "ddim", "euler-ancestral" (also "euler_ancestral",
+    /// "euler_a"), any case. Every front end parses scheduler names here, so they accept the
+    /// same spellings and reject the rest with the same message.
+    pub fn from_cli_name(s: &str) -> std::result::Result<Self, UnknownSchedulerName> {
         match s.to_ascii_lowercase().as_str() {
-            "ddim" => Some(Self::Ddim),
-            "euler-ancestral" | "euler_ancestral" | "euler_a" => Some(Self::EulerAncestral),
-            _ => None,
+            "ddim" => Ok(Self::Ddim),
+            "euler-ancestral" | "euler_ancestral" | "euler_a" => Ok(Self::EulerAncestral),
+            _ => Err(UnknownSchedulerName(s.chars().take(32).collect())),
         }
     }
 
-    /// The canonical command-line spelling (the inverse of `parse`).
+    /// `from_cli_name` without the error, for callers that give their own.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::from_cli_name(s).ok()
+    }
+
+    /// The canonical command-line spelling (the inverse of `from_cli_name`).
     pub fn name(&self) -> &'static str {
         match self {
             Self::Ddim => "ddim",
@@ -391,6 +398,12 @@ impl SchedulerKind {
         }
     }
 }
+
+/// A scheduler name `SchedulerKind::from_cli_name` does not know (kept to its first 32
+/// characters, so an oversized request field is not echoed back whole).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown scheduler {0:?} (expected ddim or euler-ancestral)")]
+pub struct UnknownSchedulerName(pub String);
 
 impl std::fmt::Display for SchedulerKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -434,13 +447,6 @@ impl Scheduler {
         match self {
             Self::Ddim(_) => SchedulerKind::Ddim,
             Self::EulerAncestral(_) => SchedulerKind::EulerAncestral,
-        }
-    }
-
-    pub fn as_ddim(&self) -> Option<&DdimScheduler> {
-        match self {
-            Self::Ddim(s) => Some(s),
-            Self::EulerAncestral(_) => None,
         }
     }
 
@@ -535,13 +541,25 @@ mod tests {
 
     #[test]
     fn kind_parsing() {
-        assert_eq!(SchedulerKind::parse("ddim"), Some(SchedulerKind::Ddim));
+        assert_eq!(
+            SchedulerKind::from_cli_name("ddim"),
+            Ok(SchedulerKind::Ddim)
+        );
         for s in ["euler-ancestral", "euler_ancestral", "euler_a", "Euler_A"] {
-            assert_eq!(SchedulerKind::parse(s), Some(SchedulerKind::EulerAncestral));
+            assert_eq!(
+                SchedulerKind::from_cli_name(s),
+                Ok(SchedulerKind::EulerAncestral)
+            );
         }
-        assert_eq!(SchedulerKind::parse("pndm"), None);
+        let unknown = SchedulerKind::from_cli_name("pndm").unwrap_err();
+        assert_eq!(
+            unknown.to_string(),
+            "unknown scheduler \"pndm\" (expected ddim or euler-ancestral)"
+        );
+        let long = "x".repeat(1000);
+        assert_eq!(SchedulerKind::from_cli_name(&long).unwrap_err().0.len(), 32);
         for kind in [SchedulerKind::Ddim, SchedulerKind::EulerAncestral] {
-            assert_eq!(SchedulerKind::parse(kind.name()), Some(kind));
+            assert_eq!(SchedulerKind::from_cli_name(kind.name()), Ok(kind));
         }
         assert_eq!(
             SchedulerKind::from_class_name("EulerAncestralDiscreteScheduler"),

@@ -14,6 +14,9 @@ pub enum AdapterError {
     Unavailable { name: String, reason: String },
     #[error("the server has no adapters folder: start it with --adapters DIR (RL4PIX_ADAPTERS)")]
     NoFolder,
+    /// The folder mirrors an object store: a file written here would reach one replica only.
+    #[error("adapters are published to {0}, which every replica polls: write the object there (an upload here would reach only this replica)")]
+    InObjectStore(String),
     #[error("{0}")]
     PathOutside(String),
     #[error("{0}")]

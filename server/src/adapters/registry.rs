@@ -122,6 +122,8 @@ pub struct AdapterRegistry {
     pub(super) max_loaded: usize,
     pub(super) max_loaded_bytes: u64,
     loader: OnceLock<Arc<dyn AdapterLoader>>,
+    /// The object store the folder mirrors, if it is a store's cache (see `adapter_store`).
+    store: OnceLock<String>,
     state: Mutex<State>,
     file_lock: Mutex<()>,
     next_generation: AtomicU64,
@@ -147,6 +149,7 @@ impl AdapterRegistry {
             max_loaded: settings.max_adapters.max(1),
             max_loaded_bytes: settings.max_adapter_bytes.max(1),
             loader: OnceLock::new(),
+            store: OnceLock::new(),
             state: Mutex::new(State::default()),
             file_lock: Mutex::new(()),
             next_generation: AtomicU64::new(0),
@@ -156,6 +159,16 @@ impl AdapterRegistry {
     /// Set once, on the worker thread, when the backend is built.
     pub fn set_loader(&self, loader: Arc<dyn AdapterLoader>) {
         let _ = self.loader.set(loader);
+    }
+
+    /// Marks the folder as the cache of an object store: adapters are published there, and
+    /// the admin routes that would write or delete files here refuse.
+    pub fn set_store(&self, url: String) {
+        let _ = self.store.set(url);
+    }
+
+    pub fn store(&self) -> Option<&str> {
+        self.store.get().map(String::as_str)
     }
 
     pub fn dir(&self) -> Option<&Path> {
@@ -374,6 +387,14 @@ impl AdapterRegistry {
         }
         self.enforce_bounds(&mut state, &name);
         entry
+    }
+
+    /// Records why a newer version was refused before it reached the folder (an object-store
+    /// object over the size limit, never downloaded); a good version keeps serving, and the next
+    /// sync of a changed file replaces the refusal.
+    pub fn refuse_unread(&self, name: &str, reason: String) {
+        let _files = self.lock_files();
+        self.record_refusal(name, reason, None);
     }
 
     fn record_refusal(&self, name: &str, reason: String, stamp: Option<FileStamp>) -> SyncOutcome {

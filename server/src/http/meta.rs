@@ -161,12 +161,12 @@ pub async fn health() -> axum::Json<StatusBody> {
 #[utoipa::path(get, path = "/ready", tag = "service",
     responses(
         (status = 200, description = "Model loaded and worker running", body = StatusBody),
-        (status = 503, description = "Worker not running, or shutting down", body = ErrorBody),
+        (status = 503, description = "Worker not running, draining or shutting down", body = ErrorBody),
     ))]
 pub async fn ready(
     State(state): State<Arc<AppState>>,
 ) -> Result<axum::Json<StatusBody>, ServiceError> {
-    if state.service.is_ready() {
+    if state.service.accepts_traffic() {
         Ok(axum::Json(StatusBody {
             status: "ready".into(),
         }))

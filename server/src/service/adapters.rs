@@ -16,8 +16,13 @@ impl Service {
         self.adapters.max_adapter_bytes()
     }
 
-    /// Adding needs a folder to add to (`--adapters`).
+    /// Adding needs a folder to add to (`--adapters`), and not an object store's cache.
     pub fn check_adapters_folder(&self) -> Result<(), ServiceError> {
+        if let Some(url) = self.adapters.store() {
+            return Err(ServiceError::from_admin(AdapterError::InObjectStore(
+                url.to_string(),
+            )));
+        }
         match self.adapters.dir() {
             Some(_) => Ok(()),
             None => Err(ServiceError::from_admin(AdapterError::NoFolder)),
@@ -46,6 +51,11 @@ impl Service {
 
     /// Deletes the file and forgets the name; returns whether it was the default.
     pub async fn remove_adapter(&self, name: String) -> Result<bool, ServiceError> {
+        if let Some(url) = self.adapters.store() {
+            return Err(ServiceError::from_admin(AdapterError::InObjectStore(
+                url.to_string(),
+            )));
+        }
         let registry = self.adapters.clone();
         blocking(move || registry.remove(&name)).await
     }

@@ -24,6 +24,8 @@ pub struct Service {
     pub(super) metrics: Metrics,
     pub(super) worker_alive: Arc<AtomicBool>,
     pub(super) shutting_down: AtomicBool,
+    /// SIGTERM with `--shutdown-drain-s`: readiness is withdrawn while edits are still admitted.
+    pub(super) draining: AtomicBool,
 }
 
 /// What the server wiring hands the service.
@@ -56,6 +58,7 @@ impl Service {
             metrics: parts.metrics,
             worker_alive: parts.worker_alive,
             shutting_down: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 
@@ -78,6 +81,17 @@ impl Service {
     /// The worker runs and the server is not shutting down.
     pub fn is_ready(&self) -> bool {
         self.worker_alive.load(Ordering::SeqCst) && !self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// Whether load balancers should send edits here: ready and not draining.
+    pub fn accepts_traffic(&self) -> bool {
+        self.is_ready() && !self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Withdraws readiness (`/ready` answers 503) while edits are still admitted, so that load
+    /// balancers stop sending before the listener closes.
+    pub fn begin_drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// From now on no edit is admitted; admitted ones still finish.

@@ -19,10 +19,12 @@ pub struct DdpoArgs {
     /// a folder of parquet shards.
     #[arg(long, required_unless_present = "print_config")]
     pub dataset: Option<PathBuf>,
-    /// Where to write the trained adapter (.safetensors, diffusers' LoRA format).
+    /// Where to write the trained adapter (.safetensors, diffusers' LoRA format): a path, or
+    /// an object that serving replicas poll (s3://bucket/prefix/name.safetensors).
     #[arg(long, required_unless_present = "print_config")]
     pub out: Option<PathBuf>,
-    /// Starting values: `paper` (Table 4) or `cpu` (a faster start for two CPU cores).
+    /// Starting values: `paper` (Table 4), `cpu` (a faster start for two CPU cores) or `group`
+    /// (our recipe: group sampling, the model's own guidance, L_att from the frozen base).
     #[arg(long, default_value = "paper")]
     pub preset: String,
     /// TOML file of config keys (e.g. `[train]\nlearning_rate = 2e-4`), applied over the preset.
@@ -58,6 +60,7 @@ pub fn run(args: DdpoArgs) -> anyhow::Result<()> {
     let (Some(dataset), Some(out)) = (args.dataset, args.out) else {
         anyhow::bail!("--dataset and --out are required");
     };
+    let out = crate::publish::AdapterDestination::parse(&out)?;
     let model_dir = crate::commands::edit::resolve_model_dir(args.model)?;
     let device = Device::Cpu;
     let pipeline = InstructPix2Pix::load(&model_dir, &device)?;
@@ -73,6 +76,18 @@ pub fn run(args: DdpoArgs) -> anyhow::Result<()> {
         .resume
         .or_else(|| (!config.resume_from.is_empty()).then(|| PathBuf::from(&config.resume_from)));
     let mut trainer = Trainer::new(&pipeline, config.clone(), prompts)?;
+    if !config.validation.dataset.is_empty() {
+        let validation = load_prompts(
+            std::path::Path::new(&config.validation.dataset),
+            &crate::ddpo::config::DataConfig {
+                max_prompts: config.validation.max_turns,
+                ..config.data.clone()
+            },
+            pipeline.vae_scale_factor() as u32,
+        )
+        .with_context(|| format!("validation data set {}", config.validation.dataset))?;
+        trainer.set_validation(validation)?;
+    }
     if let Some(from) = resume {
         trainer.resume(&from)?;
         tracing::info!(epoch = trainer.epochs_completed(), from = %from.display(), "resumed");
@@ -88,18 +103,11 @@ pub fn run(args: DdpoArgs) -> anyhow::Result<()> {
 
     trainer.run(std::io::IsTerminal::is_terminal(&std::io::stderr()))?;
 
-    let name = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "ddpo".into());
-    let adapter = trainer.adapter(&name)?;
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("{}: cannot create", parent.display()))?;
-    }
-    adapter.save(&out)?;
+    let adapter = trainer.adapter(&out.adapter_name())?;
+    adapter.save(&out.local_path()?)?;
+    let out = out.publish()?;
     tracing::info!(
-        out = %out.display(),
+        %out,
         summary = %trainer.reward_summary(),
         "adapter written"
     );

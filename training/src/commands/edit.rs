@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, Context};
 use candle_core::Device;
 use rl4pix_model::image_io;
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
@@ -55,23 +55,15 @@ pub struct EditArgs {
 }
 
 pub(crate) fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
-    SchedulerKind::parse(s)
-        .ok_or_else(|| format!("unknown scheduler `{s}` (expected ddim or euler-ancestral)"))
+    SchedulerKind::from_cli_name(s).map_err(|e| e.to_string())
 }
 
 /// The model folder to use: the one given, or the embedded default.
 pub fn resolve_model_dir(model: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match model {
         Some(dir) => Ok(dir),
-        None => {
-            let embedded =
-                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../model/assets/toy"));
-            if embedded.join("model_index.json").is_file() {
-                Ok(embedded)
-            } else {
-                bail!("no --model given and the embedded default model is not in this build (model/assets/toy)")
-            }
-        }
+        None => rl4pix_model::default_model_dir()
+            .context("no --model given and the embedded default model is not in this build"),
     }
 }
 

@@ -7,4 +7,5 @@ pub mod pretrain;
 pub mod pretrain_clip;
 pub mod pretrain_vae;
 pub mod reproduce;
+pub mod reward_audit;
 pub mod synth;

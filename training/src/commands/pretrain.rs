@@ -138,13 +138,8 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| PathBuf::from("vae"));
             let trained = vae_run_dir.join("vae");
             if !trained.join("config.json").is_file() {
-                let mut vae_args =
-                    crate::commands::pretrain_vae::PretrainVaeArgs::defaults(vae_run_dir.clone())?;
-                vae_args.size = args.size;
-                if crate::pretrain::checkpoint::latest(&vae_run_dir)?.is_some() {
-                    vae_args.resume = Some(vae_run_dir.clone());
-                }
-                crate::pretrain::vae::train(&vae_args.to_run()).context("pretrain-vae")?;
+                let run = crate::pretrain::vae::VaeRun::default_in(&vae_run_dir, args.size)?;
+                crate::pretrain::vae::train(&run).context("pretrain-vae")?;
             }
             trained
         }

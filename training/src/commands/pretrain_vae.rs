@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Device;
 
-use crate::pretrain::vae::{train, VaeRun, VaeTrainConfig};
+use crate::pretrain::vae::{train, VaeRun, VaeTrainConfig, DEFAULT_CADENCE};
 use crate::pretrain::Cadence;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -38,11 +38,11 @@ pub struct PretrainVaeArgs {
     /// trained on it stays valid).
     #[arg(long)]
     pub decoder_from: Option<PathBuf>,
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = DEFAULT_CADENCE.checkpoint_every)]
     pub checkpoint_every: usize,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = DEFAULT_CADENCE.log_every)]
     pub log_every: usize,
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, default_value_t = DEFAULT_CADENCE.eval_every)]
     pub eval_every: usize,
     /// End this invocation after step N (checkpointed, not exported) without ending the run:
     /// the learning-rate schedule still spans --steps and `--resume` carries on.
@@ -51,20 +51,6 @@ pub struct PretrainVaeArgs {
 }
 
 impl PretrainVaeArgs {
-    /// The defaults above, writing to `out` (what `pretrain` runs when given no `--vae`).
-    pub fn defaults(out: PathBuf) -> anyhow::Result<Self> {
-        use clap::{CommandFactory, FromArgMatches};
-        #[derive(clap::Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            args: PretrainVaeArgs,
-        }
-        let matches = Wrapper::command().try_get_matches_from(["pretrain-vae"])?;
-        let mut args = Wrapper::from_arg_matches(&matches)?.args;
-        args.out = out;
-        Ok(args)
-    }
-
     pub fn to_run(&self) -> VaeRun {
         VaeRun {
             run_dir: self.out.clone(),

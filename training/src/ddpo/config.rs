@@ -33,6 +33,7 @@ pub struct DdpoConfig {
     pub lora: LoraConfig,
     pub reward: RewardConfig,
     pub data: DataConfig,
+    pub validation: ValidationConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -43,8 +44,18 @@ pub struct SampleConfig {
     /// Text guidance.
     pub guidance_scale: f64,
     pub image_guidance_scale: f64,
+    /// Samples per UNet call while sampling (with group sampling: the chunk size).
     pub batch_size: usize,
+    /// Without group sampling: samples per epoch = batch_size x this, each prompt drawn
+    /// independently.
     pub num_batches_per_epoch: usize,
+    /// Group sampling: each epoch draws this many distinct prompts (0 = off: independent draws)...
+    pub prompts_per_epoch: usize,
+    /// ...and this many samples of each, whose advantages are normalised within the group.
+    pub samples_per_prompt: usize,
+    /// Sample with the model's own guidance (`model_index.json` → `rl4pix.sampling`) instead of
+    /// `guidance_scale` / `image_guidance_scale` (which stay the fallback for a model without one).
+    pub use_model_guidance: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +78,15 @@ pub struct TrainConfig {
     /// PPO's epsilon.
     pub clip_range: f64,
     pub timestep_fraction: f64,
+    /// The last N denoising steps are never trained: with v-prediction their log-probability
+    /// gradients are several times larger than the layout steps' while their noise barely moves
+    /// the image, so they would dominate the clipped gradient. `timestep_fraction` applies to the
+    /// steps left.
+    pub skip_last_steps: usize,
+    /// Weight of the penalty that keeps the policy near the base: the mean squared difference of
+    /// the adapted and the frozen base UNet's guided predictions on each trained step (the step's
+    /// mean moves linearly with it). 0 = off (no extra forward pass).
+    pub kl_weight: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +94,9 @@ pub struct TrainConfig {
 pub struct StatTrackingConfig {
     pub buffer_size: usize,
     pub min_count: usize,
+    /// With group sampling: the std of a prompt's group is at least this, so a group whose
+    /// rewards are nearly equal gives small advantages instead of +-1 noise.
+    pub group_std_floor: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +119,15 @@ pub struct RewardConfig {
     pub tau: f64,
     /// Ours: cosine between the mask and the per-pixel change |output - source|.
     pub localization_weight: f64,
+    /// Ours: weight of the mean change |output - source| outside the mask (a penalty when < 0).
+    pub outside_weight: f64,
+    /// ABLATION ONLY, not the paper's method: weight of -L1(output, target), which needs the
+    /// ground-truth edit. It shows what the optimiser can reach; it never makes a shipped adapter.
+    pub oracle_weight: f64,
+    /// Where L_att's cross-attention is read: `base` (the frozen base UNet on the sampled latents,
+    /// so the adapter cannot move the map without moving the image) or `policy` (the adapted
+    /// UNet's own attention while sampling, as the paper).
+    pub attention_source: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -107,6 +139,42 @@ pub struct DataConfig {
     pub max_prompts: usize,
     /// Parquet split (`train`, `dev`, `test`); "" = every shard.
     pub split: String,
+}
+
+/// Model selection on a small validation world (never the test set): every `every` epochs the
+/// adapter edits the first `max_turns` turns with the model's own sampler and is scored by
+/// `metric`; the best adapter is kept as `best/adapter.safetensors`, and after `patience`
+/// evaluations without a better score the run stops (0 = never).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// MagicBrush-format folder; "" = no validation.
+    pub dataset: String,
+    pub max_turns: usize,
+    pub every: usize,
+    /// `l1`, `l2`, `edit_l1` (lower is better) or `psnr`, `ssim` (higher is better).
+    pub metric: String,
+    pub patience: usize,
+    /// Denoising steps of the validation edits; 0 = the pipeline's default.
+    pub steps: usize,
+}
+
+/// The validation metrics `validation.metric` may name.
+pub const VALIDATION_METRICS: [&str; 5] = ["l1", "l2", "edit_l1", "psnr", "ssim"];
+
+impl RewardConfig {
+    /// Every weight 0 (a starting point for tests and for naming one term).
+    pub fn default_weights() -> Self {
+        Self {
+            attention_weight: 0.0,
+            alpha: 0.0,
+            tau: 0.0,
+            localization_weight: 0.0,
+            outside_weight: 0.0,
+            oracle_weight: 0.0,
+            attention_source: "policy".into(),
+        }
+    }
 }
 
 impl Default for DdpoConfig {
@@ -134,6 +202,9 @@ impl DdpoConfig {
                 image_guidance_scale: 1.5,
                 batch_size: 1,
                 num_batches_per_epoch: 2,
+                prompts_per_epoch: 0,
+                samples_per_prompt: 1,
+                use_model_guidance: false,
             },
             train: TrainConfig {
                 batch_size: 1,
@@ -149,10 +220,13 @@ impl DdpoConfig {
                 adv_clip_max: 5.0,
                 clip_range: 1e-4,
                 timestep_fraction: 1.0,
+                skip_last_steps: 0,
+                kl_weight: 0.0,
             },
             per_prompt_stat_tracking: StatTrackingConfig {
                 buffer_size: 16,
                 min_count: 16,
+                group_std_floor: 0.0,
             },
             lora: LoraConfig {
                 rank: 4,
@@ -164,11 +238,22 @@ impl DdpoConfig {
                 alpha: -1.0,
                 tau: 0.0,
                 localization_weight: 0.0,
+                outside_weight: 0.0,
+                oracle_weight: 0.0,
+                attention_source: "policy".into(),
             },
             data: DataConfig {
                 resolution: 0,
                 max_prompts: 0,
                 split: String::new(),
+            },
+            validation: ValidationConfig {
+                dataset: String::new(),
+                max_turns: 128,
+                every: 10,
+                metric: "l1".into(),
+                patience: 0,
+                steps: 0,
             },
         }
     }
@@ -190,13 +275,37 @@ impl DdpoConfig {
         c
     }
 
+    /// Our recipe for the toy v-prediction model on two CPU cores: 8 prompts x 8 samples per
+    /// epoch over 512 training turns, advantages within each prompt's group, the model's own
+    /// guidance, the last two (noise-dominated) steps untrained, L_att read from the frozen base,
+    /// and a validation world for model selection (set `validation.dataset`).
+    pub fn group() -> Self {
+        let mut c = Self::cpu();
+        c.num_epochs = 120;
+        c.sample.batch_size = 16;
+        c.sample.prompts_per_epoch = 8;
+        c.sample.samples_per_prompt = 8;
+        c.sample.use_model_guidance = true;
+        c.train.batch_size = 16;
+        c.train.gradient_accumulation_steps = 2;
+        c.train.timestep_fraction = 0.5;
+        c.train.skip_last_steps = 2;
+        c.train.learning_rate = 4e-4;
+        c.train.clip_range = 0.1;
+        c.per_prompt_stat_tracking.group_std_floor = 0.01;
+        c.reward.attention_source = "base".into();
+        c.data.max_prompts = 512;
+        c
+    }
+
     pub fn preset(name: &str) -> Result<Self> {
         match name {
             "paper" => Ok(Self::paper()),
             "cpu" => Ok(Self::cpu()),
+            "group" => Ok(Self::group()),
             other => Err(DdpoError::Config {
                 key: "preset".into(),
-                message: format!("unknown preset `{other}` (expected paper or cpu)"),
+                message: format!("unknown preset `{other}` (expected paper, cpu or group)"),
             }),
         }
     }
@@ -234,12 +343,29 @@ impl DdpoConfig {
     }
 
     pub fn samples_per_epoch(&self) -> usize {
-        self.sample.batch_size * self.sample.num_batches_per_epoch
+        if self.group_sampling() {
+            self.sample.prompts_per_epoch * self.sample.samples_per_prompt
+        } else {
+            self.sample.batch_size * self.sample.num_batches_per_epoch
+        }
     }
 
-    /// Trained timesteps per sample: ceil-free, as ddpo-pytorch (`int(num_steps * fraction)`).
+    /// Each epoch draws `prompts_per_epoch` prompts x `samples_per_prompt` samples.
+    pub fn group_sampling(&self) -> bool {
+        self.sample.prompts_per_epoch > 0
+    }
+
+    /// Denoising steps that may be trained: all but the last `skip_last_steps`.
+    pub fn trainable_steps(&self) -> usize {
+        self.sample
+            .num_steps
+            .saturating_sub(self.train.skip_last_steps)
+    }
+
+    /// Trained timesteps per sample: ceil-free, as ddpo-pytorch (`int(num_steps * fraction)`),
+    /// of the trainable steps.
     pub fn num_train_timesteps(&self) -> usize {
-        ((self.sample.num_steps as f64) * self.train.timestep_fraction) as usize
+        ((self.trainable_steps() as f64) * self.train.timestep_fraction) as usize
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -292,6 +418,11 @@ impl DdpoConfig {
             ("train.adam_weight_decay", self.train.adam_weight_decay),
             ("train.max_grad_norm", self.train.max_grad_norm),
             ("reward.tau", self.reward.tau),
+            ("train.kl_weight", self.train.kl_weight),
+            (
+                "per_prompt_stat_tracking.group_std_floor",
+                self.per_prompt_stat_tracking.group_std_floor,
+            ),
         ];
         for (key, value) in finite_non_negative {
             if !(value.is_finite() && value >= 0.0) {
@@ -325,6 +456,8 @@ impl DdpoConfig {
                 "reward.localization_weight",
                 self.reward.localization_weight,
             ),
+            ("reward.outside_weight", self.reward.outside_weight),
+            ("reward.oracle_weight", self.reward.oracle_weight),
         ] {
             if !value.is_finite() {
                 return bad(key, format!("must be finite, got {value}"));
@@ -342,14 +475,58 @@ impl DdpoConfig {
                 format!("must be in (0, 1], got {}", self.train.timestep_fraction),
             );
         }
+        if self.trainable_steps() == 0 {
+            return bad(
+                "train.skip_last_steps",
+                format!(
+                    "{} of {} steps leaves none to train",
+                    self.train.skip_last_steps, self.sample.num_steps
+                ),
+            );
+        }
         if self.num_train_timesteps() == 0 {
             return bad(
                 "train.timestep_fraction",
                 format!(
-                    "{} of {} steps trains no timestep",
-                    self.train.timestep_fraction, self.sample.num_steps
+                    "{} of {} trainable steps trains no timestep",
+                    self.train.timestep_fraction,
+                    self.trainable_steps()
                 ),
             );
+        }
+        if self.group_sampling() && self.sample.samples_per_prompt < 2 {
+            return bad(
+                "sample.samples_per_prompt",
+                "must be at least 2 with group sampling (a group of one has no spread)".into(),
+            );
+        }
+        if !["base", "policy"].contains(&self.reward.attention_source.as_str()) {
+            return bad(
+                "reward.attention_source",
+                format!(
+                    "unknown source `{}` (expected base or policy)",
+                    self.reward.attention_source
+                ),
+            );
+        }
+        if !VALIDATION_METRICS.contains(&self.validation.metric.as_str()) {
+            return bad(
+                "validation.metric",
+                format!(
+                    "unknown metric `{}` (expected one of {VALIDATION_METRICS:?})",
+                    self.validation.metric
+                ),
+            );
+        }
+        if !self.validation.dataset.is_empty() {
+            for (key, value) in [
+                ("validation.every", self.validation.every),
+                ("validation.max_turns", self.validation.max_turns),
+            ] {
+                if value == 0 {
+                    return bad(key, "must be at least 1 with a validation data set".into());
+                }
+            }
         }
         if !self.use_lora {
             return bad(
@@ -362,7 +539,7 @@ impl DdpoConfig {
             return bad(
                 "train.batch_size",
                 format!(
-                    "{} does not divide the {samples} samples per epoch (sample.batch_size x sample.num_batches_per_epoch)",
+                    "{} does not divide the {samples} samples per epoch (sample.batch_size x sample.num_batches_per_epoch, or prompts_per_epoch x samples_per_prompt)",
                     self.train.batch_size
                 ),
             );
@@ -609,6 +786,12 @@ mod tests {
         assert_eq!(c.per_prompt_stat_tracking.min_count, 16);
         assert_eq!(c.reward.alpha, -1.0);
         DdpoConfig::cpu().validate().unwrap();
+        let g = DdpoConfig::group();
+        g.validate().unwrap();
+        assert_eq!(g.samples_per_epoch(), 64, "8 prompts x 8 samples");
+        assert_eq!(g.trainable_steps(), 8);
+        assert_eq!(g.num_train_timesteps(), 4);
+        assert_eq!(g.reward.oracle_weight, 0.0, "the oracle is never a default");
     }
 
     #[test]
@@ -662,6 +845,12 @@ mod tests {
             ("use_lora=false", "use_lora"),
             ("train=1", "train"),
             ("train.timestep_fraction=1.5", "train.timestep_fraction"),
+            ("train.skip_last_steps=50", "train.skip_last_steps"),
+            ("sample.prompts_per_epoch=2", "sample.samples_per_prompt"),
+            ("reward.attention_source=image", "reward.attention_source"),
+            ("validation.metric=fid", "validation.metric"),
+            ("train.kl_weight=-1", "train.kl_weight"),
+            ("reward.oracle_weight=nan", "reward.oracle_weight"),
         ] {
             let err = p.with_sets(&[set]).unwrap_err();
             let message = err.to_string();

@@ -4,6 +4,7 @@
 //! inner epochs of PPO ([`ppo`]) over shuffled timesteps, on LoRA variables only ([`lora`]).
 //! See `docs/architecture.md`, "Reward and RL fine-tuning".
 
+pub mod audit;
 pub mod config;
 pub mod lora;
 pub mod optim;
@@ -14,6 +15,7 @@ pub mod reward;
 pub mod sampler;
 pub mod stat_tracker;
 pub mod trainer;
+pub mod validation;
 
 use std::path::PathBuf;
 

@@ -40,6 +40,7 @@ pub fn load_prompts(path: &Path, config: &DataConfig, vae_factor: u32) -> Result
                     turn.session_id, turn.turn_index, turn.instruction
                 ),
                 source: image_io::resize_if_needed(&turn.source, w, h),
+                target: image_io::resize_if_needed(&turn.target, w, h),
                 mask: turn.mask,
                 instruction: turn.instruction,
             });

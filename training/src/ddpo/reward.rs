@@ -5,6 +5,10 @@
 //!   a_model the instruction's averaged cross-attention map on that grid.
 //! - `L_clip = MAE(source, output) * [MAE > tau]` on [0, 1] RGB.
 //! - `L_loc = cos(mask, |output - source|)`, the change averaged over channels, at pixel level.
+//! - `L_out = mean |output - source|` outside the mask (weighted by 1 - mask): ours, a direct
+//!   penalty on changing what the instruction did not ask to change.
+//! - `L1(output, target)`: the ORACLE ABLATION's term (it reads the ground-truth edit); logged for
+//!   every run as the policy's true error, rewarded only with `oracle_weight`.
 
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
@@ -20,6 +24,11 @@ pub struct RewardTerms {
     pub clip: f64,
     pub mae: f64,
     pub localization: f64,
+    #[serde(default)]
+    pub outside: f64,
+    /// L1 to the target; `None` when no target was given.
+    #[serde(default)]
+    pub oracle_l1: Option<f64>,
 }
 
 pub fn reward(
@@ -29,24 +38,61 @@ pub fn reward(
     (lh, lw): (usize, usize),
     source: &RgbImage,
     output: &RgbImage,
+    target: Option<&RgbImage>,
 ) -> RewardTerms {
     let a_gt = area_average(mask, lh, lw);
     let attention = cosine(&a_gt, attention_map);
     let (mae, clip) = clip_term(source, output, config.tau);
-    let localization = if config.localization_weight != 0.0 {
-        localization_term(mask, source, output)
-    } else {
-        0.0
-    };
+    let localization = localization_term(mask, source, output);
+    let outside = outside_change(mask, source, output);
+    let oracle_l1 = target.map(|t| mean_abs_diff(output, t));
     let reward = config.attention_weight * attention
         + config.alpha * clip
-        + config.localization_weight * localization;
+        + config.localization_weight * localization
+        + config.outside_weight * outside
+        - config.oracle_weight * oracle_l1.unwrap_or(0.0);
     RewardTerms {
         reward,
         attention,
         clip,
         mae,
         localization,
+        outside,
+        oracle_l1,
+    }
+}
+
+/// Mean |a - b| over pixels and channels, on [0, 1].
+pub fn mean_abs_diff(a: &RgbImage, b: &RgbImage) -> f64 {
+    assert_eq!(a.dimensions(), b.dimensions(), "images of different sizes");
+    let n = a.as_raw().len().max(1) as f64;
+    a.as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(&x, &y)| (x as f64 - y as f64).abs() / 255.0)
+        .sum::<f64>()
+        / n
+}
+
+/// Mean channel-averaged change |output - source| weighted by (1 - mask); 0 when the mask covers
+/// everything.
+pub fn outside_change(mask: &Mask, source: &RgbImage, output: &RgbImage) -> f64 {
+    let (w, h) = source.dimensions();
+    let mask = area_average(mask, h as usize, w as usize);
+    let (mut sum, mut weight) = (0f64, 0f64);
+    for ((a, b), m) in source.pixels().zip(output.pixels()).zip(&mask) {
+        let keep = 1.0 - (*m as f64).clamp(0.0, 1.0);
+        let change = (0..3)
+            .map(|c| (a.0[c] as f64 - b.0[c] as f64).abs() / 255.0)
+            .sum::<f64>()
+            / 3.0;
+        sum += keep * change;
+        weight += keep;
+    }
+    if weight == 0.0 {
+        0.0
+    } else {
+        sum / weight
     }
 }
 
@@ -185,18 +231,19 @@ mod tests {
             alpha: 0.0,
             tau: 0.0,
             localization_weight: 0.0,
+            ..RewardConfig::default_weights()
         };
         // a_gt = [1, 0] on a 1x2 grid.
-        let r = reward(&config, &m, &[1.0, 0.0], (1, 2), &img, &img);
+        let r = reward(&config, &m, &[1.0, 0.0], (1, 2), &img, &img, None);
         assert!((r.attention - 1.0).abs() < 1e-12);
-        let r = reward(&config, &m, &[0.0, 1.0], (1, 2), &img, &img);
+        let r = reward(&config, &m, &[0.0, 1.0], (1, 2), &img, &img, None);
         assert!(r.attention.abs() < 1e-12);
-        let r = reward(&config, &m, &[1.0, 1.0], (1, 2), &img, &img);
+        let r = reward(&config, &m, &[1.0, 1.0], (1, 2), &img, &img, None);
         assert!((r.attention - 1.0 / 2f64.sqrt()).abs() < 1e-12);
         assert!((r.reward - r.attention).abs() < 1e-12);
         // A flat zero map has no direction.
         assert_eq!(
-            reward(&config, &m, &[0.0, 0.0], (1, 2), &img, &img).attention,
+            reward(&config, &m, &[0.0, 0.0], (1, 2), &img, &img, None).attention,
             0.0
         );
     }
@@ -213,9 +260,10 @@ mod tests {
             alpha: -1.0,
             tau: 0.1,
             localization_weight: 0.0,
+            ..RewardConfig::default_weights()
         };
         let m = mask_from(&[&[1.0, 0.0], &[0.0, 0.0]]);
-        let r = reward(&config, &m, &[1.0, 0.0, 0.0, 0.0], (2, 2), &src, &out);
+        let r = reward(&config, &m, &[1.0, 0.0, 0.0, 0.0], (2, 2), &src, &out, None);
         assert!((r.reward - (2.0 * 1.0 - 0.25)).abs() < 1e-12, "{r:?}");
     }
 
@@ -234,8 +282,47 @@ mod tests {
             alpha: 0.0,
             tau: 0.0,
             localization_weight: 0.5,
+            ..RewardConfig::default_weights()
         };
-        let r = reward(&config, &m, &[0.0; 4], (2, 2), &src, &inside);
+        let r = reward(&config, &m, &[0.0; 4], (2, 2), &src, &inside, None);
         assert!((r.reward - 0.5).abs() < 1e-6);
+    }
+
+    #[test]
+    fn outside_change_sees_only_pixels_outside_the_mask() {
+        let m = mask_from(&[&[1.0, 0.0], &[0.0, 0.0]]);
+        let src = RgbImage::from_pixel(2, 2, Rgb([10, 10, 10]));
+        let mut inside = src.clone();
+        inside.put_pixel(0, 0, Rgb([255, 255, 255]));
+        assert_eq!(outside_change(&m, &src, &inside), 0.0);
+        let mut outside = src.clone();
+        outside.put_pixel(1, 1, Rgb([10 + 51, 10, 10])); // 0.2 / 3 over one of three pixels
+        let got = outside_change(&m, &src, &outside);
+        assert!((got - 0.2 / 9.0).abs() < 1e-9, "{got}");
+        let config = RewardConfig {
+            outside_weight: -2.0,
+            ..RewardConfig::default_weights()
+        };
+        let r = reward(&config, &m, &[0.0; 4], (2, 2), &src, &outside, None);
+        assert!((r.reward + 2.0 * got).abs() < 1e-9, "{r:?}");
+    }
+
+    #[test]
+    fn oracle_term_is_minus_l1_to_the_target_and_only_with_its_weight() {
+        let m = mask_from(&[&[1.0, 0.0], &[0.0, 0.0]]);
+        let src = RgbImage::from_pixel(2, 2, Rgb([0, 0, 0]));
+        let target = RgbImage::from_pixel(2, 2, Rgb([255, 255, 255]));
+        let off = RewardConfig::default_weights();
+        let r = reward(&off, &m, &[0.0; 4], (2, 2), &src, &src, Some(&target));
+        assert_eq!(r.oracle_l1, Some(1.0));
+        assert_eq!(r.reward, 0.0, "logged, not rewarded: {r:?}");
+        let oracle = RewardConfig {
+            oracle_weight: 1.0,
+            ..off
+        };
+        let r = reward(&oracle, &m, &[0.0; 4], (2, 2), &src, &target, Some(&target));
+        assert_eq!((r.oracle_l1, r.reward), (Some(0.0), 0.0));
+        let r = reward(&oracle, &m, &[0.0; 4], (2, 2), &src, &src, Some(&target));
+        assert_eq!(r.reward, -1.0);
     }
 }

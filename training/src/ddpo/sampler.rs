@@ -28,6 +28,29 @@ pub struct PromptItem {
     pub source: RgbImage,
     pub mask: Mask,
     pub instruction: String,
+    /// The ground-truth edit at the working size: read only by the oracle ablation's reward and
+    /// by validation, never by the paper's reward or ours.
+    pub target: RgbImage,
+}
+
+/// Whose cross-attention the attention term reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionSource {
+    /// The adapted UNet's own, captured while sampling (the paper's).
+    Policy,
+    /// The frozen base UNet's, from its text+image branch on the sampled latents of every step:
+    /// the adapter cannot move this map without moving the latents themselves.
+    Base,
+}
+
+impl AttentionSource {
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "policy" => Some(Self::Policy),
+            "base" => Some(Self::Base),
+            _ => None,
+        }
+    }
 }
 
 /// Guidance of the sampling policy.
@@ -121,6 +144,14 @@ pub fn requests<'a>(
 
 /// Samples one batch: `indices` into `prompts`, `seeds` one per sample (initial and per-step
 /// noise come from the sample's own generator, so a sample never depends on its batch).
+///
+/// The loop is the pipeline's own denoising loop spelled out, from the same pieces
+/// (`condition`, `initial_noise`, `guided_noise_pred`, `average_layers`, `decode_latents`), because
+/// `InstructPix2Pix::edit_batch` keeps each step's input, output and noise to itself: DDPO needs
+/// x_t, x_{t-1} and log p(x_{t-1} | x_t) of every step, which only `DdimScheduler::step_batched`
+/// returns. DDIM's `scale_model_input` is the identity and its initial sigma 1, which is why
+/// neither appears here.
+#[allow(clippy::too_many_arguments)]
 pub fn sample_batch(
     pipeline: &InstructPix2Pix,
     scheduler: &DdimScheduler,
@@ -129,6 +160,7 @@ pub fn sample_batch(
     seeds: &[u64],
     guidance: Guidance,
     adapter: &Arc<ResolvedAdapter>,
+    attention_source: AttentionSource,
 ) -> Result<Trajectories> {
     let b = indices.len();
     let first = prompts
@@ -158,9 +190,12 @@ pub fn sample_batch(
         let t = scheduler.timesteps()[step] as f64;
         let ctx = ForwardCtx {
             adapters: &adapters,
-            capture: Some(&captured),
+            capture: (attention_source == AttentionSource::Policy).then_some(&captured),
         };
         let pred = pipeline.guided_noise_pred(&cond, &latents, &vec![t; b], ctx)?;
+        if attention_source == AttentionSource::Base {
+            base_attention(pipeline, &cond, &latents, t, &captured)?;
+        }
         let noise = rngs
             .iter_mut()
             .map(|rng| {
@@ -215,6 +250,103 @@ pub fn sample_batch(
         attention,
         grid: (lh, lw),
     })
+}
+
+/// Runs the frozen base UNet's text+image branch alone (a third of a guided call) on `latents`
+/// at timestep `t`, appending its cross-attention to `captured`; the conditional branch is the one
+/// `average_layers` keeps.
+fn base_attention(
+    pipeline: &InstructPix2Pix,
+    cond: &Conditioning,
+    latents: &Tensor,
+    t: f64,
+    captured: &RefCell<Vec<CapturedAttention>>,
+) -> Result<()> {
+    let b = latents.dim(0)?;
+    let model_in = Tensor::cat(&[latents, &cond.image_cond.narrow(0, 0, b)?], 1)?;
+    let context = cond.context.narrow(0, 0, b)?;
+    let timesteps = Tensor::from_vec(vec![t as f32; b], b, pipeline.device())?;
+    let ctx = ForwardCtx {
+        adapters: &[],
+        capture: Some(captured),
+    };
+    pipeline
+        .unet
+        .forward_with(&model_in, &timesteps, &context, ctx)?;
+    Ok(())
+}
+
+/// The mean of each recorded step's Gaussian under `pred` (B, C, h, w): where the step goes with
+/// no noise.
+pub fn step_mean(
+    scheduler: &DdimScheduler,
+    pred: &Tensor,
+    step_indices: &[usize],
+    latents: &Tensor,
+) -> Result<Tensor> {
+    let zeros = latents.zeros_like()?;
+    Ok(scheduler
+        .step_batched(pred, step_indices, latents, Some(&zeros))?
+        .prev_sample)
+}
+
+/// The guided prediction of the frozen base UNet (no adapter, no graph) at recorded steps.
+pub fn base_prediction(
+    pipeline: &InstructPix2Pix,
+    scheduler: &DdimScheduler,
+    cond: &Conditioning,
+    latents: &Tensor,
+    step_indices: &[usize],
+) -> Result<Tensor> {
+    let timesteps: Vec<f64> = step_indices
+        .iter()
+        .map(|&s| scheduler.timesteps()[s] as f64)
+        .collect();
+    let ctx = ForwardCtx {
+        adapters: &[],
+        capture: None,
+    };
+    Ok(pipeline
+        .guided_noise_pred(cond, latents, &timesteps, ctx)?
+        .detach())
+}
+
+/// KL(policy step || base step) per sample (B,), as a mean over latent elements like the
+/// log-probabilities: both Gaussians share the step's std, so it is
+/// log p_base(mu_base) - log p_policy(mu_base) = |mu_policy - mu_base|^2 / (2 sigma^2).
+/// Differentiable w.r.t. `policy_pred`.
+pub fn kl_to_base(
+    scheduler: &DdimScheduler,
+    policy_pred: &Tensor,
+    base_pred: &Tensor,
+    step_indices: &[usize],
+    latents: &Tensor,
+) -> Result<Tensor> {
+    let base_mean = step_mean(scheduler, base_pred, step_indices, latents)?;
+    let at_base = scheduler.log_prob(base_pred, step_indices, latents, &base_mean)?;
+    let at_policy = scheduler.log_prob(policy_pred, step_indices, latents, &base_mean)?;
+    Ok((at_base - at_policy)?.to_dtype(DType::F32)?)
+}
+
+/// The guided prediction under an adapter (differentiable w.r.t. its variables).
+pub fn policy_prediction(
+    pipeline: &InstructPix2Pix,
+    scheduler: &DdimScheduler,
+    cond: &Conditioning,
+    latents: &Tensor,
+    step_indices: &[usize],
+    adapter: &Arc<ResolvedAdapter>,
+) -> Result<Tensor> {
+    let timesteps: Vec<f64> = step_indices
+        .iter()
+        .map(|&s| scheduler.timesteps()[s] as f64)
+        .collect();
+    let adapters = [adapter.clone()];
+    let ctx = ForwardCtx {
+        adapters: &adapters,
+        capture: None,
+    };
+    Ok(pipeline.guided_noise_pred(cond, latents, &timesteps, ctx)?)
 }
 
 /// log p(next | latents) (B,) for samples at per-sample step indices under the current adapter;

@@ -98,6 +98,39 @@ impl PerPromptStatTracker {
     }
 }
 
+/// Advantages normalised within each group (`groups[i]` is sample i's group: its prompt):
+/// `(r - group mean) / max(group std, floor)`. The floor keeps a group whose rewards barely differ
+/// from turning its noise into advantages of +-1.
+pub fn group_advantages(groups: &[usize], rewards: &[f64], std_floor: f64) -> Vec<f64> {
+    assert_eq!(groups.len(), rewards.len(), "one group per reward");
+    let mut members: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &g) in groups.iter().enumerate() {
+        members.entry(g).or_default().push(i);
+    }
+    let mut advantages = vec![0.0; rewards.len()];
+    for indices in members.values() {
+        let (mean, std) = mean_std(indices.iter().map(|&i| rewards[i]));
+        let scale = std.max(std_floor) + STD_EPS;
+        for &i in indices {
+            advantages[i] = (rewards[i] - mean) / scale;
+        }
+    }
+    advantages
+}
+
+/// The mean over groups of each group's reward std: the spread the policy can learn from.
+pub fn within_group_std(groups: &[usize], rewards: &[f64]) -> f64 {
+    let mut members: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+    for (&g, &r) in groups.iter().zip(rewards) {
+        members.entry(g).or_default().push(r);
+    }
+    let stds: Vec<f64> = members
+        .values()
+        .map(|v| mean_std(v.iter().copied()).1)
+        .collect();
+    mean_std(stds.into_iter()).0
+}
+
 /// Mean and population std (numpy's default).
 pub fn mean_std(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     let n = values.clone().count();
@@ -156,5 +189,27 @@ mod tests {
         let json = serde_json::to_string(&t.state()).unwrap();
         let back = PerPromptStatTracker::from_state(&serde_json::from_str(&json).unwrap());
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn group_advantages_normalise_within_each_group_with_a_floor() {
+        // Group 0: rewards 1 and 3 (mean 2, std 1); group 1: 10 and 10.002 (std 0.001 < floor).
+        let adv = group_advantages(&[0, 1, 0, 1], &[1.0, 10.0, 3.0, 10.002], 0.01);
+        assert!(
+            (adv[0] + 1.0).abs() < 1e-5 && (adv[2] - 1.0).abs() < 1e-5,
+            "{adv:?}"
+        );
+        // 0.001 / 0.01 = 0.1, not 1: the floor shrinks a near-constant group's advantages.
+        assert!(
+            (adv[1] + 0.1).abs() < 1e-4 && (adv[3] - 0.1).abs() < 1e-4,
+            "{adv:?}"
+        );
+        // A hard prompt (group 1, rewards ~10) gets no advantage for being hard.
+        assert!((adv.iter().sum::<f64>()).abs() < 1e-9);
+        // Without a floor the same group is +-1.
+        let adv = group_advantages(&[0, 1, 0, 1], &[1.0, 10.0, 3.0, 10.002], 0.0);
+        assert!((adv[3] - 1.0).abs() < 1e-3, "{adv:?}");
+        let spread = within_group_std(&[0, 1, 0, 1], &[1.0, 10.0, 3.0, 10.002]);
+        assert!((spread - (1.0 + 0.001) / 2.0).abs() < 1e-9, "{spread}");
     }
 }

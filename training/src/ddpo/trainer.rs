@@ -9,7 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,9 +24,13 @@ use super::optim::{AdamW, AdamWParams};
 use super::ppo::ppo_loss;
 use super::reward::{reward, RewardTerms};
 use super::sampler::{
-    recompute_log_prob, requests, sample_batch, Guidance, PromptItem, Trajectories,
+    base_prediction, kl_to_base, policy_prediction, requests, sample_batch, AttentionSource,
+    Guidance, PromptItem, Trajectories,
 };
-use super::stat_tracker::{mean_std, PerPromptStatTracker, StatTrackerState};
+use super::stat_tracker::{
+    group_advantages, mean_std, within_group_std, PerPromptStatTracker, StatTrackerState,
+};
+use super::validation::{Validation, ValidationState};
 use super::{io_error, plots, DdpoError, Result};
 
 pub const LOG_FILE: &str = "ddpo.jsonl";
@@ -36,6 +40,10 @@ const LORA_FILE: &str = "lora.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// The checkpoint's adapter in diffusers' format, for evaluating a run midway.
 pub const CHECKPOINT_ADAPTER_FILE: &str = "adapter.safetensors";
+/// `validation.jsonl`: one line per validation (the base first, at epoch 0).
+pub const VALIDATION_LOG: &str = "validation.jsonl";
+/// `best/adapter.safetensors`: the adapter of the best validation score so far.
+pub const BEST_DIR: &str = "best";
 /// Keeps the LoRA init's draws apart from the run's sampling stream.
 const LORA_INIT_STREAM: u64 = 1;
 
@@ -50,10 +58,26 @@ pub struct EpochLog {
     pub clip_mean: f64,
     pub mae_mean: f64,
     pub localization_mean: f64,
+    /// Mean change outside the mask (ours).
+    #[serde(default)]
+    pub outside_mean: f64,
+    /// Mean L1 of the samples to their targets: the policy's true error on the training turns
+    /// (logged for every run; rewarded only by the oracle ablation).
+    #[serde(default)]
+    pub oracle_l1_mean: f64,
+    /// With group sampling: the mean within-group reward std.
+    #[serde(default)]
+    pub within_group_std: Option<f64>,
     pub approx_kl: f64,
+    /// With `train.kl_weight` > 0: the mean KL of the trained steps to the base's.
+    #[serde(default)]
+    pub kl_to_base: Option<f64>,
     pub clip_fraction: f64,
     pub loss: f64,
     pub grad_norm: f64,
+    /// Mean gradient norm of one trained step's loss, per step index (null: not trained).
+    #[serde(default)]
+    pub step_grad_norms: Vec<Option<f64>>,
     pub lr: f64,
     pub seconds: f64,
     /// Of `seconds`: sampling (with decoding and rewards) and the PPO updates.
@@ -79,6 +103,8 @@ struct CheckpointState {
     lora_target_modules: Vec<String>,
     base_fingerprint: String,
     config: serde_json::Value,
+    #[serde(default)]
+    validation: Option<ValidationState>,
 }
 
 pub struct Trainer<'a> {
@@ -95,6 +121,9 @@ pub struct Trainer<'a> {
     run_dir: PathBuf,
     last_checkpoint: Option<PathBuf>,
     history: Vec<EpochLog>,
+    sampling_guidance: Guidance,
+    attention_source: AttentionSource,
+    validation: Option<Validation>,
 }
 
 impl<'a> Trainer<'a> {
@@ -144,7 +173,28 @@ impl<'a> Trainer<'a> {
             config.per_prompt_stat_tracking.buffer_size,
             config.per_prompt_stat_tracking.min_count,
         );
+        let sampling_guidance = if config.sample.use_model_guidance {
+            Guidance {
+                text: pipeline.sampling_defaults.guidance_scale,
+                image: pipeline.sampling_defaults.image_guidance_scale,
+            }
+        } else {
+            Guidance {
+                text: config.sample.guidance_scale,
+                image: config.sample.image_guidance_scale,
+            }
+        };
+        let attention_source =
+            AttentionSource::parse(&config.reward.attention_source).ok_or_else(|| {
+                DdpoError::Config {
+                    key: "reward.attention_source".into(),
+                    message: format!("unknown source `{}`", config.reward.attention_source),
+                }
+            })?;
         Ok(Self {
+            sampling_guidance,
+            attention_source,
+            validation: None,
             pipeline,
             rng: ChaCha8Rng::seed_from_u64(config.seed),
             run_dir: PathBuf::from(&config.logdir),
@@ -162,6 +212,23 @@ impl<'a> Trainer<'a> {
 
     pub fn config(&self) -> &DdpoConfig {
         &self.config
+    }
+
+    /// Model selection on `prompts` (a validation world's turns, never the test set) as
+    /// `validation.*` configures it.
+    pub fn set_validation(&mut self, prompts: Vec<PromptItem>) -> Result<()> {
+        self.validation = Some(Validation::new(self.config.validation.clone(), prompts)?);
+        Ok(())
+    }
+
+    /// The guidance the policy samples with.
+    pub fn sampling_guidance(&self) -> Guidance {
+        self.sampling_guidance
+    }
+
+    /// The validation's best so far: (epoch, score).
+    pub fn best(&self) -> Option<(usize, f64)> {
+        self.validation.as_ref().and_then(Validation::best)
     }
 
     pub fn lora(&self) -> &TrainableLora {
@@ -202,6 +269,10 @@ impl<'a> Trainer<'a> {
                 });
             }
             std::fs::write(&log_path, "").map_err(io_error(&log_path))?;
+            let validation_log = self.run_dir.join(VALIDATION_LOG);
+            if validation_log.exists() {
+                std::fs::write(&validation_log, "").map_err(io_error(&validation_log))?;
+            }
         }
         let bar = if progress {
             indicatif::ProgressBar::new(self.config.num_epochs as u64)
@@ -215,7 +286,15 @@ impl<'a> Trainer<'a> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         bar.set_position(self.epoch as u64);
+        if self.epoch == 0 {
+            // The base itself (a zero adapter) is the score to beat.
+            self.validate()?;
+        }
         while self.epoch < self.config.num_epochs {
+            if self.validation.as_ref().is_some_and(Validation::stopped) {
+                tracing::info!(epoch = self.epoch, "validation stopped the run early");
+                break;
+            }
             let log = self.run_epoch()?;
             append_log(&log_path, &log)?;
             bar.set_position(log.epoch as u64);
@@ -233,8 +312,17 @@ impl<'a> Trainer<'a> {
                 "ddpo epoch"
             );
             self.history.push(log);
+            let validate_now = self
+                .validation
+                .as_ref()
+                .is_some_and(|v| v.due(self.epoch, self.config.num_epochs));
+            if validate_now {
+                self.validate()?;
+            }
+            let stopping = self.validation.as_ref().is_some_and(Validation::stopped);
             if self.epoch.is_multiple_of(self.config.save_freq)
                 || self.epoch == self.config.num_epochs
+                || stopping
             {
                 self.save_checkpoint()?;
                 self.plot()?;
@@ -257,26 +345,22 @@ impl<'a> Trainer<'a> {
 
         // 1. Sample trajectories with the current policy (no autograd graph).
         let policy = self.lora.resolved_detached()?;
-        let sampling_guidance = Guidance {
-            text: cfg.sample.guidance_scale,
-            image: cfg.sample.image_guidance_scale,
-        };
-        let mut batches = Vec::with_capacity(cfg.sample.num_batches_per_epoch);
-        for _ in 0..cfg.sample.num_batches_per_epoch {
-            let indices: Vec<usize> = (0..cfg.sample.batch_size)
-                .map(|_| self.rng.random_range(0..self.prompts.len()))
-                .collect();
-            let seeds: Vec<u64> = (0..cfg.sample.batch_size)
-                .map(|_| self.rng.random())
-                .collect();
+        let sampling_guidance = self.sampling_guidance;
+        let (indices, seeds, groups) = self.draw_samples();
+        let mut batches = Vec::new();
+        for (chunk, chunk_seeds) in indices
+            .chunks(cfg.sample.batch_size)
+            .zip(seeds.chunks(cfg.sample.batch_size))
+        {
             batches.push(sample_batch(
                 self.pipeline,
                 &self.scheduler,
                 &self.prompts,
-                &indices,
-                &seeds,
+                chunk,
+                chunk_seeds,
                 sampling_guidance,
                 &policy,
+                self.attention_source,
             )?);
         }
         let samples = Trajectories::concat(batches)?;
@@ -299,6 +383,7 @@ impl<'a> Trainer<'a> {
                     samples.grid,
                     &prompt.source,
                     &samples.images[i],
+                    Some(&prompt.target),
                 )
             })
             .collect();
@@ -320,15 +405,25 @@ impl<'a> Trainer<'a> {
 
         let sample_seconds = started.elapsed().as_secs_f64();
 
-        // 3. Advantages from per-prompt statistics.
-        let keys: Vec<String> = samples
-            .prompts
-            .iter()
-            .map(|&i| self.prompts[i].key.clone())
-            .collect();
-        let advantages = self.tracker.update(&keys, &rewards);
+        // 3. Advantages: within each prompt's group, or from per-prompt statistics.
+        let advantages = match &groups {
+            Some(groups) => group_advantages(
+                groups,
+                &rewards,
+                cfg.per_prompt_stat_tracking.group_std_floor,
+            ),
+            None => {
+                let keys: Vec<String> = samples
+                    .prompts
+                    .iter()
+                    .map(|&i| self.prompts[i].key.clone())
+                    .collect();
+                self.tracker.update(&keys, &rewards)
+            }
+        };
 
-        // 4. PPO: inner epochs over shuffled samples and per-sample shuffled timesteps.
+        // 4. PPO: inner epochs over shuffled samples; each minibatch trains a shuffled subset of
+        // the trainable steps, one step index per UNet call, so each step's gradient norm is seen.
         let train_guidance = if cfg.train.cfg {
             sampling_guidance
         } else {
@@ -340,24 +435,21 @@ impl<'a> Trainer<'a> {
         };
         let vars: Vec<Var> = self.lora.named_vars().into_iter().map(|(_, v)| v).collect();
         let num_steps = self.scheduler.timesteps().len();
+        let trainable = cfg.trainable_steps();
         let trained_steps = cfg.num_train_timesteps();
         let accumulation = (trained_steps * cfg.train.gradient_accumulation_steps) as f64;
         let size = self.prompts[0].source.dimensions();
         let device = self.pipeline.device().clone();
-        let (mut kls, mut clip_fracs, mut losses, mut norms) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (mut kls, mut clip_fracs, mut losses, mut norms, mut kl_base) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut step_norms: Vec<Vec<f64>> = vec![Vec::new(); num_steps];
         let mut accumulated: Vec<Option<Tensor>> = vec![None; vars.len()];
         for _inner in 0..cfg.train.num_inner_epochs {
             let mut order: Vec<usize> = (0..samples.len()).collect();
             order.shuffle(&mut self.rng);
-            let step_orders: Vec<Vec<usize>> = (0..samples.len())
-                .map(|_| {
-                    let mut steps: Vec<usize> = (0..num_steps).collect();
-                    steps.shuffle(&mut self.rng);
-                    steps
-                })
-                .collect();
             for (minibatch_index, minibatch) in order.chunks(cfg.train.batch_size).enumerate() {
+                let mut step_order: Vec<usize> = (0..trainable).collect();
+                step_order.shuffle(&mut self.rng);
                 let prompt_indices: Vec<usize> =
                     minibatch.iter().map(|&i| samples.prompts[i]).collect();
                 let reqs = requests(
@@ -369,32 +461,31 @@ impl<'a> Trainer<'a> {
                 let cond = self.pipeline.condition(&reqs, size)?;
                 let adv: Vec<f32> = minibatch.iter().map(|&i| advantages[i] as f32).collect();
                 let adv = Tensor::from_vec(adv, minibatch.len(), &device)?;
-                // Column j: each sample's j-th timestep of its own shuffled order.
-                let columns: Vec<Vec<usize>> = (0..trained_steps)
-                    .map(|j| minibatch.iter().map(|&i| step_orders[i][j]).collect())
-                    .collect();
-                for steps in columns {
+                let rows = Tensor::new(
+                    minibatch.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+                    &device,
+                )?;
+                for &step in &step_order[..trained_steps] {
+                    let steps = vec![step; minibatch.len()];
                     let pick = |t: &Tensor| -> Result<Tensor> {
-                        let rows = minibatch
-                            .iter()
-                            .zip(&steps)
-                            .map(|(&i, &s)| t.get(i)?.get(s))
-                            .collect::<candle_core::Result<Vec<_>>>()?;
-                        Ok(Tensor::stack(&rows, 0)?)
+                        Ok(t.index_select(&rows, 0)?.narrow(1, step, 1)?.squeeze(1)?)
                     };
                     let latents = pick(&samples.latents)?;
                     let next_latents = pick(&samples.next_latents)?;
                     let old = pick(&samples.log_probs)?;
                     let adapter = self.lora.resolved()?;
-                    let new = recompute_log_prob(
+                    let pred = policy_prediction(
                         self.pipeline,
                         &self.scheduler,
                         &cond,
                         &latents,
-                        &next_latents,
                         &steps,
                         &adapter,
                     )?;
+                    let new = self
+                        .scheduler
+                        .log_prob(&pred, &steps, &latents, &next_latents)?
+                        .to_dtype(DType::F32)?;
                     let term = ppo_loss(
                         &new,
                         &old,
@@ -402,22 +493,44 @@ impl<'a> Trainer<'a> {
                         cfg.train.clip_range,
                         cfg.train.adv_clip_max,
                     )?;
-                    let loss = term.loss.to_scalar::<f32>()? as f64;
+                    let mut loss_tensor = term.loss;
+                    if cfg.train.kl_weight > 0.0 {
+                        let base = base_prediction(
+                            self.pipeline,
+                            &self.scheduler,
+                            &cond,
+                            &latents,
+                            &steps,
+                        )?;
+                        let kl = kl_to_base(&self.scheduler, &pred, &base, &steps, &latents)?
+                            .mean_all()?;
+                        kl_base.push(kl.to_scalar::<f32>()? as f64);
+                        loss_tensor = (loss_tensor + (kl * cfg.train.kl_weight)?)?;
+                    }
+                    let loss = loss_tensor.to_scalar::<f32>()? as f64;
                     if !loss.is_finite() {
                         return Err(non_finite(
                             format!("the PPO loss ({loss})"),
                             &self.last_checkpoint,
                         ));
                     }
-                    let grads = (term.loss / accumulation)?.backward()?;
+                    let grads = loss_tensor.backward()?;
+                    let mut squares = 0f64;
                     for (slot, var) in accumulated.iter_mut().zip(&vars) {
                         if let Some(g) = grads.get(var.as_tensor()) {
+                            squares += g
+                                .sqr()?
+                                .sum_all()?
+                                .to_dtype(DType::F64)?
+                                .to_scalar::<f64>()?;
+                            let g = (g / accumulation)?;
                             *slot = Some(match slot.take() {
                                 Some(sum) => (sum + g)?,
-                                None => g.clone(),
+                                None => g,
                             });
                         }
                     }
+                    step_norms[step].push(squares.sqrt());
                     kls.push(term.approx_kl);
                     clip_fracs.push(term.clip_fraction);
                     losses.push(loss);
@@ -449,10 +562,18 @@ impl<'a> Trainer<'a> {
             clip_mean: term_mean(|t| t.clip),
             mae_mean: term_mean(|t| t.mae),
             localization_mean: term_mean(|t| t.localization),
+            outside_mean: term_mean(|t| t.outside),
+            oracle_l1_mean: term_mean(|t| t.oracle_l1.unwrap_or(f64::NAN)),
+            within_group_std: groups.as_ref().map(|g| within_group_std(g, &rewards)),
             approx_kl: mean(&kls),
+            kl_to_base: (!kl_base.is_empty()).then(|| mean(&kl_base)),
             clip_fraction: mean(&clip_fracs),
             loss: mean(&losses),
             grad_norm: mean(&norms),
+            step_grad_norms: step_norms
+                .iter()
+                .map(|v| (!v.is_empty()).then(|| mean(v)))
+                .collect(),
             lr: self.optimizer.params().lr,
             seconds: started.elapsed().as_secs_f64(),
             sample_seconds,
@@ -460,6 +581,69 @@ impl<'a> Trainer<'a> {
             samples: samples.len(),
             optimizer_steps: self.optimizer.steps_taken(),
         })
+    }
+
+    /// The epoch's samples: prompt indices, one seed each, and with group sampling each sample's
+    /// group (the position of its prompt among the epoch's prompts).
+    fn draw_samples(&mut self) -> (Vec<usize>, Vec<u64>, Option<Vec<usize>>) {
+        let cfg = &self.config;
+        if cfg.group_sampling() {
+            let count = cfg.sample.prompts_per_epoch.min(self.prompts.len());
+            let chosen = rand::seq::index::sample(&mut self.rng, self.prompts.len(), count);
+            let mut indices = Vec::new();
+            let mut groups = Vec::new();
+            for (group, prompt) in chosen.iter().enumerate() {
+                for _ in 0..cfg.sample.samples_per_prompt {
+                    indices.push(prompt);
+                    groups.push(group);
+                }
+            }
+            let seeds = (0..indices.len()).map(|_| self.rng.random()).collect();
+            (indices, seeds, Some(groups))
+        } else {
+            let (mut indices, mut seeds) = (Vec::new(), Vec::new());
+            for _ in 0..cfg.sample.num_batches_per_epoch {
+                indices.extend(
+                    (0..cfg.sample.batch_size)
+                        .map(|_| self.rng.random_range(0..self.prompts.len())),
+                );
+                seeds.extend((0..cfg.sample.batch_size).map(|_| self.rng.random::<u64>()));
+            }
+            (indices, seeds, None)
+        }
+    }
+
+    /// Scores the current adapter on the validation turns; a better score than the best so far
+    /// writes `best/adapter.safetensors` (and `best/validation.json`).
+    fn validate(&mut self) -> Result<()> {
+        let Some(mut validation) = self.validation.take() else {
+            return Ok(());
+        };
+        let adapter = self.lora.resolved_detached()?;
+        let outcome = validation.evaluate(self.pipeline, &adapter, self.epoch);
+        let result = outcome.and_then(|record| {
+            append_json_line(&self.run_dir.join(VALIDATION_LOG), &record)?;
+            tracing::info!(
+                epoch = self.epoch,
+                score = record.score,
+                best_epoch = record.best_epoch,
+                "validation"
+            );
+            if record.improved {
+                let dir = self.run_dir.join(BEST_DIR);
+                std::fs::create_dir_all(&dir).map_err(io_error(&dir))?;
+                let partial = dir.join(format!("{CHECKPOINT_ADAPTER_FILE}.partial"));
+                self.adapter("ddpo-best")?.save(&partial)?;
+                let path = dir.join(CHECKPOINT_ADAPTER_FILE);
+                std::fs::rename(&partial, &path).map_err(io_error(&path))?;
+                let info = dir.join("validation.json");
+                let text = serde_json::to_string_pretty(&record).unwrap_or_default();
+                std::fs::write(&info, text + "\n").map_err(io_error(&info))?;
+            }
+            Ok(())
+        });
+        self.validation = Some(validation);
+        result
     }
 
     /// The adapter as trained so far, ready to `save`.
@@ -557,6 +741,7 @@ impl<'a> Trainer<'a> {
             lora_target_modules: self.lora.target_modules.clone(),
             base_fingerprint: self.pipeline.unet.fingerprint().to_string(),
             config: self.config.to_json(),
+            validation: self.validation.as_ref().map(Validation::state),
         };
         let state_path = partial.join(STATE_FILE);
         let text = serde_json::to_string_pretty(&state).map_err(|e| DdpoError::Checkpoint {
@@ -641,6 +826,9 @@ impl<'a> Trainer<'a> {
         rng.set_word_pos(word_pos);
         self.rng = rng;
         self.tracker = PerPromptStatTracker::from_state(&state.tracker);
+        if let (Some(validation), Some(saved)) = (self.validation.as_mut(), &state.validation) {
+            validation.restore(saved);
+        }
         self.epoch = state.epoch;
         self.last_checkpoint = Some(dir.clone());
         // The log continues from the checkpoint: lines of epochs past it are dropped.
@@ -664,12 +852,16 @@ impl<'a> Trainer<'a> {
 }
 
 fn append_log(path: &Path, log: &EpochLog) -> Result<()> {
+    append_json_line(path, log)
+}
+
+fn append_json_line(path: &Path, value: &impl Serialize) -> Result<()> {
     let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
         .map_err(io_error(path))?;
-    let line = serde_json::to_string(log).unwrap_or_default();
+    let line = serde_json::to_string(value).unwrap_or_default();
     writeln!(file, "{line}").map_err(io_error(path))
 }
 

@@ -74,10 +74,7 @@ pub fn save(
         files,
         config,
     };
-    let tmp = dir.join("state.json.tmp");
-    write_json(&tmp, &state)?;
-    let final_path = dir.join(STATE_FILE);
-    std::fs::rename(&tmp, &final_path).map_err(io_error(&final_path))?;
+    write_json(&dir.join(STATE_FILE), &state)?;
     prune(&root)?;
     Ok(dir)
 }

@@ -16,13 +16,13 @@ use rl4pix_model::tokenizer::ClipTokenizer;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::optim::{named_vars, AdamW, AdamWParams};
 use super::text::{
     encode_batch, layer_norm, text_config, world_vocabulary, write_tokenizer, Layer,
     TrainTextEncoder,
 };
 use super::Cadence;
 use super::{checkpoint, io_error, write_json, LoopSpec, PretrainError, Result, TrainState};
+use crate::optim::{named_vars, AdamW, AdamWParams};
 use crate::synth::{describes, near_miss_description, Scene, SynthWorld};
 
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];

@@ -55,9 +55,7 @@ impl JsonlLog {
                 .flat_map(|line| [line, "\n"])
                 .collect();
             if kept.len() != text.len() {
-                let temporary = path.with_extension("jsonl.tmp");
-                std::fs::write(&temporary, kept).map_err(io_error(&temporary))?;
-                std::fs::rename(&temporary, path).map_err(io_error(path))?;
+                rl4pix_model::atomic_file::write(path, kept.as_bytes()).map_err(io_error(path))?;
             }
         }
         Self::append(path)

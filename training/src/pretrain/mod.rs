@@ -9,8 +9,6 @@ pub mod data;
 pub mod export;
 pub mod grid;
 pub mod log;
-pub mod optim;
-pub mod plots;
 pub mod schedule;
 pub mod text;
 pub mod unet;
@@ -48,6 +46,19 @@ pub enum PretrainError {
 
 pub type Result<T> = std::result::Result<T, PretrainError>;
 
+impl From<crate::optim::OptimError> for PretrainError {
+    fn from(e: crate::optim::OptimError) -> Self {
+        use crate::optim::OptimError;
+        match e {
+            OptimError::NonFiniteGradient { norm, step } => PretrainError::Config(format!(
+                "gradient norm is {norm} at step {step}: training diverged (lower the learning rate)"
+            )),
+            OptimError::State(message) => PretrainError::Config(message),
+            OptimError::Candle(e) => PretrainError::Candle(e),
+        }
+    }
+}
+
 pub(crate) fn io_error(
     path: &std::path::Path,
 ) -> impl FnOnce(std::io::Error) -> PretrainError + '_ {
@@ -70,7 +81,7 @@ pub(crate) fn write_json<T: serde::Serialize>(path: &std::path::Path, value: &T)
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    std::fs::write(path, text + "\n").map_err(io_error(path))
+    rl4pix_model::atomic_file::write(path, (text + "\n").as_bytes()).map_err(io_error(path))
 }
 
 /// What a training loop needs besides its step function.
@@ -127,8 +138,8 @@ impl<'a> LoopSpec<'a> {
 /// Mutable training state carried through the loop and into checkpoints.
 pub struct TrainState<'a> {
     pub varmap: &'a candle_nn::VarMap,
-    pub optimizer: &'a mut optim::AdamW,
-    pub ema: Option<&'a mut optim::Ema>,
+    pub optimizer: &'a mut crate::optim::AdamW,
+    pub ema: Option<&'a mut crate::optim::Ema>,
     pub rng: &'a mut rand_chacha::ChaCha8Rng,
     pub start_step: usize,
 }
@@ -193,8 +204,8 @@ pub fn train_loop(
     let mut window = Vec::new();
     let mut recent = std::collections::VecDeque::new();
     let save = |step: usize,
-                optimizer: &optim::AdamW,
-                ema: Option<&optim::Ema>,
+                optimizer: &crate::optim::AdamW,
+                ema: Option<&crate::optim::Ema>,
                 rng: &rand_chacha::ChaCha8Rng|
      -> Result<()> {
         let mut files = vec![
@@ -213,7 +224,14 @@ pub fn train_loop(
         )?;
         tracing::info!("{}: checkpoint {}", spec.label, dir.display());
         if let Ok(records) = log::read_log(&log_path) {
-            let _ = plots::loss_curve(&records, &plot_path, 20);
+            let points: Vec<(f64, f64)> = records.iter().map(|r| (r.step as f64, r.loss)).collect();
+            let chart = crate::plots::ChartSpec {
+                x_label: "step",
+                y_label: "loss",
+                log_y: true,
+                window: 20,
+            };
+            let _ = crate::plots::line_chart(&plot_path, &chart, &points, &[]);
         }
         Ok(())
     };
@@ -227,6 +245,7 @@ pub fn train_loop(
             loss: loss_value,
             grads,
         } = step(rng)?;
+        let grads = optimizer.gradients_in(&grads);
         let grad_norm = optimizer.step(&grads, spec.max_grad_norm)?;
         if let Some(ema) = ema.as_deref_mut() {
             ema.update(at)?;

@@ -19,12 +19,12 @@ use rl4pix_model::vae::AutoencoderKl;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::optim::{named_vars, AdamW, AdamWParams, Ema};
 use super::text::{encode_batch, text_config, world_vocabulary, write_tokenizer, TrainTextEncoder};
 use super::{
     checkpoint, data, io_error, read_json, write_json, LoopSpec, PretrainError, Result, TrainState,
 };
 use super::{Cadence, StepGrads};
+use crate::optim::{named_vars, AdamW, AdamWParams, Ema};
 use crate::synth::SynthWorld;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

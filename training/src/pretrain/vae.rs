@@ -12,9 +12,9 @@ use rl4pix_model::vae::{AutoencoderKl, VaeConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::optim::{named_vars, AdamW, AdamWParams};
 use super::Cadence;
 use super::{checkpoint, data, write_json, LoopSpec, PretrainError, Result, TrainState};
+use crate::optim::{named_vars, AdamW, AdamWParams};
 use crate::synth::SynthWorld;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -91,6 +91,32 @@ pub struct VaeRun {
     /// Stop this invocation after this step (see [`LoopSpec::stop_after`]); nothing is exported.
     pub stop_after: Option<usize>,
     pub device: Device,
+}
+
+/// The VAE run's default cadence (also the `pretrain-vae` flags' defaults).
+pub const DEFAULT_CADENCE: Cadence = Cadence {
+    checkpoint_every: 150,
+    log_every: 10,
+    eval_every: 150,
+};
+
+impl VaeRun {
+    /// The default VAE recipe for `size`x`size` images in `run_dir` on the CPU, continuing the
+    /// run there if it has a checkpoint (what `pretrain` trains when it is given no VAE).
+    pub fn default_in(run_dir: &Path, size: u32) -> Result<Self> {
+        let resume = super::checkpoint::latest(run_dir)?.map(|_| run_dir.to_path_buf());
+        Ok(Self {
+            run_dir: run_dir.to_path_buf(),
+            config: VaeTrainConfig {
+                size,
+                ..VaeTrainConfig::default()
+            },
+            resume,
+            cadence: DEFAULT_CADENCE,
+            stop_after: None,
+            device: Device::Cpu,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
