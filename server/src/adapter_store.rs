@@ -359,7 +359,11 @@ pub struct StorePoller {
 }
 
 impl StorePoller {
-    pub fn start(mut mirror: StoreMirror, registry: Arc<AdapterRegistry>, interval: Duration) -> Self {
+    pub fn start(
+        mut mirror: StoreMirror,
+        registry: Arc<AdapterRegistry>,
+        interval: Duration,
+    ) -> Self {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             loop {
@@ -368,7 +372,10 @@ impl StorePoller {
                     _ = stopped.changed() => return,
                 }
                 let report = mirror.poll().await;
-                if report.changed.is_empty() && report.removed.is_empty() && report.refused.is_empty() {
+                if report.changed.is_empty()
+                    && report.removed.is_empty()
+                    && report.refused.is_empty()
+                {
                     continue;
                 }
                 let registry = registry.clone();

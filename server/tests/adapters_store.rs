@@ -285,7 +285,10 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     // Not adapters: another extension, and a deeper prefix.
     put("notes", b"x".to_vec()).await;
     store
-        .put(&StorePath::from("prod/notes.txt"), PutPayload::from_static(b"x"))
+        .put(
+            &StorePath::from("prod/notes.txt"),
+            PutPayload::from_static(b"x"),
+        )
         .await
         .unwrap();
     store
@@ -311,7 +314,11 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
         huge["error"].as_str().unwrap().contains("not downloaded"),
         "{huge:?}"
     );
-    assert_eq!(listed.len(), 3, "only direct *.safetensors objects: {listed:?}");
+    assert_eq!(
+        listed.len(),
+        3,
+        "only direct *.safetensors objects: {listed:?}"
+    );
     let (status, body) = edit(&http, &url, "style").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(decode_png(&body), reference.expected(&v1));
@@ -333,10 +340,17 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     assert_eq!(error_type(delete, 409).await, "adapters_in_object_store");
 
     // Published once: replaced in the store, swapped in by the next poll.
-    let generation_v1 = entry(&listed, "style").unwrap()["generation"].as_u64().unwrap();
+    let generation_v1 = entry(&listed, "style").unwrap()["generation"]
+        .as_u64()
+        .unwrap();
     put("style", v2_bytes.clone()).await;
     let listed = wait_for(&http, &url, "v2 of style", |l| created_is(l, "style", "v2")).await;
-    assert!(entry(&listed, "style").unwrap()["generation"].as_u64().unwrap() > generation_v1);
+    assert!(
+        entry(&listed, "style").unwrap()["generation"]
+            .as_u64()
+            .unwrap()
+            > generation_v1
+    );
     let (status, body) = edit(&http, &url, "style").await;
     assert_eq!(status, 200);
     assert_eq!(decode_png(&body), reference.expected(&v2));
@@ -347,13 +361,19 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     let refused_before = refused.load(Ordering::SeqCst);
     let started = Instant::now();
     while refused.load(Ordering::SeqCst) < refused_before + 3 {
-        assert!(started.elapsed() < Duration::from_secs(60), "the server stopped polling");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the server stopped polling"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let listed = list(&http, &url).await;
     let style = entry(&listed, "style").unwrap();
     assert!(created_is(&listed, "style", "v2"), "{listed:?}");
-    assert!(style["error"].is_null(), "a failed poll is no refusal: {style:?}");
+    assert!(
+        style["error"].is_null(),
+        "a failed poll is no refusal: {style:?}"
+    );
     assert_eq!(listed.len(), 3, "a failed poll removes nothing: {listed:?}");
     assert_eq!(edit(&http, &url, "style").await.0, 200);
     gate.send_replace(true);
@@ -400,10 +420,7 @@ async fn a_file_url_is_an_object_store_too() {
     let cache = tempfile::tempdir().unwrap();
     // A stale file in the cache is not trusted: it is cleared and the store copied anew.
     std::fs::write(cache.path().join("stale.safetensors"), b"old").unwrap();
-    let mut args = server_args(
-        &format!("file://{}", bucket.path().display()),
-        1 << 30,
-    );
+    let mut args = server_args(&format!("file://{}", bucket.path().display()), 1 << 30);
     args.adapter_cache = Some(cache.path().to_path_buf());
     let server = start(args).await;
     let http = client();

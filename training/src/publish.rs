@@ -32,7 +32,9 @@ impl AdapterDestination {
         let key = StorePath::from_url_path(parsed.path())
             .with_context(|| format!("--out {url}: not an object path"))?;
         if !key.as_ref().ends_with(EXTENSION) || key.filename() == Some(EXTENSION) {
-            bail!("--out {url}: name the adapter object, e.g. s3://bucket/adapters/mine{EXTENSION}");
+            bail!(
+                "--out {url}: name the adapter object, e.g. s3://bucket/adapters/mine{EXTENSION}"
+            );
         }
         let store: Arc<dyn ObjectStore> = match parsed.scheme() {
             // Credentials, region and endpoint from the usual AWS_* variables.
@@ -97,8 +99,8 @@ impl AdapterDestination {
         else {
             return Ok(local.display().to_string());
         };
-        let bytes = std::fs::read(&local)
-            .with_context(|| format!("{}: cannot read", local.display()))?;
+        let bytes =
+            std::fs::read(&local).with_context(|| format!("{}: cannot read", local.display()))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
