@@ -385,11 +385,6 @@ impl SchedulerKind {
         }
     }
 
-    /// `from_cli_name` without the error, for callers that give their own.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::from_cli_name(s).ok()
-    }
-
     /// The canonical command-line spelling (the inverse of `from_cli_name`).
     pub fn name(&self) -> &'static str {
         match self {

@@ -156,10 +156,10 @@ pub fn validate(
     )?;
     let scheduler = match raw.scheduler.as_deref() {
         None | Some("") | Some("default") => None,
-        Some(name) => Some(SchedulerKind::parse(name).ok_or_else(|| {
+        Some(name) => Some(SchedulerKind::from_cli_name(name).map_err(|unknown| {
             ServiceError::invalid(format!(
                 "scheduler must be ddim or euler-ancestral, got {:?}",
-                name.chars().take(32).collect::<String>()
+                unknown.0
             ))
         })?),
     };

@@ -12,8 +12,8 @@ use rl4pix_model::scheduler::SchedulerKind;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::spec::{SamplerSpec, SynthSpec};
 use super::table::RunSummary;
-use super::EvalSampler;
 use crate::data::Dataset;
 use crate::ddpo::audit::reward_formula;
 use crate::ddpo::prompts::load_prompts;
@@ -29,33 +29,12 @@ const SYNTH_MANIFEST: &str = "rl4pix_synth.json";
 const RUN_DONE_FILE: &str = "done.json";
 const RUN_ADAPTER_FILE: &str = "adapter.safetensors";
 
-/// What one synthetic folder holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SynthSpec {
-    pub seed: u64,
-    pub count: u64,
-    pub size: u32,
-}
-
 #[derive(Debug, Serialize, Deserialize)]
 struct SynthManifest {
     #[serde(flatten)]
     spec: SynthSpec,
     /// False while the folder is being written: a rerun then writes it again.
     complete: bool,
-}
-
-/// The sampler every row of a table is evaluated with.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SamplerSpec {
-    pub kind: EvalSampler,
-    /// `None`: the model's own scheduler.
-    pub scheduler: Option<String>,
-    pub eta: f64,
-    pub steps: Option<usize>,
-    pub guidance_scale: f64,
-    pub image_guidance_scale: f64,
-    pub seed: u64,
 }
 
 pub fn write_text(path: &Path, text: &str) -> anyhow::Result<()> {
@@ -420,9 +399,7 @@ impl EvalContext {
                 None => Vec::new(),
             };
             let scheduler = match self.sampler.scheduler.as_deref() {
-                Some(name) => Some(SchedulerKind::parse(name).with_context(|| {
-                    format!("unknown scheduler `{name}` (expected ddim or euler-ancestral)")
-                })?),
+                Some(name) => Some(SchedulerKind::from_cli_name(name)?),
                 None => None,
             };
             let settings = SamplerSettings {

@@ -10,6 +10,7 @@
 //! resumable (sets, runs, evaluations), `table` builds and prints the tables.
 
 mod cache;
+mod spec;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -20,8 +21,9 @@ use rl4pix_model::pipeline::{InstructPix2Pix, SamplingDefaults};
 use serde::Serialize;
 use serde_json::Value;
 
+pub use cache::first_last_tenth;
 use cache::{ensure_synth, train_variant, write_text, EvalContext};
-pub use cache::{first_last_tenth, SamplerSpec, SynthSpec};
+pub use spec::{SamplerSpec, SynthSpec};
 use table::{variant_title, SetInfo, Table, TestTable};
 pub use table::{verdict, Row, RunSummary, Verdict};
 

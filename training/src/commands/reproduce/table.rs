@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::cache::{SamplerSpec, SynthSpec};
+use super::spec::{SamplerSpec, SynthSpec};
 use super::EvalSampler;
 use crate::eval::SettingSummary;
 
