@@ -110,11 +110,7 @@ impl AdamW {
     /// gradient this step), after scaling them to a global L2 norm of at most `max_norm`
     /// (`None` or infinity: no clipping). Returns the norm before clipping; a non-finite norm
     /// is an error and nothing is updated.
-    pub fn step(
-        &mut self,
-        grads: &[Option<Tensor>],
-        max_norm: impl Into<Option<f64>>,
-    ) -> Result<f64> {
+    pub fn step(&mut self, grads: &[Option<Tensor>], max_norm: Option<f64>) -> Result<f64> {
         let norm = global_norm(grads)?;
         if !norm.is_finite() {
             return Err(OptimError::NonFiniteGradient {
