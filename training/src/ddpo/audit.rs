@@ -86,8 +86,11 @@ pub struct AuditReport {
     pub terms: Vec<TermAudit>,
 }
 
-/// The terms audited, each as "higher is better": (name, value of a sample's terms).
-pub fn audited_terms(config: &RewardConfig) -> Vec<(String, Box<dyn Fn(&RewardTerms) -> f64>)> {
+/// A reward term read from a sample's terms, "higher is better".
+pub type TermScore = Box<dyn Fn(&RewardTerms) -> f64>;
+
+/// The terms audited, each as (name, its score).
+pub fn audited_terms(config: &RewardConfig) -> Vec<(String, TermScore)> {
     let configured = config.clone();
     vec![
         (
