@@ -83,6 +83,9 @@ pub struct Args {
     /// Bearer token of the admin routes; without it they are closed (401).
     #[arg(long, env = "RL4PIX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Bearer token the OpenAI-compatible `/v1` routes need; without it they take any.
+    #[arg(long, env = "RL4PIX_OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
     /// Recent edits whose attention maps are kept for `/attention`; 0 turns capture off.
     #[arg(long, env = "RL4PIX_ATTENTION_CACHE", default_value_t = 64)]
     pub attention_cache: usize,

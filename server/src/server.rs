@@ -128,6 +128,7 @@ where
         worker_alive: handle.alive,
         shutting_down: AtomicBool::new(false),
         api_key: args.api_key.clone(),
+        openai_api_key: args.openai_api_key.clone(),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

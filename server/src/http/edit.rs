@@ -91,16 +91,16 @@ pub struct EditJsonResponse {
 
 /// Everything a request asked for, before any checking.
 #[derive(Default)]
-struct RawEdit {
-    image: Option<Bytes>,
-    instruction: Option<String>,
-    steps: Option<usize>,
-    guidance_scale: Option<f64>,
-    image_guidance_scale: Option<f64>,
-    seed: Option<u64>,
-    scheduler: Option<String>,
-    adapter: Option<String>,
-    output_format: Option<String>,
+pub(crate) struct RawEdit {
+    pub image: Option<Bytes>,
+    pub instruction: Option<String>,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    pub image_guidance_scale: Option<f64>,
+    pub seed: Option<u64>,
+    pub scheduler: Option<String>,
+    pub adapter: Option<String>,
+    pub output_format: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -199,20 +199,27 @@ pub async fn edit(
     body: Body,
 ) -> Result<Response, ApiError> {
     let admitted = admit(&state, &headers, body).await?;
-    let (job, reply) = Job::new(
-        admitted.edit_id.clone(),
-        admitted.item,
-        admitted.adapter,
-        state.info.vae_scale_factor,
-        state.limits.request_timeout(),
-    );
     if prefers_async(&headers) {
+        let (job, reply) = admitted.job(&state);
         return submit_async(state, job, reply, admitted.meta);
     }
+    let result = run_to_end(&state, admitted).await?;
+    Ok(result.response(wants_json(&headers)))
+}
+
+/// Checks, decodes, queues and waits for one edit given as fields (the OpenAI-compatible route).
+pub(crate) async fn edit_fields(state: &AppState, raw: RawEdit) -> Result<EditResult, ApiError> {
+    let admitted = admit_fields(state, raw).await?;
+    run_to_end(state, admitted).await
+}
+
+/// The synchronous path: queue, wait under the request deadline, encode.
+async fn run_to_end(state: &AppState, admitted: Admitted) -> Result<EditResult, ApiError> {
+    let (job, reply) = admitted.job(state);
     let deadline = tokio::time::Instant::from_std(job.deadline);
     // Dropped with this future when the client disconnects: the worker then skips or cancels it.
     let _cancel_on_drop = CancelOnDrop(job.cancel.clone());
-    push(&state, job)?;
+    push(state, job)?;
     let output = match tokio::time::timeout_at(deadline, reply).await {
         Ok(Ok(Ok(output))) => output,
         Ok(Ok(Err(job_error))) => {
@@ -236,8 +243,7 @@ pub async fn edit(
         }
     };
     state.metrics.edit_outcome("ok");
-    let result = finish(&state, admitted.edit_id, admitted.meta, output).await?;
-    Ok(result.response(wants_json(&headers)))
+    finish(state, admitted.edit_id, admitted.meta, output).await
 }
 
 /// An edit that passed every check, ready for the queue.
@@ -246,6 +252,18 @@ struct Admitted {
     item: BatchItem,
     adapter: Option<Arc<AdapterEntry>>,
     meta: ResultMeta,
+}
+
+impl Admitted {
+    fn job(&self, state: &AppState) -> (Job, oneshot::Receiver<Result<JobOutput, JobError>>) {
+        Job::new(
+            self.edit_id.clone(),
+            self.item.clone(),
+            self.adapter.clone(),
+            state.info.vae_scale_factor,
+            state.limits.request_timeout(),
+        )
+    }
 }
 
 /// What the answer needs besides the model's output.
@@ -370,6 +388,11 @@ async fn admit(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Admi
             )))
         }
     };
+    admit_fields(state, raw).await
+}
+
+/// Everything after parsing: checks, then decoding.
+async fn admit_fields(state: &AppState, raw: RawEdit) -> Result<Admitted, ApiError> {
     let checked = check(raw, state)?;
     let adapter_name = checked
         .adapter

@@ -5,6 +5,8 @@ pub mod attention;
 pub mod edit;
 pub mod jobs;
 pub mod meta;
+pub mod openai;
+pub mod ui;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -40,6 +42,8 @@ pub struct AppState {
     pub worker_alive: Arc<AtomicBool>,
     pub shutting_down: AtomicBool,
     pub api_key: Option<String>,
+    /// Bearer the `/v1` (OpenAI-compatible) routes need; None: any or none.
+    pub openai_api_key: Option<String>,
 }
 
 impl AppState {
@@ -72,7 +76,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(ui::page))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/style.css", get(ui::style))
         .route("/edit", axum::routing::post(edit::edit))
+        .route(
+            "/v1/images/edits",
+            axum::routing::post(openai::images_edits)
+                .layer(DefaultBodyLimit::max(state.limits.max_body_bytes)),
+        )
+        .route("/v1/models", get(openai::models))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/jobs/{id}/events", get(jobs::events))
         .route("/jobs/{id}/result", get(jobs::result))
