@@ -94,7 +94,8 @@ impl AttentionMaps {
         }
     }
 
-    fn mean_over(&self, tokens: std::ops::Range<usize>) -> Result<Vec<f32>> {
+    /// Mean over the token positions `tokens` of the padded prompt, row-major (h * w).
+    pub fn mean_over(&self, tokens: std::ops::Range<usize>) -> Result<Vec<f32>> {
         if tokens.is_empty() {
             // An empty instruction attends nowhere in particular: a flat map.
             return Ok(vec![0.0; self.height * self.width]);

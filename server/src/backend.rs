@@ -1,5 +1,5 @@
-//! The one narrow seam between HTTP and the model: a backend reports its health and runs a
-//! batch. The worker thread owns the only instance; everything it hands back is plain data
+//! The one narrow seam between the server and the model: a backend describes itself, runs a
+//! batch and lends a loader for adapter files. The worker thread owns the only instance; everything it hands back is plain data
 //! on the CPU, so no tensor or device handle leaks into the HTTP layer.
 
 use std::ops::Range;
@@ -10,11 +10,9 @@ use candle_core::{DType, Device};
 use image::RgbImage;
 use rl4pix_model::adapter::{LoraAdapter, LoraTargets};
 use rl4pix_model::lora::ResolvedAdapter;
-use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::pipeline::{AttentionMaps, EditParams, EditRequest, InstructPix2Pix};
 use rl4pix_model::scheduler::{Scheduler, SchedulerKind};
 use rl4pix_model::ModelError;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -74,26 +72,19 @@ pub struct ItemOutput {
 }
 
 /// What `/info` shows about the loaded model.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone)]
 pub struct BackendInfo {
     /// The model folder's name.
-    #[schema(example = "toy")]
     pub model: String,
     pub model_dir: String,
-    #[schema(example = "cpu")]
     pub device: String,
-    #[schema(example = "f32")]
     pub dtype: String,
     /// Pixels per latent cell; a batch shares the image size rounded down to this grid.
-    #[schema(example = 8)]
     pub vae_scale_factor: usize,
-    #[schema(example = "ddim")]
     pub default_scheduler: String,
     /// Guidance a request gets when it names none: the model's own (`model_index.json` →
     /// `rl4pix.sampling`), else InstructPix2Pix's 7.5 / 1.5.
-    #[schema(example = 2.0)]
     pub default_guidance_scale: f64,
-    #[schema(example = 1.5)]
     pub default_image_guidance_scale: f64,
     /// LoRA-capable projections of the UNet.
     pub lora_targets: usize,
@@ -127,16 +118,12 @@ pub trait AdapterLoader: Send + Sync {
 
 pub trait Backend: Send + 'static {
     fn info(&self) -> BackendInfo;
-    /// Whether the backend can run a batch now.
-    fn health(&self) -> Result<(), BackendError>;
     /// Runs one batch; `on_step(step, total)` returning false cancels it at that step.
     fn run_batch(
         &self,
         batch: &Batch,
         on_step: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<ItemOutput>, BackendError>;
-    /// Reads and validates an adapter file against this base; refuses it whole or not at all.
-    fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError>;
     /// A loader the adapter registry may use off the worker thread; None: this backend cannot
     /// load adapters (every adapter file is then refused with that reason).
     fn adapter_loader(&self) -> Option<Arc<dyn AdapterLoader>> {
@@ -180,10 +167,6 @@ impl ModelBackend {
             info,
             capture_attention,
         })
-    }
-
-    pub fn pipeline(&self) -> &InstructPix2Pix {
-        &self.pipeline
     }
 }
 
@@ -244,10 +227,6 @@ impl Backend for ModelBackend {
         self.info.clone()
     }
 
-    fn health(&self) -> Result<(), BackendError> {
-        Ok(())
-    }
-
     fn run_batch(
         &self,
         batch: &Batch,
@@ -281,18 +260,6 @@ impl Backend for ModelBackend {
                 })
             })
             .collect()
-    }
-
-    fn load_adapter(&self, path: &Path) -> Result<LoadedAdapter, BackendError> {
-        let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            cause: source,
-        })?;
-        let name = path
-            .file_stem()
-            .map(|stem| stem.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        ModelAdapterLoader::new(self.pipeline.clone()).load_bytes(&name, &bytes)
     }
 
     fn adapter_loader(&self) -> Option<Arc<dyn AdapterLoader>> {
@@ -335,25 +302,16 @@ impl AdapterLoader for ModelAdapterLoader {
     }
 }
 
-fn summarize(
-    maps: &rl4pix_model::pipeline::AttentionMaps,
-) -> Result<AttentionSummary, BackendError> {
+fn summarize(maps: &AttentionMaps) -> Result<AttentionSummary, BackendError> {
     let mut words = Vec::with_capacity(maps.prompt.words.len());
     for span in &maps.prompt.words {
         if span.tokens.is_empty() {
             continue;
         }
-        let map = maps
-            .per_token
-            .narrow(0, span.tokens.start, span.tokens.len())
-            .and_then(|t| t.mean(0))
-            .and_then(|t| t.flatten_all())
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(ModelError::from)?;
         words.push(WordAttention {
             word: span.word.clone(),
             tokens: span.tokens.clone(),
-            map,
+            map: maps.mean_over(span.tokens.clone())?,
         });
     }
     Ok(AttentionSummary {

@@ -8,9 +8,12 @@ use clap::Parser;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-/// Where the embedded default model lives, relative to the repository root (or the image's
-/// working directory).
-pub const DEFAULT_MODEL_DIR: &str = "model/assets/toy";
+/// Where the embedded default model lives: relative to the working directory (the repository
+/// root, or the image's working directory). The one place the server decides this; the model
+/// crate's own default-folder function can replace the body.
+pub fn default_model_dir() -> PathBuf {
+    PathBuf::from("model/assets/toy")
+}
 
 /// Guidance scales above these are never useful and only make the sampler diverge.
 pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
@@ -26,7 +29,7 @@ pub const MAX_ADAPTER_NAME_CHARS: usize = 64;
 )]
 pub struct Args {
     /// Model folder in the diffusers InstructPix2Pix layout.
-    #[arg(long, env = "RL4PIX_MODEL", default_value = DEFAULT_MODEL_DIR)]
+    #[arg(long, env = "RL4PIX_MODEL", default_value_os_t = default_model_dir())]
     pub model: PathBuf,
     /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start and
     /// watched: new, replaced and removed files are picked up while serving.

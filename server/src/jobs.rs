@@ -8,44 +8,29 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use axum::http::StatusCode;
-use serde::Serialize;
 use tokio::sync::watch;
-use utoipa::ToSchema;
 
-use crate::error::{ApiError, ErrorBody};
-use crate::http::edit::EditResult;
+use crate::edit::EditResult;
 use crate::metrics::Metrics;
 use crate::queue::{CancelToken, Progress, Queue, Stage};
+use crate::service::error::ServiceError;
 
 /// How a job ended.
 #[derive(Debug)]
 pub enum Outcome {
-    Done(EditResult),
+    Done(Arc<EditResult>),
     /// The error a synchronous request would have been answered with.
-    Failed {
-        status: StatusCode,
-        error_type: &'static str,
-        message: String,
-    },
+    Failed(ServiceError),
     Cancelled,
 }
 
 impl Outcome {
-    pub fn failed(error: ApiError) -> Self {
-        Self::Failed {
-            status: error.status,
-            error_type: error.error_type,
-            message: error.message,
-        }
-    }
-
     pub fn status(&self) -> JobState {
         match self {
             Self::Done(_) => JobState::Done,
-            Self::Failed { .. } => JobState::Failed,
+            Self::Failed(_) => JobState::Failed,
             Self::Cancelled => JobState::Cancelled,
         }
     }
@@ -57,8 +42,7 @@ pub struct Finished {
     pub at: SystemTime,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum JobState {
     Queued,
     Running,
@@ -83,47 +67,32 @@ impl JobState {
     }
 }
 
-/// `GET /jobs/{id}`, and the data of every event of `/jobs/{id}/events`.
-#[derive(Debug, Serialize, ToSchema)]
-#[schema(example = json!({"id": "0c9d3f5be1a84e27b61f0a4d2c8e7b13", "status": "running", "step": 3,
-    "total_steps": 20, "seed": 42, "adapter": "none", "created_at": "2026-11-27T07:13:10.412Z",
-    "started_at": "2026-11-27T07:13:10.418Z", "status_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13",
-    "events_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13/events",
-    "result_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13/result"}))]
-pub struct JobStatus {
+/// Where a job is now: what `GET /jobs/{id}` and every event of its stream show.
+#[derive(Debug, Clone)]
+pub struct JobSnapshot {
     pub id: String,
-    pub status: JobState,
+    pub state: JobState,
     /// While queued: live edits ahead of this one in the queue (0: it runs next).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub position: Option<usize>,
     /// Denoising steps done, once the worker took the job (kept after it ends: how far it got).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub step: Option<usize>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub total_steps: Option<usize>,
     pub seed: u64,
     pub adapter: String,
-    /// RFC 3339, UTC.
-    pub created_at: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub started_at: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<String>,
+    pub created_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
     /// When failed: the error a synchronous request would have got.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<ErrorBody>,
-    pub status_url: String,
-    pub events_url: String,
-    pub result_url: String,
+    pub error: Option<ServiceError>,
 }
 
 /// What changes while a job progresses: state, position, step, total.
 pub type ProgressKey = (JobState, Option<usize>, Option<usize>, Option<usize>);
 
-impl JobStatus {
+impl JobSnapshot {
     /// An event is sent when this changes.
     pub fn progress_key(&self) -> ProgressKey {
-        (self.status, self.position, self.step, self.total_steps)
+        (self.state, self.position, self.step, self.total_steps)
     }
 }
 
@@ -169,7 +138,7 @@ impl JobRecord {
         state_of(self.finished().as_deref(), self.progress.stage())
     }
 
-    pub fn status(&self, queue: &Queue) -> JobStatus {
+    pub fn snapshot(&self, queue: &Queue) -> JobSnapshot {
         let finished = self.finished();
         let stage = self.progress.stage();
         let state = state_of(finished.as_deref(), stage);
@@ -180,32 +149,21 @@ impl JobRecord {
             Stage::Queued => (None, None),
         };
         let error = finished.as_ref().and_then(|f| match &f.outcome {
-            Outcome::Failed {
-                error_type,
-                message,
-                ..
-            } => Some(ErrorBody {
-                error: message.clone(),
-                error_type: error_type.to_string(),
-            }),
+            Outcome::Failed(error) => Some(error.clone()),
             _ => None,
         });
-        let base = format!("/jobs/{}", self.id);
-        JobStatus {
+        JobSnapshot {
             id: self.id.clone(),
-            status: state,
+            state,
             position,
             step,
             total_steps,
             seed: self.seed,
             adapter: self.adapter.clone(),
-            created_at: rfc3339(self.created_at),
-            started_at: self.progress.started_at().map(rfc3339),
-            finished_at: finished.as_ref().map(|f| rfc3339(f.at)),
+            created_at: self.created_at,
+            started_at: self.progress.started_at(),
+            finished_at: finished.as_ref().map(|f| f.at),
             error,
-            events_url: format!("{base}/events"),
-            result_url: format!("{base}/result"),
-            status_url: base,
         }
     }
 }
@@ -343,34 +301,6 @@ impl JobStore {
     }
 }
 
-/// `YYYY-MM-DDTHH:MM:SS.mmmZ` (civil-from-days after Howard Hinnant; no date crate needed).
-pub fn rfc3339(time: SystemTime) -> String {
-    let since_epoch = time.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = since_epoch.as_secs() as i64;
-    let millis = since_epoch.subsec_millis();
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z - era * 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_index = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 {
-        month_index + 3
-    } else {
-        month_index - 9
-    };
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -386,15 +316,6 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_formats_known_instants() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
-        let leap_day = UNIX_EPOCH + Duration::from_millis(951_782_400_123);
-        assert_eq!(rfc3339(leap_day), "2000-02-29T00:00:00.123Z");
-        let later = UNIX_EPOCH + Duration::from_secs(1_798_761_599);
-        assert_eq!(rfc3339(later), "2026-12-31T23:59:59.000Z");
-    }
-
-    #[test]
     fn the_first_outcome_counts_and_finished_jobs_are_bounded() {
         let store = JobStore::new(Duration::from_secs(60), 2, Metrics::new(1));
         let jobs: Vec<_> = ["a", "b", "c"].iter().map(|id| record(id)).collect();
@@ -403,7 +324,7 @@ mod tests {
         }
         assert!(store.finish(&jobs[0], Outcome::Cancelled));
         assert!(
-            !store.finish(&jobs[0], Outcome::failed(ApiError::internal("late"))),
+            !store.finish(&jobs[0], Outcome::Failed(ServiceError::internal("late"))),
             "a cancelled job stays cancelled"
         );
         assert_eq!(jobs[0].state(), JobState::Cancelled);

@@ -1,21 +1,27 @@
 //! rl4pix-server: the HTTP editing service.
 //!
-//! Layers, each with its own error type: `config` (flags) -> `http` (routes; the only place
-//! errors become statuses, in `error`) -> `queue` (bounded, dynamic batching) -> `worker` (one
-//! thread that owns the model) -> `backend` (the narrow trait over the model). `metrics` and
-//! `openapi` describe it; `server` wires it together. See `shared/DESIGN.md`, "The server".
+//! A request's path: `http` (routes: parse and check the request; the only place that knows
+//! statuses) -> `service` (admission, async jobs, adapters, attention maps; answers with domain
+//! values or a `ServiceError`) -> `queue` (bounded, dynamic batching) -> `worker` (one thread that
+//! owns the model) -> `backend` (the narrow trait over the model). Beside them: `adapters` (the
+//! registry of LoRA files), `watcher` (keeps it in line with its folder), `jobs` (async job
+//! records), `attention_cache`, `codec` (image bytes in and out), `edit` (an edit's domain
+//! types), `config` (flags), `metrics`, `openapi`, and `server`, which wires it all together.
+//! See `docs/architecture.md`.
 
 pub mod adapters;
 pub mod attention_cache;
 pub mod backend;
+pub mod codec;
 pub mod config;
-pub mod error;
+pub mod edit;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
 pub mod openapi;
 pub mod queue;
 pub mod server;
+pub mod service;
 pub mod watcher;
 pub mod worker;
 

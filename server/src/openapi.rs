@@ -35,7 +35,7 @@ use crate::http::{admin, attention, edit, jobs, meta, openai, ui};
         openai::images_edits,
         openai::models,
     ),
-    components(schemas(crate::error::ErrorBody)),
+    components(schemas(crate::http::error::ErrorBody)),
     modifiers(&BearerAuth),
     tags(
         (name = "edit", description = "Edit an image by instruction"),

@@ -3,15 +3,16 @@
 //! scheduler, eta and adapter version) until the batch is full or the oldest has waited the
 //! maximum wait. Requests whose client left, or whose deadline passed, are dropped unrun.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use rl4pix_model::image_io::size_for_vae;
+use rl4pix_model::lora::ResolvedAdapter;
 use tokio::sync::{oneshot, watch};
 
-use crate::adapters::AdapterEntry;
 use crate::backend::{AttentionSummary, BackendError, BatchItem};
 use crate::metrics::Metrics;
 
@@ -110,6 +111,34 @@ impl Progress {
     }
 }
 
+/// The adapter version a job runs with. Holding it keeps that version alive (its owner counts
+/// holders as requests in flight), whatever happens to its name meanwhile.
+#[derive(Clone)]
+pub struct PinnedAdapter {
+    pub name: String,
+    /// Which file version of `name`; jobs batch together only on the same one.
+    pub generation: u64,
+    pub resolved: Arc<ResolvedAdapter>,
+    _pin: Arc<dyn Any + Send + Sync>,
+}
+
+impl PinnedAdapter {
+    /// `pin`: what must stay alive while the job does (the registry's entry).
+    pub fn new(
+        name: String,
+        generation: u64,
+        resolved: Arc<ResolvedAdapter>,
+        pin: Arc<dyn Any + Send + Sync>,
+    ) -> Self {
+        Self {
+            name,
+            generation,
+            resolved,
+            _pin: pin,
+        }
+    }
+}
+
 /// What requests must share to run in one batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BatchKey {
@@ -124,7 +153,7 @@ pub struct BatchKey {
 pub struct Job {
     pub id: String,
     pub item: BatchItem,
-    pub adapter: Option<Arc<AdapterEntry>>,
+    pub adapter: Option<PinnedAdapter>,
     pub key: BatchKey,
     pub admitted: Instant,
     pub deadline: Instant,
@@ -137,7 +166,7 @@ impl Job {
     pub fn new(
         id: String,
         item: BatchItem,
-        adapter: Option<Arc<AdapterEntry>>,
+        adapter: Option<PinnedAdapter>,
         vae_scale_factor: usize,
         timeout: Duration,
     ) -> (Self, oneshot::Receiver<Result<JobOutput, JobError>>) {
@@ -147,9 +176,7 @@ impl Job {
             steps: item.params.steps,
             scheduler: item.params.scheduler,
             eta_bits: item.params.eta.to_bits(),
-            adapter: adapter
-                .as_ref()
-                .map(|a| (a.adapter.name.clone(), a.generation)),
+            adapter: adapter.as_ref().map(|a| (a.name.clone(), a.generation)),
         };
         let (reply, rx) = oneshot::channel();
         let admitted = Instant::now();

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +12,18 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::adapters::AdapterRegistry;
-use crate::attention_cache::AttentionCache;
 use crate::backend::{Backend, BackendError, ModelBackend};
-use crate::config::{Args, DEFAULT_MODEL_DIR};
+use crate::config::{default_model_dir, Args};
 use crate::http::{router, AppState};
-use crate::jobs::JobStore;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
+use crate::service::{Service, ServiceParts};
 use crate::watcher::AdapterWatcher;
 use crate::worker;
 
 pub struct RunningServer {
     pub addr: SocketAddr,
-    pub state: Arc<AppState>,
+    pub service: Arc<Service>,
     shutdown_tx: Option<oneshot::Sender<()>>,
     serve: JoinHandle<std::io::Result<()>>,
     worker: std::thread::JoinHandle<()>,
@@ -36,10 +35,12 @@ pub fn check_model_dir(model: &Path) -> anyhow::Result<PathBuf> {
     if model.join("model_index.json").is_file() {
         return Ok(model.to_path_buf());
     }
-    if model == Path::new(DEFAULT_MODEL_DIR) {
+    let default = default_model_dir();
+    if model == default {
         bail!(
-            "the default model `{DEFAULT_MODEL_DIR}` is not there (run from the repository root, or it has not been trained and committed yet); \
-             pass --model DIR (or RL4PIX_MODEL) with a diffusers InstructPix2Pix folder, e.g. --model tests/fixtures/pipelines/sd1"
+            "the default model `{}` is not there (run from the repository root, or it has not been trained and committed yet); \
+             pass --model DIR (or RL4PIX_MODEL) with a diffusers InstructPix2Pix folder, e.g. --model tests/fixtures/pipelines/sd1",
+            default.display()
         );
     }
     bail!(
@@ -112,30 +113,32 @@ where
         ),
         None => None,
     };
-    let state = Arc::new(AppState {
-        info: handle.info,
+    let info = handle.info;
+    let (model_name, device) = (info.model.clone(), info.device.clone());
+    let service = Arc::new(Service::new(ServiceParts {
+        info,
         limits: args.limits(),
         batching,
         queue,
         adapters,
-        attention: AttentionCache::new(args.attention_cache),
-        jobs: JobStore::new(
-            Duration::try_from_secs_f64(args.job_ttl_s).unwrap_or(Duration::MAX),
-            args.max_jobs,
-            metrics.clone(),
-        ),
+        attention_capacity: args.attention_cache,
+        job_ttl: Duration::try_from_secs_f64(args.job_ttl_s).unwrap_or(Duration::MAX),
+        max_jobs: args.max_jobs,
         metrics,
         worker_alive: handle.alive,
-        shutting_down: AtomicBool::new(false),
+    }));
+    let state = Arc::new(AppState {
+        service: service.clone(),
         api_key: args.api_key.clone(),
         openai_api_key: args.openai_api_key.clone(),
+        openapi_json: crate::openapi::json(),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
         .with_context(|| format!("cannot listen on {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-    let app = router(state.clone());
+    let app = router(state);
     let serve = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
@@ -143,10 +146,10 @@ where
             })
             .await
     });
-    tracing::info!(%addr, model = %state.info.model, device = %state.info.device, "serving");
+    tracing::info!(%addr, model = %model_name, device = %device, "serving");
     Ok(RunningServer {
         addr,
-        state,
+        service,
         shutdown_tx: Some(shutdown_tx),
         serve,
         worker: handle.thread,
@@ -161,13 +164,13 @@ impl RunningServer {
 
     /// Stops accepting, lets admitted requests finish, then stops the worker.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.state.shutting_down.store(true, Ordering::SeqCst);
+        self.service.begin_shutdown();
         drop(self.watcher.take());
         if let Some(tx) = self.shutdown_tx.take() {
             let _ = tx.send(());
         }
         let served = self.serve.await;
-        self.state.queue.close();
+        self.service.close_queue();
         let worker = self.worker;
         tokio::task::spawn_blocking(move || worker.join())
             .await

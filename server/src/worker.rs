@@ -52,15 +52,11 @@ where
                     return;
                 }
             };
-            if let Err(e) = backend.health() {
-                let _ = ready_tx.send(Err(e));
-                return;
-            }
             alive_in_thread.store(true, Ordering::SeqCst);
             let _ = ready_tx.send(Ok(backend.info()));
-            // Marks the worker dead however the loop ends.
-            let guard = AliveGuard(alive_in_thread);
-            run(&backend, &queue, &batching, &metrics, &guard.0);
+            // Marks the worker dead however the loop ends (a panic outside a batch included).
+            let _guard = AliveGuard(alive_in_thread);
+            run(&backend, &queue, &batching, &metrics);
         })
         .map_err(|e| {
             BackendError::Model(rl4pix_model::ModelError::InvalidArgument(format!(
@@ -93,23 +89,11 @@ impl Drop for AliveGuard {
     }
 }
 
-/// `ready` follows the backend's health after every batch, for `/ready`.
-fn run(
-    backend: &dyn Backend,
-    queue: &Queue,
-    batching: &BatchingConfig,
-    metrics: &Metrics,
-    ready: &AtomicBool,
-) {
+/// Runs batches until the queue is closed and drained; a batch's failure (a model panic
+/// included) fails its requests, never the loop.
+fn run(backend: &dyn Backend, queue: &Queue, batching: &BatchingConfig, metrics: &Metrics) {
     while let Some(jobs) = queue.next_batch(batching.max_batch_size, batching.max_wait()) {
         run_batch(backend, jobs, metrics);
-        match backend.health() {
-            Ok(()) => ready.store(true, Ordering::SeqCst),
-            Err(e) => {
-                tracing::error!(error = %e, "the backend reports itself unhealthy");
-                ready.store(false, Ordering::SeqCst);
-            }
-        }
     }
     tracing::info!("worker stopped: queue closed and drained");
 }
@@ -129,7 +113,7 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
         adapter: jobs[0]
             .adapter
             .as_ref()
-            .map(|entry| entry.adapter.resolved.clone()),
+            .map(|pinned| pinned.resolved.clone()),
     };
     let mut on_step = |step: usize, total: usize| {
         // Every member hears of every step, a cancelled one too: its status is already final,

@@ -5,14 +5,17 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::AppState;
-use crate::adapters::{AdapterError, AdapterInfo};
-use crate::error::{ApiError, ErrorBody};
+use super::auth::check_admin;
+use super::body::{content_length, content_type, media_type, parse_json};
+use super::error::ErrorBody;
+use super::state::AppState;
+use crate::adapters;
+use crate::service::error::ServiceError;
 
 /// JSON bodies of the admin routes are a name and a path at most.
 const MAX_ADMIN_JSON_BYTES: usize = 64 * 1024;
@@ -57,76 +60,75 @@ pub struct DeletedAdapter {
     pub default_cleared: bool,
 }
 
-/// From a request's point of view a refused adapter does not exist (404), with the reason.
-impl From<AdapterError> for ApiError {
-    fn from(e: AdapterError) -> Self {
-        match e {
-            AdapterError::InvalidName(_) => ApiError::invalid(e.to_string()),
-            AdapterError::NotFound { .. } | AdapterError::Refused { .. } => {
-                ApiError::not_found("adapter_not_found", e.to_string())
-            }
-            other => admin_error(other),
+/// A row of `GET /adapters`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterInfo {
+    #[schema(example = "mine")]
+    pub name: String,
+    /// `loaded` (weights in memory), `unloaded` (a good version whose weights were dropped to
+    /// stay within `--max-adapters` / `--max-adapter-bytes`; read again on its next request), or
+    /// `refused` (no good version; `error` says why).
+    #[schema(example = "loaded")]
+    pub status: String,
+    /// Applied to requests that name no adapter.
+    pub default: bool,
+    pub rank: Option<usize>,
+    pub alpha: Option<f64>,
+    pub target_modules: Vec<String>,
+    /// The base model the adapter was trained on, as written in its file.
+    pub base_fingerprint: Option<String>,
+    /// Creation time, as written in its file.
+    pub created: Option<String>,
+    /// Size of the file.
+    pub bytes: Option<u64>,
+    /// Size of its weights in memory (what `--max-adapter-bytes` counts).
+    pub memory_bytes: Option<u64>,
+    pub generation: Option<u64>,
+    /// Admitted requests (queued or running) pinned to this version.
+    pub requests_in_flight: usize,
+    /// Admitted requests still pinned to versions this one replaced.
+    pub older_versions_in_flight: usize,
+    /// Why the newest file of this name was refused; with status `loaded` / `unloaded` the
+    /// previous good version keeps serving.
+    pub error: Option<String>,
+}
+
+impl From<adapters::AdapterInfo> for AdapterInfo {
+    fn from(a: adapters::AdapterInfo) -> Self {
+        Self {
+            name: a.name,
+            status: a.status,
+            default: a.default,
+            rank: a.rank,
+            alpha: a.alpha,
+            target_modules: a.target_modules,
+            base_fingerprint: a.base_fingerprint,
+            created: a.created,
+            bytes: a.bytes,
+            memory_bytes: a.memory_bytes,
+            generation: a.generation,
+            requests_in_flight: a.requests_in_flight,
+            older_versions_in_flight: a.older_versions_in_flight,
+            error: a.error,
         }
     }
 }
 
-/// The admin routes' view: a refused file is the client's unprocessable input.
-fn admin_error(e: AdapterError) -> ApiError {
-    let message = e.to_string();
-    match e {
-        AdapterError::InvalidName(_) => ApiError::invalid(message),
-        AdapterError::NotFound { .. } => ApiError::not_found("adapter_not_found", message),
-        AdapterError::Refused { .. } => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "adapter_refused", message)
-        }
-        AdapterError::Unavailable { .. } => ApiError {
-            retry_after_s: Some(1),
-            ..ApiError::unavailable(message)
-        },
-        AdapterError::NoFolder => {
-            ApiError::new(StatusCode::CONFLICT, "no_adapters_folder", message)
-        }
-        AdapterError::PathOutside(_) => ApiError::new(
-            StatusCode::FORBIDDEN,
-            "path_outside_adapters_folder",
-            message,
-        ),
-        AdapterError::MissingFile(_) => ApiError::not_found("file_not_found", message),
-        AdapterError::Io(_) => ApiError::internal(message),
-    }
-}
-
-/// Registry work reads and writes files: off the async workers.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, AdapterError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError::internal(format!("adapter task failed: {e}")))?
-        .map_err(admin_error)
-}
-
-async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+async fn read_json<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ServiceError> {
     let bytes = axum::body::to_bytes(body, MAX_ADMIN_JSON_BYTES)
         .await
         .map_err(|e| {
-            ApiError::too_large(
+            ServiceError::too_large(
                 "payload_too_large",
                 format!("admin JSON bodies are at most {MAX_ADMIN_JSON_BYTES} bytes: {e}"),
             )
         })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        if e.classify() == serde_json::error::Category::Data {
-            ApiError::invalid(format!("JSON body: {e}"))
-        } else {
-            ApiError::bad_request(format!("the body is not valid JSON: {e}"))
-        }
-    })
+    parse_json(&bytes)
 }
 
 /// The largest `POST /adapters` body: a file of `--max-adapter-bytes`, plus form framing.
 pub fn max_upload_bytes(state: &AppState) -> usize {
-    usize::try_from(state.adapters.max_adapter_bytes())
+    usize::try_from(state.service.max_adapter_bytes())
         .unwrap_or(usize::MAX)
         .saturating_add(1 << 20)
 }
@@ -140,9 +142,12 @@ pub fn max_upload_bytes(state: &AppState) -> usize {
 pub async fn list_adapters(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
-) -> Result<axum::Json<Vec<AdapterInfo>>, ApiError> {
-    state.check_admin(&headers)?;
-    Ok(axum::Json(state.adapters.list()))
+) -> Result<axum::Json<Vec<AdapterInfo>>, ServiceError> {
+    check_admin(state.api_key.as_deref(), &headers)?;
+    let list = state.service.list_adapters();
+    Ok(axum::Json(
+        list.into_iter().map(AdapterInfo::from).collect(),
+    ))
 }
 
 #[utoipa::path(post, path = "/adapters", tag = "admin",
@@ -169,62 +174,52 @@ pub async fn add_adapter(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     request: Request,
-) -> Result<Response, ApiError> {
-    state.check_admin(&headers)?;
-    if state.adapters.dir().is_none() {
-        return Err(admin_error(AdapterError::NoFolder));
-    }
+) -> Result<Response, ServiceError> {
+    check_admin(state.api_key.as_deref(), &headers)?;
+    state.service.check_adapters_folder()?;
     let limit = max_upload_bytes(&state);
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if content_length(&headers).is_some_and(|n| n > limit as u64) {
         return Err(upload_too_large(limit));
     }
-    let mime = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
-    let registry = state.adapters.clone();
     let info =
-        match mime.as_str() {
+        match media_type(content_type(&headers)).as_str() {
             "multipart/form-data" => {
                 let (name, file) = read_upload(request, limit).await?;
-                blocking(move || registry.add_bytes(&name, &file)).await?
+                state.service.add_adapter_file(name, file).await?
             }
             "application/json" => {
                 let body: AddAdapterRequest = read_json(request.into_body()).await?;
-                blocking(move || registry.add_from_path(&body.name, &body.path)).await?
+                state
+                    .service
+                    .add_adapter_from_path(body.name, body.path)
+                    .await?
             }
-            _ => return Err(ApiError::unsupported_media(
+            _ => return Err(ServiceError::unsupported_media(
                 "send multipart/form-data (`name`, `file`) or application/json (`name`, `path`)",
             )),
         };
-    Ok((StatusCode::CREATED, axum::Json(info)).into_response())
+    Ok((StatusCode::CREATED, axum::Json(AdapterInfo::from(info))).into_response())
 }
 
-fn upload_too_large(limit: usize) -> ApiError {
-    ApiError::too_large(
+fn upload_too_large(limit: usize) -> ServiceError {
+    ServiceError::too_large(
         "payload_too_large",
         format!("the upload is larger than {limit} bytes (--max-adapter-bytes plus form framing)"),
     )
 }
 
 /// The `name` and `file` fields; the route's body limit bounds the whole form.
-async fn read_upload(request: Request, limit: usize) -> Result<(String, Vec<u8>), ApiError> {
+async fn read_upload(request: Request, limit: usize) -> Result<(String, Vec<u8>), ServiceError> {
     let bad = |e: axum::extract::multipart::MultipartError| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             upload_too_large(limit)
         } else {
-            ApiError::bad_request(format!("bad multipart body: {}", e.body_text()))
+            ServiceError::bad_request(format!("bad multipart body: {}", e.body_text()))
         }
     };
     let mut form = Multipart::from_request(request, &())
         .await
-        .map_err(|e| ApiError::bad_request(format!("bad multipart body: {}", e.body_text())))?;
+        .map_err(|e| ServiceError::bad_request(format!("bad multipart body: {}", e.body_text())))?;
     let (mut name, mut file) = (None, None);
     while let Some(field) = form.next_field().await.map_err(bad)? {
         let field_name = field.name().unwrap_or("").to_string();
@@ -232,20 +227,20 @@ async fn read_upload(request: Request, limit: usize) -> Result<(String, Vec<u8>)
             "name" => name.replace(field.text().await.map_err(bad)?).is_some(),
             "file" => file.replace(field.bytes().await.map_err(bad)?).is_some(),
             other => {
-                return Err(ApiError::invalid(format!(
+                return Err(ServiceError::invalid(format!(
                     "unknown form field `{}`; expected `name` and `file`",
                     other.chars().take(64).collect::<String>()
                 )))
             }
         };
         if slot_taken {
-            return Err(ApiError::invalid(format!(
+            return Err(ServiceError::invalid(format!(
                 "form field `{field_name}` given twice"
             )));
         }
     }
-    let name = name.ok_or_else(|| ApiError::invalid("missing form field `name`"))?;
-    let file = file.ok_or_else(|| ApiError::invalid("missing form field `file`"))?;
+    let name = name.ok_or_else(|| ServiceError::invalid("missing form field `name`"))?;
+    let file = file.ok_or_else(|| ServiceError::invalid("missing form field `file`"))?;
     Ok((name, file.to_vec()))
 }
 
@@ -263,11 +258,9 @@ pub async fn delete_adapter(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(name): Path<String>,
-) -> Result<axum::Json<DeletedAdapter>, ApiError> {
-    state.check_admin(&headers)?;
-    let registry = state.adapters.clone();
-    let target = name.clone();
-    let default_cleared = blocking(move || registry.remove(&target)).await?;
+) -> Result<axum::Json<DeletedAdapter>, ServiceError> {
+    check_admin(state.api_key.as_deref(), &headers)?;
+    let default_cleared = state.service.remove_adapter(name.clone()).await?;
     Ok(axum::Json(DeletedAdapter {
         name,
         default_cleared,
@@ -287,12 +280,9 @@ pub async fn set_default_adapter(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Body,
-) -> Result<axum::Json<DefaultAdapter>, ApiError> {
-    state.check_admin(&headers)?;
+) -> Result<axum::Json<DefaultAdapter>, ServiceError> {
+    check_admin(state.api_key.as_deref(), &headers)?;
     let request: DefaultAdapter = read_json(body).await?;
-    let name = state
-        .adapters
-        .set_default(request.name.as_deref())
-        .map_err(ApiError::from)?;
+    let name = state.service.set_default_adapter(request.name.as_deref())?;
     Ok(axum::Json(DefaultAdapter { name }))
 }

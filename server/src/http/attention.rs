@@ -1,7 +1,6 @@
 //! `GET /attention/{edit_id}` (heat-map overlay PNG) and `/attention/{edit_id}/tokens` (JSON),
-//! from the bounded cache of recent edits.
+//! from the service's bounded cache of recent edits.
 
-use std::io::Cursor;
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
@@ -11,9 +10,9 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::AppState;
-use crate::attention_cache::CachedEdit;
-use crate::error::{ApiError, ErrorBody};
+use super::error::ErrorBody;
+use super::state::AppState;
+use crate::service::error::ServiceError;
 
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -49,25 +48,6 @@ pub struct WordInfo {
     pub peak_y: usize,
 }
 
-fn cached(state: &AppState, edit_id: &str) -> Result<Arc<CachedEdit>, ApiError> {
-    if state.attention.capacity() == 0 {
-        return Err(ApiError::not_found(
-            "edit_not_found",
-            "attention capture is off on this server (--attention-cache 0)",
-        ));
-    }
-    state.attention.get(edit_id).ok_or_else(|| {
-        ApiError::not_found(
-            "edit_not_found",
-            format!(
-                "no attention maps for edit `{}`: unknown id, or evicted (the server keeps the last {} edits, --attention-cache)",
-                edit_id.chars().take(64).collect::<String>(),
-                state.attention.capacity()
-            ),
-        )
-    })
-}
-
 #[utoipa::path(
     get,
     path = "/attention/{edit_id}",
@@ -83,46 +63,19 @@ pub async fn overlay(
     State(state): State<Arc<AppState>>,
     Path(edit_id): Path<String>,
     query: Result<Query<OverlayQuery>, QueryRejection>,
-) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    let edit = cached(&state, &edit_id)?;
+) -> Result<Response, ServiceError> {
+    let Query(query) = query.map_err(|e| ServiceError::bad_request(e.body_text()))?;
+    let edit = state.service.attention_of(&edit_id)?;
     let opacity = query.opacity.unwrap_or(0.6);
     if !(0.0..=1.0).contains(&opacity) {
-        return Err(ApiError::bad_request(format!(
+        return Err(ServiceError::bad_request(format!(
             "opacity must be between 0 and 1, got {opacity}"
         )));
     }
-    let attention = &edit.attention;
-    let map = match &query.word {
-        None => attention.instruction_map.clone(),
-        Some(word) => attention
-            .words
-            .iter()
-            .find(|w| w.word.eq_ignore_ascii_case(word))
-            .map(|w| w.map.clone())
-            .ok_or_else(|| {
-                let words: Vec<&str> = attention.words.iter().map(|w| w.word.as_str()).collect();
-                ApiError::not_found(
-                    "word_not_found",
-                    format!(
-                        "{:?} is not a word of the instruction; its words: {words:?}",
-                        word.chars().take(64).collect::<String>()
-                    ),
-                )
-            })?,
-    };
-    let (h, w) = (attention.height, attention.width);
-    let png = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ApiError> {
-        let overlay = rl4pix_model::image_io::heatmap_overlay(&edit.image, &map, h, w, opacity)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        let mut out = Cursor::new(Vec::new());
-        overlay
-            .write_to(&mut out, image::ImageFormat::Png)
-            .map_err(|e| ApiError::internal(format!("cannot encode the overlay: {e}")))?;
-        Ok(out.into_inner())
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("overlay task failed: {e}")))??;
+    let png = state
+        .service
+        .attention_overlay(edit, query.word.as_deref(), opacity)
+        .await?;
     Ok((
         [(header::CONTENT_TYPE, HeaderValue::from_static("image/png"))],
         png,
@@ -143,8 +96,8 @@ pub async fn overlay(
 pub async fn tokens(
     State(state): State<Arc<AppState>>,
     Path(edit_id): Path<String>,
-) -> Result<axum::Json<TokensResponse>, ApiError> {
-    let edit = cached(&state, &edit_id)?;
+) -> Result<axum::Json<TokensResponse>, ServiceError> {
+    let edit = state.service.attention_of(&edit_id)?;
     let a = &edit.attention;
     let words = a
         .words

@@ -1,38 +1,108 @@
 //! `/jobs/{id}`: status, progress events, result and cancellation of async edits (`POST /edit`
-//! with `Prefer: respond-async`).
+//! with `Prefer: respond-async`), and the wire form of a job's status.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::SystemTime;
 
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::Response;
 use axum::Json;
+use chrono::{DateTime, SecondsFormat, Utc};
 use futures_util::Stream;
-use tokio::sync::watch;
+use serde::Serialize;
+use utoipa::ToSchema;
 
-use super::edit::wants_json;
-use super::AppState;
-use crate::error::{ApiError, ErrorBody};
-use crate::jobs::{Finished, JobRecord, JobState, JobStatus, Outcome, ProgressKey};
-use crate::queue::Stage;
+use super::body::wants_json;
+use super::edit::edit_response;
+use super::edit_dto::EditJsonResponse;
+use super::error::ErrorBody;
+use super::state::AppState;
+use crate::jobs::{self, JobSnapshot};
+use crate::service::error::ServiceError;
 
-/// How often a queued job's place in the queue is rechecked for its event stream.
-const POSITION_POLL: Duration = Duration::from_millis(200);
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
 
-fn job(state: &AppState, id: &str) -> Result<Arc<JobRecord>, ApiError> {
-    state.jobs.get(id).ok_or_else(|| {
-        ApiError::not_found(
-            "job_not_found",
-            format!(
-                "no job `{}`: unknown id, or finished and evicted (kept {} s, at most {} finished jobs; --job-ttl-s, --max-jobs)",
-                id.chars().take(64).collect::<String>(),
-                state.jobs.ttl().as_secs_f64(),
-                state.jobs.max_finished(),
-            ),
-        )
-    })
+impl From<jobs::JobState> for JobState {
+    fn from(state: jobs::JobState) -> Self {
+        match state {
+            jobs::JobState::Queued => Self::Queued,
+            jobs::JobState::Running => Self::Running,
+            jobs::JobState::Done => Self::Done,
+            jobs::JobState::Failed => Self::Failed,
+            jobs::JobState::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+/// `GET /jobs/{id}`, and the data of every event of `/jobs/{id}/events`.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(example = json!({"id": "0c9d3f5be1a84e27b61f0a4d2c8e7b13", "status": "running", "step": 3,
+    "total_steps": 20, "seed": 42, "adapter": "none", "created_at": "2026-11-27T07:13:10.412Z",
+    "started_at": "2026-11-27T07:13:10.418Z", "status_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13",
+    "events_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13/events",
+    "result_url": "/jobs/0c9d3f5be1a84e27b61f0a4d2c8e7b13/result"}))]
+pub struct JobStatus {
+    pub id: String,
+    pub status: JobState,
+    /// While queued: live edits ahead of this one in the queue (0: it runs next).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
+    /// Denoising steps done, once the worker took the job (kept after it ends: how far it got).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub step: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub total_steps: Option<usize>,
+    pub seed: u64,
+    pub adapter: String,
+    /// RFC 3339, UTC.
+    pub created_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// When failed: the error a synchronous request would have got.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+    pub status_url: String,
+    pub events_url: String,
+    pub result_url: String,
+}
+
+impl From<JobSnapshot> for JobStatus {
+    fn from(job: JobSnapshot) -> Self {
+        let base = format!("/jobs/{}", job.id);
+        Self {
+            id: job.id,
+            status: job.state.into(),
+            position: job.position,
+            step: job.step,
+            total_steps: job.total_steps,
+            seed: job.seed,
+            adapter: job.adapter,
+            created_at: rfc3339(job.created_at),
+            started_at: job.started_at.map(rfc3339),
+            finished_at: job.finished_at.map(rfc3339),
+            error: job.error.as_ref().map(ErrorBody::from),
+            events_url: format!("{base}/events"),
+            result_url: format!("{base}/result"),
+            status_url: base,
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn rfc3339(time: SystemTime) -> String {
+    DateTime::<Utc>::from(time).to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 #[utoipa::path(
@@ -49,9 +119,8 @@ fn job(state: &AppState, id: &str) -> Result<Arc<JobRecord>, ApiError> {
 pub async fn status(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<JobStatus>, ApiError> {
-    let record = job(&state, &id)?;
-    Ok(Json(record.status(&state.queue)))
+) -> Result<Json<JobStatus>, ServiceError> {
+    Ok(Json(state.service.job_status(&id)?.into()))
 }
 
 #[utoipa::path(
@@ -69,55 +138,17 @@ pub async fn status(
 pub async fn events(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Sse<impl Stream<Item = Result<Event, axum::Error>>>, ApiError> {
-    let record = job(&state, &id)?;
-    let feed = EventFeed {
-        stage: record.progress.subscribe(),
-        finished: record.subscribe_finished(),
-        state,
-        record,
-        last: None,
-        ended: false,
-    };
-    let stream = futures_util::stream::unfold(feed, next_event);
+) -> Result<Sse<impl Stream<Item = Result<Event, axum::Error>>>, ServiceError> {
+    let progress = state.service.job_progress(&id)?;
+    let stream = futures_util::stream::unfold(progress, |mut progress| async move {
+        let snapshot = progress.next().await?;
+        let name = snapshot.state.name();
+        let event = Event::default()
+            .event(name)
+            .json_data(JobStatus::from(snapshot));
+        Some((event, progress))
+    });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-struct EventFeed {
-    state: Arc<AppState>,
-    record: Arc<JobRecord>,
-    stage: watch::Receiver<Stage>,
-    finished: watch::Receiver<Option<Arc<Finished>>>,
-    last: Option<ProgressKey>,
-    ended: bool,
-}
-
-async fn next_event(mut feed: EventFeed) -> Option<(Result<Event, axum::Error>, EventFeed)> {
-    if feed.ended {
-        return None;
-    }
-    loop {
-        // Marked seen before reading, so a change after the read wakes the wait below.
-        feed.stage.borrow_and_update();
-        feed.finished.borrow_and_update();
-        let status = feed.record.status(&feed.state.queue);
-        let key = status.progress_key();
-        if feed.last != Some(key) {
-            feed.last = Some(key);
-            feed.ended = status.status.is_final();
-            let event = Event::default()
-                .event(status.status.name())
-                .json_data(&status);
-            return Some((event, feed));
-        }
-        let queued = status.status == JobState::Queued;
-        // The record holds both senders, so neither `changed` can fail while we wait.
-        tokio::select! {
-            _ = feed.stage.changed() => {}
-            _ = feed.finished.changed() => {}
-            _ = tokio::time::sleep(POSITION_POLL), if queued => {}
-        }
-    }
 }
 
 #[utoipa::path(
@@ -128,7 +159,7 @@ async fn next_event(mut feed: EventFeed) -> Option<(Result<Event, axum::Error>, 
     params(("id" = String, Path, description = "From the 202 answer of `POST /edit`")),
     responses(
         (status = 200, description = "The edited image with the same bytes, content type and `x-*` headers as the synchronous answer (JSON with `Accept: application/json`)",
-            content(("image/png"), ("image/jpeg"), ("image/webp"), (super::edit::EditJsonResponse = "application/json"))),
+            content(("image/png"), ("image/jpeg"), ("image/webp"), (EditJsonResponse = "application/json"))),
         (status = 404, description = "Unknown job, or finished and evicted", body = ErrorBody),
         (status = 409, description = "Not done yet (`job_not_done`) or cancelled (`job_cancelled`)", body = ErrorBody),
         (status = "4XX", description = "Failed: the error the synchronous request would have got", body = ErrorBody),
@@ -139,38 +170,9 @@ pub async fn result(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let record = job(&state, &id)?;
-    let Some(finished) = record.finished() else {
-        let status = record.status(&state.queue);
-        let where_ = match (status.step, status.total_steps) {
-            (Some(step), Some(total)) => format!("running, step {step} of {total}"),
-            _ => format!(
-                "queued, {} edits ahead",
-                status.position.unwrap_or_default()
-            ),
-        };
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "job_not_done",
-            format!(
-                "job `{id}` is not done ({where_}); follow /jobs/{id}/events or poll /jobs/{id}"
-            ),
-        ));
-    };
-    match &finished.outcome {
-        Outcome::Done(result) => Ok(result.response(wants_json(&headers))),
-        Outcome::Failed {
-            status,
-            error_type,
-            message,
-        } => Err(ApiError::new(*status, error_type, message.clone())),
-        Outcome::Cancelled => Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "job_cancelled",
-            format!("job `{id}` was cancelled; it has no result"),
-        )),
-    }
+) -> Result<Response, ServiceError> {
+    let result = state.service.job_result(&id)?;
+    Ok(edit_response(&result, wants_json(&headers)))
 }
 
 #[utoipa::path(
@@ -187,19 +189,22 @@ pub async fn result(
 pub async fn cancel(
     State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
-) -> Result<Json<JobStatus>, ApiError> {
-    let record = job(&state, &id)?;
-    if record.finished().is_some() {
-        state.jobs.forget(&id);
-        return Ok(Json(record.status(&state.queue)));
+) -> Result<Json<JobStatus>, ServiceError> {
+    Ok(Json(state.service.cancel_job(&id)?.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::rfc3339;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap_day = UNIX_EPOCH + Duration::from_millis(951_782_400_123);
+        assert_eq!(rfc3339(leap_day), "2000-02-29T00:00:00.123Z");
+        let later = UNIX_EPOCH + Duration::from_secs(1_798_761_599);
+        assert_eq!(rfc3339(later), "2026-12-31T23:59:59.000Z");
     }
-    record.cancel.cancel();
-    if state.queue.remove(&id) {
-        tracing::info!(job = %id, "queued job cancelled");
-    } else {
-        tracing::info!(job = %id, "running job cancelled; its batch stops at the next step unless others in it are still wanted");
-    }
-    // Loses only to an outcome that arrived first; the answer then shows that one.
-    state.jobs.finish(&record, Outcome::Cancelled);
-    Ok(Json(record.status(&state.queue)))
 }

@@ -3,16 +3,16 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue};
 use axum::response::{Html, IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::AppState;
-use crate::adapters::AdapterUsage;
-use crate::backend::BackendInfo;
+use super::error::ErrorBody;
+use super::state::AppState;
 use crate::config::{BatchingConfig, Limits};
-use crate::error::{ApiError, ErrorBody};
+use crate::service::error::{ErrorKind, ServiceError};
+use crate::{adapters, backend};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"status": "ok"}))]
@@ -37,6 +37,73 @@ pub struct InfoResponse {
     pub queue_depth: usize,
 }
 
+/// What `/info` shows about the loaded model.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct BackendInfo {
+    /// The model folder's name.
+    #[schema(example = "toy")]
+    pub model: String,
+    pub model_dir: String,
+    #[schema(example = "cpu")]
+    pub device: String,
+    #[schema(example = "f32")]
+    pub dtype: String,
+    /// Pixels per latent cell; a batch shares the image size rounded down to this grid.
+    #[schema(example = 8)]
+    pub vae_scale_factor: usize,
+    #[schema(example = "ddim")]
+    pub default_scheduler: String,
+    /// Guidance a request gets when it names none: the model's own (`model_index.json` →
+    /// `rl4pix.sampling`), else InstructPix2Pix's 7.5 / 1.5.
+    #[schema(example = 2.0)]
+    pub default_guidance_scale: f64,
+    #[schema(example = 1.5)]
+    pub default_image_guidance_scale: f64,
+    /// LoRA-capable projections of the UNet.
+    pub lora_targets: usize,
+    pub base_fingerprint: String,
+    /// The most denoising steps every scheduler of this model accepts.
+    pub max_steps: usize,
+}
+
+impl From<&backend::BackendInfo> for BackendInfo {
+    fn from(info: &backend::BackendInfo) -> Self {
+        Self {
+            model: info.model.clone(),
+            model_dir: info.model_dir.clone(),
+            device: info.device.clone(),
+            dtype: info.dtype.clone(),
+            vae_scale_factor: info.vae_scale_factor,
+            default_scheduler: info.default_scheduler.clone(),
+            default_guidance_scale: info.default_guidance_scale,
+            default_image_guidance_scale: info.default_image_guidance_scale,
+            lora_targets: info.lora_targets,
+            base_fingerprint: info.base_fingerprint.clone(),
+            max_steps: info.max_steps,
+        }
+    }
+}
+
+/// How full the registry is, for `/info`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct AdapterUsage {
+    pub loaded: usize,
+    pub loaded_bytes: u64,
+    pub max_adapters: usize,
+    pub max_adapter_bytes: u64,
+}
+
+impl From<adapters::AdapterUsage> for AdapterUsage {
+    fn from(usage: adapters::AdapterUsage) -> Self {
+        Self {
+            loaded: usage.loaded,
+            loaded_bytes: usage.loaded_bytes,
+            max_adapters: usage.max_adapters,
+            max_adapter_bytes: usage.max_adapter_bytes,
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/health", tag = "service",
     responses((status = 200, description = "The process is up", body = StatusBody)))]
 pub async fn health() -> axum::Json<StatusBody> {
@@ -50,14 +117,16 @@ pub async fn health() -> axum::Json<StatusBody> {
         (status = 200, description = "Model loaded and worker running", body = StatusBody),
         (status = 503, description = "Worker not running, or shutting down", body = ErrorBody),
     ))]
-pub async fn ready(State(state): State<Arc<AppState>>) -> Result<axum::Json<StatusBody>, ApiError> {
-    if state.is_ready() {
+pub async fn ready(
+    State(state): State<Arc<AppState>>,
+) -> Result<axum::Json<StatusBody>, ServiceError> {
+    if state.service.is_ready() {
         Ok(axum::Json(StatusBody {
             status: "ready".into(),
         }))
     } else {
-        Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
+        Err(ServiceError::new(
+            ErrorKind::Unavailable,
             "not_ready",
             "the worker is not running or the server is shutting down",
         ))
@@ -67,16 +136,18 @@ pub async fn ready(State(state): State<Arc<AppState>>) -> Result<axum::Json<Stat
 #[utoipa::path(get, path = "/info", tag = "service",
     responses((status = 200, description = "Model, device, limits and version", body = InfoResponse)))]
 pub async fn info(State(state): State<Arc<AppState>>) -> axum::Json<InfoResponse> {
+    let service = &state.service;
+    let status = service.status();
     axum::Json(InfoResponse {
         version: env!("CARGO_PKG_VERSION").into(),
-        model: state.info.clone(),
-        limits: state.limits.clone(),
-        batching: state.batching.clone(),
-        attention_cache: state.attention.capacity(),
-        adapters: state.adapters.names(),
-        default_adapter: state.adapters.default_name(),
-        adapter_memory: state.adapters.usage(),
-        queue_depth: state.queue.depth(),
+        model: service.info().into(),
+        limits: service.limits().clone(),
+        batching: service.batching().clone(),
+        attention_cache: status.attention_cache,
+        adapters: status.adapters,
+        default_adapter: status.default_adapter,
+        adapter_memory: status.adapter_memory.into(),
+        queue_depth: status.queue_depth,
     })
 }
 
@@ -88,20 +159,20 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        state.metrics.render(),
+        state.service.metrics().render(),
     )
         .into_response()
 }
 
 #[utoipa::path(get, path = "/openapi.json", tag = "service",
     responses((status = 200, description = "This document (OpenAPI 3.1)", content_type = "application/json")))]
-pub async fn openapi_json() -> Response {
+pub async fn openapi_json(State(state): State<Arc<AppState>>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         )],
-        crate::openapi::json(),
+        state.openapi_json.clone(),
     )
         .into_response()
 }

@@ -14,11 +14,14 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
-use super::edit::{edit_fields, EditResult, RawEdit};
-use super::AppState;
-use crate::error::ApiError;
+use super::edit_parse::{validate, RawEdit};
+use super::error::status_of;
+use super::state::AppState;
+use crate::edit::EditResult;
+use crate::service::error::ServiceError;
 
 /// Images one request may ask for (OpenAI's own limit).
 const MAX_IMAGES: usize = 10;
@@ -112,18 +115,18 @@ pub struct ModelEntry {
 
 /// An API error, answered in OpenAI's shape.
 pub struct OpenAiError {
-    error: ApiError,
+    error: ServiceError,
     param: Option<&'static str>,
 }
 
-impl From<ApiError> for OpenAiError {
-    fn from(error: ApiError) -> Self {
+impl From<ServiceError> for OpenAiError {
+    fn from(error: ServiceError) -> Self {
         Self { error, param: None }
     }
 }
 
 impl OpenAiError {
-    fn at(param: &'static str, error: ApiError) -> Self {
+    fn at(param: &'static str, error: ServiceError) -> Self {
         Self {
             error,
             param: Some(param),
@@ -133,7 +136,7 @@ impl OpenAiError {
 
 impl IntoResponse for OpenAiError {
     fn into_response(self) -> Response {
-        let status = self.error.status;
+        let status = status_of(self.error.kind);
         let kind = match status {
             StatusCode::UNAUTHORIZED => "authentication_error",
             StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
@@ -144,7 +147,7 @@ impl IntoResponse for OpenAiError {
             error: OpenAiErrorDetail {
                 message: self.error.message,
                 kind: kind.into(),
-                code: self.error.error_type.into(),
+                code: self.error.code.into(),
                 param: self.param.map(Into::into),
             },
         };
@@ -168,9 +171,9 @@ fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), OpenAiError
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <api key>`"))?;
-    if !super::constant_time_eq(given.as_bytes(), expected.as_bytes()) {
-        return Err(ApiError::unauthorized("wrong api key (--openai-api-key)").into());
+        .ok_or_else(|| ServiceError::unauthorized("missing `Authorization: Bearer <api key>`"))?;
+    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        return Err(ServiceError::unauthorized("wrong api key (--openai-api-key)").into());
     }
     Ok(())
 }
@@ -217,6 +220,7 @@ async fn images_edits_inner(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<ImagesResponse, OpenAiError> {
     check_bearer(&state, headers)?;
+    state.service.check_admission()?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -225,7 +229,7 @@ async fn images_edits_inner(
         .to_ascii_lowercase()
         .starts_with("multipart/form-data")
     {
-        return Err(ApiError::unsupported_media(format!(
+        return Err(ServiceError::unsupported_media(format!(
             "Content-Type {:?} is not accepted: send multipart/form-data",
             content_type.chars().take(64).collect::<String>()
         ))
@@ -238,9 +242,9 @@ async fn images_edits_inner(
             e.body_text()
         );
         match status {
-            StatusCode::PAYLOAD_TOO_LARGE => ApiError::too_large("payload_too_large", message),
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::unsupported_media(message),
-            _ => ApiError::bad_request(message),
+            StatusCode::PAYLOAD_TOO_LARGE => ServiceError::too_large("payload_too_large", message),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => ServiceError::unsupported_media(message),
+            _ => ServiceError::bad_request(message),
         }
     })?;
     let request = parse_form(&state, &mut form).await?;
@@ -260,7 +264,12 @@ async fn images_edits_inner(
             output_format: request.edit.output_format.clone(),
         };
         let state = state.clone();
-        running.push(tokio::spawn(async move { edit_fields(&state, edit).await }));
+        running.push(tokio::spawn(async move {
+            let service = &state.service;
+            let submission = validate(edit, service.limits(), service.info())?;
+            let prepared = service.prepare(submission).await?;
+            service.run(prepared).await
+        }));
     }
     let mut data = Vec::with_capacity(request.n);
     let mut size = (0, 0);
@@ -268,13 +277,10 @@ async fn images_edits_inner(
     for task in running {
         let result = task
             .await
-            .map_err(|e| ApiError::internal(format!("edit task failed: {e}")))??;
+            .map_err(|e| ServiceError::internal(format!("edit task failed: {e}")))??;
         let (bytes, (w, h)) = resized(&result, request.size).await?;
         size = (w, h);
-        format = result
-            .content_type()
-            .trim_start_matches("image/")
-            .to_string();
+        format = result.format.name().to_string();
         data.push(ImageData {
             b64_json: base64::engine::general_purpose::STANDARD.encode(&bytes),
             seed: result.seed,
@@ -296,9 +302,9 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
     let bad = |e: MultipartError| {
         let message = format!("bad multipart body: {}", e.body_text());
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("payload_too_large", message)
+            ServiceError::too_large("payload_too_large", message)
         } else {
-            ApiError::bad_request(message)
+            ServiceError::bad_request(message)
         }
     };
     let mut edit = RawEdit::default();
@@ -313,7 +319,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
                 if edit.image.replace(bytes).is_some() {
                     return Err(OpenAiError::at(
                         "image",
-                        ApiError::invalid("rl4pix edits one image per request; send one `image`"),
+                        ServiceError::invalid("rl4pix edits one image per request; send one `image`"),
                     ));
                 }
                 continue;
@@ -321,7 +327,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
             "mask" => {
                 return Err(OpenAiError::at(
                     "mask",
-                    ApiError::bad_request(
+                    ServiceError::bad_request(
                         "masks are not supported: rl4pix finds the region to edit from the prompt alone",
                     ),
                 ))
@@ -339,7 +345,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
                 "url" => {
                     return Err(OpenAiError::at(
                         "response_format",
-                        ApiError::bad_request(
+                        ServiceError::bad_request(
                             "response_format `url` is not offered: rl4pix keeps no image store; use b64_json",
                         ),
                     ))
@@ -347,7 +353,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
                 other => {
                     return Err(OpenAiError::at(
                         "response_format",
-                        ApiError::invalid(format!(
+                        ServiceError::invalid(format!(
                             "response_format must be b64_json, got {:?}",
                             other.chars().take(32).collect::<String>()
                         )),
@@ -357,7 +363,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
             "stream" if text.trim() == "true" => {
                 return Err(OpenAiError::at(
                     "stream",
-                    ApiError::bad_request(
+                    ServiceError::bad_request(
                         "streaming partial images is not offered; follow progress with POST /edit and /jobs/{id}/events",
                     ),
                 ))
@@ -374,7 +380,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
             "user" | "quality" | "background" | "output_compression" | "input_fidelity"
             | "moderation" | "partial_images" | "stream" => {}
             other => {
-                return Err(ApiError::invalid(format!(
+                return Err(ServiceError::invalid(format!(
                     "unknown form field `{}`; expected image, prompt, model, n, size, response_format, output_format (or rl4pix's seed, steps, guidance_scale, image_guidance_scale, scheduler)",
                     other.chars().take(64).collect::<String>()
                 ))
@@ -385,20 +391,20 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
     if edit.image.is_none() {
         return Err(OpenAiError::at(
             "image",
-            ApiError::invalid("missing `image` (a PNG, JPEG or WebP file)"),
+            ServiceError::invalid("missing `image` (a PNG, JPEG or WebP file)"),
         ));
     }
     if edit.instruction.is_none() {
         return Err(OpenAiError::at(
             "prompt",
-            ApiError::invalid("missing `prompt` (the instruction)"),
+            ServiceError::invalid("missing `prompt` (the instruction)"),
         ));
     }
     let n = n.unwrap_or(1);
     if !(1..=MAX_IMAGES).contains(&n) {
         return Err(OpenAiError::at(
             "n",
-            ApiError::invalid(format!("n must be between 1 and {MAX_IMAGES}, got {n}")),
+            ServiceError::invalid(format!("n must be between 1 and {MAX_IMAGES}, got {n}")),
         ));
     }
     edit.adapter = resolve_model(state, model)?;
@@ -409,7 +415,7 @@ fn number<T: std::str::FromStr>(param: &'static str, text: &str) -> Result<T, Op
     text.trim().parse().map_err(|_| {
         OpenAiError::at(
             param,
-            ApiError::invalid(format!(
+            ServiceError::invalid(format!(
                 "`{param}` must be a number, got {:?}",
                 text.chars().take(32).collect::<String>()
             )),
@@ -422,21 +428,21 @@ fn resolve_model(state: &AppState, model: Option<String>) -> Result<Option<Strin
     let Some(model) = model.filter(|m| !m.trim().is_empty()) else {
         return Ok(None);
     };
-    if model == state.info.model {
+    if model == state.service.info().model {
         return Ok(Some("none".into()));
     }
-    let adapters = state.adapters.names();
+    let adapters = state.service.status().adapters;
     if adapters.contains(&model) {
         return Ok(Some(model));
     }
     Err(OpenAiError::at(
         "model",
-        ApiError::not_found(
+        ServiceError::not_found(
             "model_not_found",
             format!(
                 "model {:?} is neither the base model ({:?}) nor an adapter ({adapters:?}); GET /v1/models lists them",
                 model.chars().take(64).collect::<String>(),
-                state.info.model
+                state.service.info().model
             ),
         ),
     ))
@@ -453,21 +459,21 @@ fn parse_size(state: &AppState, text: &str) -> Result<Option<(u32, u32)>, OpenAi
     let Some((w, h)) = parsed.filter(|(w, h)| *w > 0 && *h > 0) else {
         return Err(OpenAiError::at(
             "size",
-            ApiError::invalid(format!(
+            ServiceError::invalid(format!(
                 "size must be WIDTHxHEIGHT (e.g. 256x256) or auto, got {:?}",
                 text.chars().take(32).collect::<String>()
             )),
         ));
     };
     let pixels = w as u64 * h as u64;
-    if pixels > state.limits.max_pixels {
+    if pixels > state.service.limits().max_pixels {
         return Err(OpenAiError::at(
             "size",
-            ApiError::too_large(
+            ServiceError::too_large(
                 "image_too_large",
                 format!(
                     "size {w}x{h} is {pixels} pixels; the limit is {} (--max-pixels)",
-                    state.limits.max_pixels
+                    state.service.limits().max_pixels
                 ),
             ),
         ));
@@ -479,7 +485,7 @@ fn parse_size(state: &AppState, text: &str) -> Result<Option<(u32, u32)>, OpenAi
 async fn resized(
     result: &EditResult,
     size: Option<(u32, u32)>,
-) -> Result<(Bytes, (u32, u32)), ApiError> {
+) -> Result<(Bytes, (u32, u32)), ServiceError> {
     let current = (result.width, result.height);
     let Some(target) = size.filter(|s| *s != current) else {
         return Ok((result.bytes.clone(), current));
@@ -487,19 +493,19 @@ async fn resized(
     let bytes = result.bytes.clone();
     tokio::task::spawn_blocking(move || {
         let image = image::load_from_memory(&bytes)
-            .map_err(|e| ApiError::internal(format!("cannot read back the result: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("cannot read back the result: {e}")))?;
         let format = image::guess_format(&bytes)
-            .map_err(|e| ApiError::internal(format!("cannot read back the result: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("cannot read back the result: {e}")))?;
         let scaled = image.resize_exact(target.0, target.1, image::imageops::FilterType::Lanczos3);
         let mut out = Cursor::new(Vec::new());
         scaled
             .to_rgb8()
             .write_to(&mut out, format)
-            .map_err(|e| ApiError::internal(format!("cannot encode the result: {e}")))?;
+            .map_err(|e| ServiceError::internal(format!("cannot encode the result: {e}")))?;
         Ok((Bytes::from(out.into_inner()), target))
     })
     .await
-    .map_err(|e| ApiError::internal(format!("resizing task failed: {e}")))?
+    .map_err(|e| ServiceError::internal(format!("resizing task failed: {e}")))?
 }
 
 #[utoipa::path(
@@ -522,11 +528,12 @@ pub async fn models(State(state): State<Arc<AppState>>, headers: HeaderMap) -> R
         created: 0,
         owned_by: owned_by.into(),
     };
-    let mut data = vec![entry(state.info.model.clone(), "rl4pix")];
+    let mut data = vec![entry(state.service.info().model.clone(), "rl4pix")];
     data.extend(
         state
+            .service
+            .status()
             .adapters
-            .names()
             .into_iter()
             .map(|name| entry(name, "rl4pix-adapter")),
     );

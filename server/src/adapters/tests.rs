@@ -1,0 +1,234 @@
+//! The registry against a fake loader on real files.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rl4pix_model::lora::ResolvedAdapter;
+use rl4pix_model::ModelError;
+
+use super::error::AdapterError;
+use super::files::{adapter_name_of, write_atomically};
+use super::names::validate_name;
+use super::registry::{AdapterRegistry, SyncOutcome};
+use crate::backend::{AdapterLoader, BackendError, LoadedAdapter};
+use crate::config::AdapterSettings;
+
+/// Accepts files that read `ok <memory bytes>`; refuses anything else.
+struct FakeLoader;
+
+impl AdapterLoader for FakeLoader {
+    fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<LoadedAdapter, BackendError> {
+        let text = std::str::from_utf8(bytes).unwrap_or("");
+        let memory_bytes = text
+            .strip_prefix("ok ")
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .ok_or_else(|| {
+                BackendError::Model(ModelError::Adapter {
+                    name: name.to_string(),
+                    reason: "not an adapter".into(),
+                })
+            })?;
+        Ok(LoadedAdapter {
+            name: name.to_string(),
+            resolved: Arc::new(ResolvedAdapter {
+                name: name.to_string(),
+                deltas: vec![],
+            }),
+            rank: 1,
+            alpha: 1.0,
+            target_modules: vec![],
+            base_fingerprint: None,
+            created: None,
+            file_bytes: bytes.len() as u64,
+            memory_bytes,
+        })
+    }
+}
+
+fn registry(dir: &Path, max_adapters: usize, max_adapter_bytes: u64) -> AdapterRegistry {
+    let registry = AdapterRegistry::new(&AdapterSettings {
+        dir: Some(dir.to_path_buf()),
+        max_adapters,
+        max_adapter_bytes,
+        debounce: Duration::from_millis(10),
+    })
+    .unwrap();
+    registry.set_loader(Arc::new(FakeLoader));
+    registry
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    write_atomically(&dir.join(format!("{name}.safetensors")), text.as_bytes()).unwrap();
+}
+
+fn status(r: &AdapterRegistry, name: &str) -> String {
+    r.info(name).map(|i| i.status).unwrap_or_default()
+}
+
+#[test]
+fn names_are_plain_file_stems() {
+    assert!(validate_name("mine").is_ok());
+    assert!(validate_name("rl-v2.1_final").is_ok());
+    for bad in [
+        "",
+        "../etc",
+        "a/b",
+        ".hidden",
+        "sp ace",
+        "none",
+        "default",
+        &"x".repeat(65),
+    ] {
+        assert!(validate_name(bad).is_err(), "{bad:?} accepted");
+    }
+    assert_eq!(
+        adapter_name_of(Path::new("/a/mine.safetensors")).as_deref(),
+        Some("mine")
+    );
+    for ignored in [
+        "/a/.mine.safetensors.upload-1-2.tmp",
+        "/a/mine.safetensors~",
+        "/a/.mine.safetensors",
+        "/a/4913",
+    ] {
+        assert_eq!(adapter_name_of(Path::new(ignored)), None, "{ignored}");
+    }
+}
+
+#[test]
+fn a_refused_file_keeps_the_previous_version_serving_and_a_removed_one_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", "ok 10");
+    let r = registry(dir.path(), 8, 1000);
+    r.load_folder();
+    let first = r.for_request(Some("a")).unwrap().unwrap();
+    write(dir.path(), "a", "garbage");
+    assert_eq!(r.sync("a"), SyncOutcome::Refused);
+    assert_eq!(r.sync("a"), SyncOutcome::Unchanged, "refused once");
+    let still = r.for_request(Some("a")).unwrap().unwrap();
+    assert_eq!(still.generation, first.generation);
+    let info = r.info("a").unwrap();
+    assert_eq!(info.status, "loaded");
+    assert!(info.error.unwrap().contains("not an adapter"));
+    assert_eq!(info.requests_in_flight, 2, "two pinned requests");
+
+    write(dir.path(), "a", "ok 11");
+    assert_eq!(r.sync("a"), SyncOutcome::Loaded);
+    let second = r.for_request(Some("a")).unwrap().unwrap();
+    assert!(second.generation > first.generation);
+    let info = r.info("a").unwrap();
+    assert_eq!((info.error, info.older_versions_in_flight), (None, 2));
+
+    r.set_default(Some("a")).unwrap();
+    assert_eq!(
+        r.for_request(None).unwrap().unwrap().generation,
+        second.generation
+    );
+    std::fs::remove_file(dir.path().join("a.safetensors")).unwrap();
+    assert_eq!(r.sync("a"), SyncOutcome::Removed);
+    assert!(matches!(
+        r.for_request(Some("a")),
+        Err(AdapterError::NotFound { .. })
+    ));
+    assert!(r.for_request(None).unwrap().is_none(), "default cleared");
+    assert_eq!(first.adapter.name, "a", "pinned versions stay usable");
+
+    write(dir.path(), "broken", "garbage");
+    r.load_folder();
+    let err = r.for_request(Some("broken")).unwrap_err().to_string();
+    assert!(
+        err.contains("was refused") && err.contains("not an adapter"),
+        "{err}"
+    );
+}
+
+#[test]
+fn least_recently_used_adapters_are_unloaded_and_read_again_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["a", "b", "c"] {
+        write(dir.path(), name, "ok 10");
+    }
+    let r = registry(dir.path(), 2, 1000);
+    r.load_folder();
+    assert_eq!(
+        [status(&r, "a"), status(&r, "b"), status(&r, "c")],
+        ["unloaded", "loaded", "loaded"]
+    );
+    let a_generation = r.info("a").unwrap().generation;
+    let a = r.for_request(Some("a")).unwrap().unwrap();
+    assert_eq!(
+        Some(a.generation),
+        a_generation,
+        "same file, same generation"
+    );
+    assert_eq!(
+        [status(&r, "a"), status(&r, "b"), status(&r, "c")],
+        ["loaded", "unloaded", "loaded"]
+    );
+    assert_eq!(r.usage().loaded, 2);
+
+    // The byte bound: 25 bytes hold two of 10.
+    let r = registry(dir.path(), 8, 25);
+    r.load_folder();
+    assert_eq!(r.usage().loaded, 2);
+    assert_eq!(r.usage().loaded_bytes, 20);
+    write(dir.path(), "huge", "ok 26");
+    assert_eq!(r.sync("huge"), SyncOutcome::Refused);
+    assert!(r.refusal("huge").unwrap().contains("--max-adapter-bytes"));
+}
+
+#[test]
+fn admin_paths_stay_inside_the_folder() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("x.safetensors"), "ok 1").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("incoming")).unwrap();
+    std::fs::write(dir.path().join("incoming/new.bin"), "ok 1").unwrap();
+    let r = registry(dir.path(), 8, 1000);
+    let escapes = [
+        "../x.safetensors".to_string(),
+        outside.path().join("x.safetensors").display().to_string(),
+        "incoming/../../x.safetensors".into(),
+    ];
+    for path in &escapes {
+        assert!(
+            matches!(
+                r.add_from_path("x", path),
+                Err(AdapterError::PathOutside(_))
+            ),
+            "{path}"
+        );
+    }
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(
+            outside.path().join("x.safetensors"),
+            dir.path().join("link.safetensors"),
+        )
+        .unwrap();
+        assert!(matches!(
+            r.add_from_path("x", "link.safetensors"),
+            Err(AdapterError::PathOutside(_))
+        ));
+        r.load_folder();
+        assert_eq!(status(&r, "link"), "refused", "the watcher refuses it too");
+    }
+    let info = r.add_from_path("fresh", "incoming/new.bin").unwrap();
+    assert_eq!(info.status, "loaded");
+    assert!(dir.path().join("fresh.safetensors").is_file());
+    assert!(matches!(
+        r.add_bytes("bad", b"garbage"),
+        Err(AdapterError::Refused { .. })
+    ));
+    assert!(
+        !dir.path().join("bad.safetensors").exists(),
+        "nothing written"
+    );
+    assert!(!r.remove("fresh").unwrap(), "it was not the default");
+    assert!(!dir.path().join("fresh.safetensors").exists());
+    assert!(matches!(
+        r.remove("fresh"),
+        Err(AdapterError::NotFound { .. })
+    ));
+}

@@ -1,0 +1,204 @@
+//! `POST /edit` bodies into an `EditSubmission`: multipart or JSON (base64 image) parsed into
+//! one raw form, then every parameter checked against the limits before any decoding.
+
+use axum::body::Bytes;
+use base64::Engine;
+use rl4pix_model::pipeline::EditParams;
+use rl4pix_model::scheduler::SchedulerKind;
+
+use super::body::parse_json;
+use super::edit_dto::EditJsonRequest;
+use crate::backend::BackendInfo;
+use crate::codec::OutputFormat;
+use crate::config::Limits;
+use crate::edit::EditSubmission;
+use crate::service::error::ServiceError;
+
+/// Everything a request asked for, before any checking.
+#[derive(Default)]
+pub struct RawEdit {
+    pub image: Option<Bytes>,
+    pub instruction: Option<String>,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    pub image_guidance_scale: Option<f64>,
+    pub seed: Option<u64>,
+    pub scheduler: Option<String>,
+    pub adapter: Option<String>,
+    pub output_format: Option<String>,
+}
+
+pub fn parse_json_edit(bytes: &[u8]) -> Result<RawEdit, ServiceError> {
+    let request: EditJsonRequest = parse_json(bytes)?;
+    let encoded = match request.image.find(";base64,") {
+        Some(i) if request.image.starts_with("data:") => &request.image[i + 8..],
+        _ => request.image.as_str(),
+    };
+    let image = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|e| ServiceError::bad_request(format!("`image` is not valid base64: {e}")))?;
+    Ok(RawEdit {
+        image: Some(Bytes::from(image)),
+        instruction: Some(request.instruction),
+        steps: request.steps,
+        guidance_scale: request.guidance_scale,
+        image_guidance_scale: request.image_guidance_scale,
+        seed: request.seed,
+        scheduler: request.scheduler,
+        adapter: request.adapter,
+        output_format: request.output_format,
+    })
+}
+
+pub async fn parse_multipart_edit(
+    content_type: &str,
+    bytes: Bytes,
+) -> Result<RawEdit, ServiceError> {
+    // The body is already read under --max-body-bytes; multer parses it as it is (axum's
+    // extractor would apply its own 2 MiB default to a request rebuilt here).
+    let boundary = multer::parse_boundary(content_type)
+        .map_err(|e| ServiceError::bad_request(format!("bad multipart request: {e}")))?;
+    let body = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(bytes) });
+    let mut form = multer::Multipart::new(body, boundary);
+    let mut raw = RawEdit::default();
+    let bad = |e: multer::Error| ServiceError::bad_request(format!("bad multipart body: {e}"));
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        let name = field.name().unwrap_or("").to_string();
+        if name == "image" {
+            set_once(&mut raw.image, field.bytes().await.map_err(bad)?, &name)?;
+            continue;
+        }
+        let text = field.text().await.map_err(bad)?;
+        match name.as_str() {
+            "instruction" => set_once(&mut raw.instruction, text, &name)?,
+            "steps" => set_once(&mut raw.steps, parse_number(&name, &text)?, &name)?,
+            "guidance_scale" => {
+                set_once(&mut raw.guidance_scale, parse_number(&name, &text)?, &name)?
+            }
+            "image_guidance_scale" => set_once(
+                &mut raw.image_guidance_scale,
+                parse_number(&name, &text)?,
+                &name,
+            )?,
+            "seed" => set_once(&mut raw.seed, parse_number(&name, &text)?, &name)?,
+            "scheduler" => set_once(&mut raw.scheduler, text, &name)?,
+            "adapter" => set_once(&mut raw.adapter, text, &name)?,
+            "output_format" => set_once(&mut raw.output_format, text, &name)?,
+            other => {
+                return Err(ServiceError::invalid(format!(
+                    "unknown form field `{}`; expected image, instruction, steps, guidance_scale, image_guidance_scale, seed, scheduler, adapter, output_format",
+                    other.chars().take(64).collect::<String>()
+                )))
+            }
+        }
+    }
+    Ok(raw)
+}
+
+fn set_once<T>(slot: &mut Option<T>, value: T, name: &str) -> Result<(), ServiceError> {
+    if slot.is_some() {
+        return Err(ServiceError::invalid(format!(
+            "form field `{name}` given twice"
+        )));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+fn parse_number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ServiceError> {
+    text.trim().parse().map_err(|_| {
+        ServiceError::invalid(format!(
+            "`{name}` must be a number, got {:?}",
+            text.chars().take(32).collect::<String>()
+        ))
+    })
+}
+
+/// Every parameter check: present, in range, known names; defaults from the model and the
+/// limits. The adapter name and the image are checked by the service.
+pub fn validate(
+    raw: RawEdit,
+    limits: &Limits,
+    model: &BackendInfo,
+) -> Result<EditSubmission, ServiceError> {
+    let image = raw
+        .image
+        .ok_or_else(|| ServiceError::invalid("missing `image` (a PNG, JPEG or WebP file)"))?;
+    let instruction = raw
+        .instruction
+        .ok_or_else(|| ServiceError::invalid("missing `instruction`"))?;
+    let chars = instruction.chars().count();
+    if instruction.trim().is_empty() {
+        return Err(ServiceError::invalid("`instruction` must not be empty"));
+    }
+    if chars > limits.max_instruction_chars {
+        return Err(ServiceError::invalid(format!(
+            "`instruction` has {chars} characters; the limit is {}",
+            limits.max_instruction_chars
+        )));
+    }
+    let steps = raw.steps.unwrap_or(limits.default_steps);
+    if steps == 0 || steps > limits.max_steps {
+        return Err(ServiceError::invalid(format!(
+            "steps must be between 1 and {}, got {steps}",
+            limits.max_steps
+        )));
+    }
+    let guidance_scale = raw.guidance_scale.unwrap_or(model.default_guidance_scale);
+    let image_guidance_scale = raw
+        .image_guidance_scale
+        .unwrap_or(model.default_image_guidance_scale);
+    check_range("guidance_scale", guidance_scale, limits.max_guidance_scale)?;
+    check_range(
+        "image_guidance_scale",
+        image_guidance_scale,
+        limits.max_image_guidance_scale,
+    )?;
+    let scheduler = match raw.scheduler.as_deref() {
+        None | Some("") | Some("default") => None,
+        Some(name) => Some(SchedulerKind::parse(name).ok_or_else(|| {
+            ServiceError::invalid(format!(
+                "scheduler must be ddim or euler-ancestral, got {:?}",
+                name.chars().take(32).collect::<String>()
+            ))
+        })?),
+    };
+    let output_format = match raw.output_format.as_deref() {
+        None | Some("") => OutputFormat::Png,
+        Some(name) => OutputFormat::parse(name).ok_or_else(|| {
+            ServiceError::invalid(format!(
+                "output_format must be png, jpeg or webp, got {:?}",
+                name.chars().take(32).collect::<String>()
+            ))
+        })?,
+    };
+    Ok(EditSubmission {
+        image,
+        instruction,
+        params: EditParams {
+            steps,
+            guidance_scale,
+            image_guidance_scale,
+            seed: raw.seed.unwrap_or_else(random_seed),
+            scheduler,
+            eta: 0.0,
+            capture_attention: false,
+        },
+        adapter: raw.adapter,
+        output_format,
+    })
+}
+
+/// Seeds stay below 2^53 so that JSON clients read them back exactly.
+fn random_seed() -> u64 {
+    rand::random::<u64>() >> 11
+}
+
+fn check_range(name: &str, value: f64, max: f64) -> Result<(), ServiceError> {
+    if !value.is_finite() || !(0.0..=max).contains(&value) {
+        return Err(ServiceError::invalid(format!(
+            "{name} must be between 0 and {max}, got {value}"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The service: everything a request may need, behind methods (see the sibling files).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::adapters::AdapterRegistry;
+use crate::attention_cache::AttentionCache;
+use crate::backend::BackendInfo;
+use crate::config::{BatchingConfig, Limits};
+use crate::jobs::JobStore;
+use crate::metrics::Metrics;
+use crate::queue::Queue;
+
+pub struct Service {
+    pub(super) info: BackendInfo,
+    pub(super) limits: Limits,
+    pub(super) batching: BatchingConfig,
+    pub(super) queue: Arc<Queue>,
+    pub(super) adapters: Arc<AdapterRegistry>,
+    pub(super) attention: AttentionCache,
+    /// Async edits (`Prefer: respond-async`).
+    pub(super) jobs: JobStore,
+    pub(super) metrics: Metrics,
+    pub(super) worker_alive: Arc<AtomicBool>,
+    pub(super) shutting_down: AtomicBool,
+}
+
+/// What the server wiring hands the service.
+pub struct ServiceParts {
+    pub info: BackendInfo,
+    pub limits: Limits,
+    pub batching: BatchingConfig,
+    pub queue: Arc<Queue>,
+    pub adapters: Arc<AdapterRegistry>,
+    /// Recent edits whose attention maps are kept; 0: none.
+    pub attention_capacity: usize,
+    /// How long, and how many, finished async jobs are kept.
+    pub job_ttl: Duration,
+    pub max_jobs: usize,
+    pub metrics: Metrics,
+    /// Set by the worker thread while it runs.
+    pub worker_alive: Arc<AtomicBool>,
+}
+
+impl Service {
+    pub fn new(parts: ServiceParts) -> Self {
+        Self {
+            info: parts.info,
+            limits: parts.limits,
+            batching: parts.batching,
+            queue: parts.queue,
+            adapters: parts.adapters,
+            attention: AttentionCache::new(parts.attention_capacity),
+            jobs: JobStore::new(parts.job_ttl, parts.max_jobs, parts.metrics.clone()),
+            metrics: parts.metrics,
+            worker_alive: parts.worker_alive,
+            shutting_down: AtomicBool::new(false),
+        }
+    }
+
+    pub fn info(&self) -> &BackendInfo {
+        &self.info
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn batching(&self) -> &BatchingConfig {
+        &self.batching
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The worker runs and the server is not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.worker_alive.load(Ordering::SeqCst) && !self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    /// From now on no edit is admitted; admitted ones still finish.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+    }
+
+    /// The worker drains what is queued, then stops.
+    pub fn close_queue(&self) {
+        self.queue.close();
+    }
+}
