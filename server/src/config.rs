@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+
+use crate::working_size::SizeMode;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -98,6 +100,11 @@ pub struct Args {
     /// Finished async jobs kept at most; the oldest finished are evicted first.
     #[arg(long, env = "RL4PIX_MAX_JOBS", default_value_t = 1000)]
     pub max_jobs: usize,
+    /// Where edits run by default: `model` (the model's recorded working size, the result scaled
+    /// back to the picture's size) or `input` (the picture's own size); a request's
+    /// `working_size` overrides it.
+    #[arg(long, env = "RL4PIX_WORKING_SIZE", value_enum, default_value_t = SizeMode::Model)]
+    pub working_size: SizeMode,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -158,6 +165,7 @@ impl Args {
             max_image_guidance_scale: MAX_IMAGE_GUIDANCE_SCALE,
             max_adapter_name_chars: MAX_ADAPTER_NAME_CHARS,
             request_timeout_s: self.request_timeout_s,
+            working_size: self.working_size,
         }
     }
 
@@ -199,6 +207,8 @@ pub struct Limits {
     pub max_image_guidance_scale: f64,
     pub max_adapter_name_chars: usize,
     pub request_timeout_s: f64,
+    /// Where an edit runs when the request does not say (`--working-size`).
+    pub working_size: SizeMode,
 }
 
 impl Limits {

@@ -23,7 +23,10 @@ pub fn recorded_size(model_dir: &Path) -> Option<u32> {
 
 /// Where an edit runs: `model` (the recorded working size, the default) or `input` (the
 /// picture's own size).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum SizeMode {
     Model,
     Input,
@@ -84,11 +87,7 @@ pub fn restore(
     let mask = change_mask(shrunk_input, output);
     let mask = imageops::resize(&mask, width, height, FilterType::Triangle);
     let mut blended = enlarged;
-    for ((out, src), m) in blended
-        .pixels_mut()
-        .zip(input.pixels())
-        .zip(mask.pixels())
-    {
+    for ((out, src), m) in blended.pixels_mut().zip(input.pixels()).zip(mask.pixels()) {
         let edited = m[0] as f32 / 255.0;
         for c in 0..3 {
             let v = src[c] as f32 * (1.0 - edited) + out[c] as f32 * edited;

@@ -333,6 +333,10 @@ async fn the_page_edits_shows_progress_attention_and_errors_in_chromium() {
         "the seed is shown: {meta}"
     );
     assert!(
+        meta.as_str().unwrap().contains("ran at 32x32"),
+        "the model's working size ran, and the page says so: {meta}"
+    );
+    assert!(
         browser
             .js("return document.getElementById('error').hidden;")
             .await
@@ -411,6 +415,8 @@ async fn the_page_edits_shows_progress_attention_and_errors_in_chromium() {
     // A long job: the bar moves step by step, then Escape cancels it.
     browser.keys("#image", input.to_str().unwrap()).await;
     browser.type_into("#steps", "100").await;
+    // At the picture's own size, so that it runs long enough to be watched.
+    browser.click("#working_size option[value=input]").await;
     browser.click("#submit").await;
     let mut seen = Vec::new();
     let started = Instant::now();

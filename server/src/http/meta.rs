@@ -64,6 +64,11 @@ pub struct BackendInfo {
     pub base_fingerprint: String,
     /// The most denoising steps every scheduler of this model accepts.
     pub max_steps: usize,
+    /// The side the model was trained at (`model_index.json` → `rl4pix.training_config.size`):
+    /// edits run at about this many pixels squared unless `working_size=input`; null: the model
+    /// records none and edits run at the picture's own size.
+    #[schema(example = 32)]
+    pub working_size: Option<u32>,
 }
 
 impl From<&backend::BackendInfo> for BackendInfo {
@@ -80,6 +85,7 @@ impl From<&backend::BackendInfo> for BackendInfo {
             lora_targets: info.lora_targets,
             base_fingerprint: info.base_fingerprint.clone(),
             max_steps: info.max_steps,
+            working_size: info.working_size,
         }
     }
 }

@@ -53,6 +53,8 @@ pub struct ImageEditForm {
     guidance_scale: Option<f64>,
     image_guidance_scale: Option<f64>,
     scheduler: Option<String>,
+    working_size: Option<String>,
+    keep_input: Option<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -262,6 +264,8 @@ async fn images_edits_inner(
             scheduler: request.edit.scheduler.clone(),
             adapter: request.edit.adapter.clone(),
             output_format: request.edit.output_format.clone(),
+            working_size: request.edit.working_size.clone(),
+            keep_input: request.edit.keep_input,
         };
         let state = state.clone();
         running.push(tokio::spawn(async move {
@@ -376,12 +380,14 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
                 edit.image_guidance_scale = Some(number("image_guidance_scale", &text)?)
             }
             "scheduler" => edit.scheduler = Some(text),
+            "working_size" => edit.working_size = Some(text),
+            "keep_input" => edit.keep_input = Some(number("keep_input", &text)?),
             // OpenAI's knobs that have no meaning here; accepted so that tools keep working.
             "user" | "quality" | "background" | "output_compression" | "input_fidelity"
             | "moderation" | "partial_images" | "stream" => {}
             other => {
                 return Err(ServiceError::invalid(format!(
-                    "unknown form field `{}`; expected image, prompt, model, n, size, response_format, output_format (or rl4pix's seed, steps, guidance_scale, image_guidance_scale, scheduler)",
+                    "unknown form field `{}`; expected image, prompt, model, n, size, response_format, output_format (or rl4pix's seed, steps, guidance_scale, image_guidance_scale, scheduler, working_size, keep_input)",
                     other.chars().take(64).collect::<String>()
                 ))
                 .into())

@@ -49,7 +49,7 @@ async function loadInfo() {
     return;
   }
   const m = info.model;
-  const size = m.working_size ? `, works at ${m.working_size[0]}x${m.working_size[1]}` : "";
+  const size = m.working_size ? `, works at ${m.working_size}x${m.working_size}` : "";
   $("model-line").textContent =
     `model ${m.model} on ${m.device} (${m.dtype})${size} · server ${info.version}`;
   const l = info.limits;
@@ -61,6 +61,11 @@ async function loadInfo() {
   });
   $("instruction").maxLength = l.max_instruction_chars;
   $("scheduler").options[0].textContent = `model's default (${m.default_scheduler})`;
+  const sizes = $("working_size").options;
+  sizes[0].textContent = `server's default (${l.working_size})`;
+  sizes[1].textContent = m.working_size
+    ? `the model's (about ${m.working_size}x${m.working_size})`
+    : "the model's (it records none: the picture's own)";
   const adapters = $("adapter");
   adapters.options[0].textContent = `server's default (${info.default_adapter ?? "none"})`;
   for (const name of info.adapters) adapters.add(new Option(name, name));
@@ -87,7 +92,7 @@ function formFields() {
   const form = new FormData();
   form.append("image", page.file, page.file.name || "pasted.png");
   form.append("instruction", $("instruction").value);
-  for (const id of ["steps", "guidance_scale", "image_guidance_scale", "seed", "scheduler", "adapter", "output_format"]) {
+  for (const id of ["steps", "guidance_scale", "image_guidance_scale", "seed", "scheduler", "adapter", "output_format", "working_size"]) {
     const value = $(id).value.trim();
     if (value !== "") form.append(id, value);
   }
