@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prints the README's "Performance" table: rl4pix (Candle) against diffusers on the same UNet
+# Prints docs/performance.md's table: rl4pix (Candle) against diffusers on the same UNet
 # configs, batch and thread count. Extra arguments go to `rl4pix-bench compare`, e.g.
 #   bench/compare.sh --threads 1,2
 #   bench/compare.sh --rows tiny,small --iters-scale 2

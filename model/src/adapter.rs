@@ -2,7 +2,7 @@
 //! against the loaded base before anything is kept, and writing diffusers' own format.
 //!
 //! This is bookkeeping only; the UNet applies `W x + scale * B (A x)` in its linear layers.
-//! See `shared/DESIGN.md`, "Adapters".
+//! The file format is described in `docs/architecture.md`, "Adapter files".
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;

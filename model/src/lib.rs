@@ -3,7 +3,7 @@
 //! Loads the diffusers on-disk layout (`model_index.json`, `unet/`, `vae/`, `text_encoder/`,
 //! `tokenizer/`, `scheduler/`) and edits images exactly as diffusers'
 //! `StableDiffusionInstructPix2PixPipeline` does. Everything architectural comes from the config
-//! files. See `shared/DESIGN.md`, "The model".
+//! files. See `docs/architecture.md`, "The model".
 
 pub mod config;
 pub mod error;

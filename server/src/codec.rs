@@ -5,7 +5,7 @@ use std::io::Cursor;
 
 use image::{ImageFormat, RgbImage};
 
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 
 /// The formats an edit can be answered in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

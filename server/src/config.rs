@@ -7,8 +7,6 @@ use std::time::Duration;
 use clap::Parser;
 
 use crate::working_size::SizeMode;
-use serde::Serialize;
-use utoipa::ToSchema;
 
 /// Where the embedded default model lives: relative to the working directory (the repository
 /// root, or the image's working directory). The one place the server decides this; the model
@@ -196,7 +194,7 @@ impl Args {
 }
 
 /// What a request may ask for; checked before any decoding or model work.
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
     pub max_pixels: u64,
@@ -217,7 +215,7 @@ impl Limits {
     }
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
+#[derive(Debug, Clone)]
 pub struct BatchingConfig {
     pub max_batch_size: usize,
     pub max_batch_wait_ms: u64,

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 
 use crate::edit::EditResult;
+use crate::error::ServiceError;
 use crate::metrics::Metrics;
 use crate::queue::{CancelToken, Progress, Queue, Stage};
-use crate::service::error::ServiceError;
 
 /// How a job ended.
 #[derive(Debug)]

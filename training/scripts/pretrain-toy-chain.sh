@@ -2,7 +2,7 @@
 # The previous embedded default's pretraining (UNet fingerprint 5ecb37b4dbd1, 0.49x the
 # identity's edit-region L1), stage by stage as it was run: a chain of four restarted UNet
 # schedules, about 3 h 10 min on two cores. Replaced by training/scripts/pretrain-toy.sh (one
-# 15000-step schedule, under two hours, 0.42x); kept because the README's Table 1 runs name its
+# 15000-step schedule, under two hours, 0.42x); kept because docs/rl.md's Table 1 runs name its
 # stages.
 #
 #   training/scripts/pretrain-toy-chain.sh [OUT]  # OUT defaults to runs/toy-pretrain

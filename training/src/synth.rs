@@ -1,10 +1,12 @@
-//! The synthetic world of DESIGN.md: small scenes of coloured shapes on a 3x3 grid and the paper's
+//! The synthetic world: small scenes of coloured shapes on a 3x3 grid and the paper's
 //! four kinds of edit on them, rendered exactly, with a mask of the changed region, an instruction
 //! (several phrasings, some deliberately ambiguous about *where*), a local description for CLIP-T and
 //! the edit kind.
 //!
 //! Everything is drawn from a ChaCha stream chosen by (seed, session index), so a session is the same
 //! on every platform and independent of how many threads generate the set.
+//!
+//! What the world contains and why: `docs/architecture.md`, "The synthetic world".
 
 use image::{Rgb, RgbImage};
 use rand::seq::IndexedRandom;

@@ -232,3 +232,23 @@ fn admin_paths_stay_inside_the_folder() {
         Err(AdapterError::NotFound { .. })
     ));
 }
+
+#[cfg(unix)]
+#[test]
+fn atomic_writes_get_the_permissions_a_plain_create_would() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain.safetensors");
+    std::fs::write(&plain, b"ok 1").unwrap();
+    let atomic = dir.path().join("atomic.safetensors");
+    write_atomically(&atomic, b"ok 2").unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&atomic), mode(&plain));
+    assert_eq!(std::fs::read(&atomic).unwrap(), b"ok 2");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "no temporary file is left behind");
+}

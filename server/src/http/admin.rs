@@ -15,7 +15,7 @@ use super::body::{content_length, content_type, media_type, parse_json};
 use super::error::ErrorBody;
 use super::state::AppState;
 use crate::adapters;
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 
 /// JSON bodies of the admin routes are a name and a path at most.
 const MAX_ADMIN_JSON_BYTES: usize = 64 * 1024;

@@ -4,7 +4,7 @@
 use axum::body::{Body, Bytes};
 use axum::http::{header, HeaderMap};
 
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 
 pub fn content_length(headers: &HeaderMap) -> Option<u64> {
     headers

@@ -18,7 +18,7 @@ use super::edit_parse::{parse_json_edit, parse_multipart_edit, validate, RawEdit
 use super::error::ErrorBody;
 use super::state::AppState;
 use crate::edit::EditResult;
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 
 #[utoipa::path(
     post,

@@ -12,7 +12,7 @@ use crate::backend::BackendInfo;
 use crate::codec::OutputFormat;
 use crate::config::Limits;
 use crate::edit::EditSubmission;
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 use crate::working_size::SizeMode;
 
 /// Everything a request asked for, before any checking.

@@ -6,7 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::service::error::{ErrorKind, ServiceError};
+use crate::error::{ErrorKind, ServiceError};
 
 /// The body of every error answer.
 #[derive(Debug, Serialize, ToSchema)]

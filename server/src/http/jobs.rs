@@ -19,8 +19,8 @@ use super::edit::edit_response;
 use super::edit_dto::EditJsonResponse;
 use super::error::ErrorBody;
 use super::state::AppState;
+use crate::error::ServiceError;
 use crate::jobs::{self, JobSnapshot};
-use crate::service::error::ServiceError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -10,9 +10,8 @@ use utoipa::ToSchema;
 
 use super::error::ErrorBody;
 use super::state::AppState;
-use crate::config::{BatchingConfig, Limits};
-use crate::service::error::{ErrorKind, ServiceError};
-use crate::{adapters, backend};
+use crate::error::{ErrorKind, ServiceError};
+use crate::{adapters, backend, config};
 
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"status": "ok"}))]
@@ -110,6 +109,56 @@ impl From<adapters::AdapterUsage> for AdapterUsage {
     }
 }
 
+/// What a request may ask for; checked before any decoding or model work.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_pixels: u64,
+    pub max_steps: usize,
+    pub default_steps: usize,
+    pub max_instruction_chars: usize,
+    pub max_guidance_scale: f64,
+    pub max_image_guidance_scale: f64,
+    pub max_adapter_name_chars: usize,
+    pub request_timeout_s: f64,
+    /// Where an edit runs when the request does not say (`--working-size`): `model` or `input`.
+    pub working_size: crate::working_size::SizeMode,
+}
+
+impl From<&config::Limits> for Limits {
+    fn from(l: &config::Limits) -> Self {
+        Self {
+            max_body_bytes: l.max_body_bytes,
+            max_pixels: l.max_pixels,
+            max_steps: l.max_steps,
+            default_steps: l.default_steps,
+            max_instruction_chars: l.max_instruction_chars,
+            max_guidance_scale: l.max_guidance_scale,
+            max_image_guidance_scale: l.max_image_guidance_scale,
+            max_adapter_name_chars: l.max_adapter_name_chars,
+            request_timeout_s: l.request_timeout_s,
+            working_size: l.working_size,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchingConfig {
+    pub max_batch_size: usize,
+    pub max_batch_wait_ms: u64,
+    pub max_queue: usize,
+}
+
+impl From<&config::BatchingConfig> for BatchingConfig {
+    fn from(b: &config::BatchingConfig) -> Self {
+        Self {
+            max_batch_size: b.max_batch_size,
+            max_batch_wait_ms: b.max_batch_wait_ms,
+            max_queue: b.max_queue,
+        }
+    }
+}
+
 #[utoipa::path(get, path = "/health", tag = "service",
     responses((status = 200, description = "The process is up", body = StatusBody)))]
 pub async fn health() -> axum::Json<StatusBody> {
@@ -147,8 +196,8 @@ pub async fn info(State(state): State<Arc<AppState>>) -> axum::Json<InfoResponse
     axum::Json(InfoResponse {
         version: env!("CARGO_PKG_VERSION").into(),
         model: service.info().into(),
-        limits: service.limits().clone(),
-        batching: service.batching().clone(),
+        limits: service.limits().into(),
+        batching: service.batching().into(),
         attention_cache: status.attention_cache,
         adapters: status.adapters,
         default_adapter: status.default_adapter,

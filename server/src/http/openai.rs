@@ -21,7 +21,7 @@ use super::edit_parse::{validate, RawEdit};
 use super::error::status_of;
 use super::state::AppState;
 use crate::edit::EditResult;
-use crate::service::error::ServiceError;
+use crate::error::ServiceError;
 
 /// Images one request may ask for (OpenAI's own limit).
 const MAX_IMAGES: usize = 10;

@@ -15,7 +15,7 @@ use axum::Router;
 use super::error::status_of;
 use super::state::AppState;
 use super::{admin, attention, edit, jobs, meta, openai, ui};
-use crate::service::error::{ErrorKind, ServiceError};
+use crate::error::{ErrorKind, ServiceError};
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()

@@ -3,8 +3,8 @@
 
 use crate::adapters::{AdapterError, AdapterInfo};
 
-use super::error::ServiceError;
 use super::state::Service;
+use crate::error::ServiceError;
 
 impl Service {
     pub fn list_adapters(&self) -> Vec<AdapterInfo> {

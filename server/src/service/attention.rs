@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use crate::attention_cache::CachedEdit;
 
-use super::error::ServiceError;
 use super::state::Service;
+use crate::error::ServiceError;
 
 impl Service {
     /// The maps of a recent edit, or why there are none.

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use image::RgbImage;
 use tokio::sync::oneshot;
 
-use super::error::ServiceError;
 use super::state::Service;
 use crate::adapters::AdapterEntry;
 use crate::attention_cache::CachedEdit;
 use crate::backend::BatchItem;
 use crate::codec::{self, OutputFormat};
 use crate::edit::{EditResult, EditSubmission};
+use crate::error::ServiceError;
 use crate::jobs::{JobRecord, Outcome};
 use crate::queue::{CancelToken, Job, JobError, JobOutput, PinnedAdapter, QueueError};
 use crate::working_size::{self, SizeMode};
@@ -220,7 +220,7 @@ impl Service {
         };
         let edit_outcome = match &outcome {
             Outcome::Done(_) => Some("ok"),
-            Outcome::Failed(e) if e.kind == super::error::ErrorKind::Timeout => Some("timeout"),
+            Outcome::Failed(e) if e.kind == crate::error::ErrorKind::Timeout => Some("timeout"),
             Outcome::Failed(_) => Some("error"),
             // The queue or the worker counted it.
             Outcome::Cancelled => None,

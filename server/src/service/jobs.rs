@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::error::{ErrorKind, ServiceError};
 use super::state::Service;
 use crate::edit::EditResult;
+use crate::error::{ErrorKind, ServiceError};
 use crate::jobs::{Finished, JobRecord, JobSnapshot, JobState, Outcome, ProgressKey};
 use crate::queue::{Queue, Stage};
 

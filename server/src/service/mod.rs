@@ -1,7 +1,7 @@
 //! The service layer, between the HTTP handlers and the machinery: the handlers parse and
 //! check a request and call a `Service` method; the service talks to the queue, the async
 //! jobs, the adapter registry and the attention cache, and answers with domain values or a
-//! `ServiceError` whose kind the HTTP layer turns into a status.
+//! `crate::error::ServiceError` whose kind the HTTP layer turns into a status.
 //!
 //! `state` holds the service; each other file adds the methods of one concern: `edit`
 //! (admission, the synchronous run, async submission and its supervisor), `jobs` (status,
@@ -11,10 +11,8 @@
 pub mod adapters;
 pub mod attention;
 pub mod edit;
-pub mod error;
 pub mod jobs;
 pub mod state;
 pub mod status;
 
-pub use error::{ErrorKind, ServiceError};
 pub use state::{Service, ServiceParts};

@@ -62,7 +62,7 @@ pub struct PretrainArgs {
     pub max_length: usize,
     #[arg(long, default_value_t = 0.999)]
     pub ema_decay: f64,
-    /// What the UNet predicts: epsilon or v_prediction (see DESIGN.md / the toy model's README).
+    /// What the UNet predicts: epsilon or v_prediction (see `docs/architecture.md`, "Pretraining").
     #[arg(long, default_value = "v_prediction", value_parser = ["epsilon", "v_prediction"])]
     pub prediction_type: String,
     /// Start from the weights of another run's checkpoint (a checkpoint folder, or a run folder:

@@ -2,7 +2,7 @@
 //! reward. Read top to bottom, [`trainer::Trainer::run_epoch`] is the algorithm: sample with
 //! log-probs ([`sampler`]) -> reward ([`reward`]) -> per-prompt advantages ([`stat_tracker`]) ->
 //! inner epochs of PPO ([`ppo`]) over shuffled timesteps, on LoRA variables only ([`lora`]).
-//! See `shared/DESIGN.md`, "Reward and RL fine-tuning".
+//! See `docs/architecture.md`, "Reward and RL fine-tuning".
 
 pub mod config;
 pub mod lora;

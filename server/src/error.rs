@@ -1,7 +1,7 @@
-//! The one error type of the service layer (and of the HTTP handlers that call it): what kind
-//! of failure it is, a stable machine-readable code and a message for people. The kind is all
-//! the HTTP layer needs to choose a status (`crate::http::error` is the only place that does);
-//! the code is what clients match on (`error_type` in every error answer).
+//! The one error type of the service layer, of what it calls (job store, codec) and of the HTTP
+//! handlers above it: what kind of failure it is, a stable machine-readable code and a message
+//! for people. The kind is all the HTTP layer needs to choose a status (`crate::http::error` is
+//! the only place that does); the code is what clients match on (`error_type` in every answer).
 
 use rl4pix_model::ModelError;
 
