@@ -91,6 +91,8 @@ pub struct BackendInfo {
     pub base_fingerprint: String,
     /// The most denoising steps every scheduler of this model accepts.
     pub max_steps: usize,
+    /// The side the model was trained at (`model_index.json`), if it records one.
+    pub working_size: Option<u32>,
 }
 
 /// A validated adapter, resolved against the loaded base.
@@ -161,6 +163,7 @@ impl ModelBackend {
             lora_targets: pipeline.unet.projections().entries.len(),
             base_fingerprint: pipeline.unet.fingerprint().to_string(),
             max_steps: max_supported_steps(&pipeline),
+            working_size: crate::working_size::recorded_size(dir),
         };
         Ok(Self {
             pipeline: Arc::new(pipeline),

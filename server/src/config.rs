@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::working_size::SizeMode;
+
 /// Where the embedded default model lives: relative to the working directory (the repository
 /// root, or the image's working directory). The one place the server decides this; the model
 /// crate's own default-folder function can replace the body.
@@ -98,6 +100,9 @@ pub struct Args {
     /// Bearer token of the admin routes; without it they are closed (401).
     #[arg(long, env = "RL4PIX_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Bearer token the OpenAI-compatible `/v1` routes need; without it they take any.
+    #[arg(long, env = "RL4PIX_OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
     /// Recent edits whose attention maps are kept for `/attention`; 0 turns capture off.
     #[arg(long, env = "RL4PIX_ATTENTION_CACHE", default_value_t = 64)]
     pub attention_cache: usize,
@@ -107,6 +112,11 @@ pub struct Args {
     /// Finished async jobs kept at most; the oldest finished are evicted first.
     #[arg(long, env = "RL4PIX_MAX_JOBS", default_value_t = 1000)]
     pub max_jobs: usize,
+    /// Where edits run by default: `model` (the model's recorded working size, the result scaled
+    /// back to the picture's size) or `input` (the picture's own size); a request's
+    /// `working_size` overrides it.
+    #[arg(long, env = "RL4PIX_WORKING_SIZE", value_enum, default_value_t = SizeMode::Model)]
+    pub working_size: SizeMode,
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -173,6 +183,7 @@ impl Args {
             max_image_guidance_scale: MAX_IMAGE_GUIDANCE_SCALE,
             max_adapter_name_chars: MAX_ADAPTER_NAME_CHARS,
             request_timeout_s: self.request_timeout_s,
+            working_size: self.working_size,
         }
     }
 
@@ -214,6 +225,8 @@ pub struct Limits {
     pub max_image_guidance_scale: f64,
     pub max_adapter_name_chars: usize,
     pub request_timeout_s: f64,
+    /// Where an edit runs when the request does not say (`--working-size`).
+    pub working_size: SizeMode,
 }
 
 impl Limits {

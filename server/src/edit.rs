@@ -5,6 +5,7 @@ use bytes::Bytes;
 use rl4pix_model::pipeline::EditParams;
 
 use crate::codec::OutputFormat;
+use crate::working_size::SizeMode;
 
 /// A request whose parameters passed every check; the image is still the client's bytes.
 pub struct EditSubmission {
@@ -14,6 +15,10 @@ pub struct EditSubmission {
     /// As asked: absent, `""` or `"default"`: the default adapter; `"none"`: the base model.
     pub adapter: Option<String>,
     pub output_format: OutputFormat,
+    /// Run at the model's working size or the picture's own.
+    pub working_size: SizeMode,
+    /// When the working size differs: keep the input's pixels where the model changed nothing.
+    pub keep_input: bool,
 }
 
 /// A finished edit, encoded.
@@ -26,6 +31,9 @@ pub struct EditResult {
     pub adapter: String,
     pub width: u32,
     pub height: u32,
+    /// The size the model ran at (the result is scaled back to `width x height`).
+    pub working_width: u32,
+    pub working_height: u32,
     pub format: OutputFormat,
     pub queue_ms: u64,
     pub inference_ms: u64,

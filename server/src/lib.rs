@@ -26,6 +26,7 @@ pub mod server;
 pub mod service;
 pub mod watcher;
 pub mod worker;
+pub mod working_size;
 
 pub use config::Args;
 pub use server::{start, start_with_backend, RunningServer};

@@ -4,7 +4,7 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::http::{admin, attention, edit, jobs, meta};
+use crate::http::{admin, attention, edit, jobs, meta, openai, ui};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,6 +31,9 @@ use crate::http::{admin, attention, edit, jobs, meta};
         admin::set_default_adapter,
         meta::openapi_json,
         meta::docs,
+        ui::page,
+        openai::images_edits,
+        openai::models,
     ),
     components(schemas(crate::http::error::ErrorBody)),
     modifiers(&BearerAuth),
@@ -39,6 +42,7 @@ use crate::http::{admin, attention, edit, jobs, meta};
         (name = "jobs", description = "Async edits (`Prefer: respond-async`): status, progress events, result, cancel"),
         (name = "attention", description = "Where the model looked"),
         (name = "service", description = "Health, readiness, info, metrics, docs"),
+        (name = "openai", description = "OpenAI-compatible image edits, for the `openai` SDKs and tools built on them. Errors here are OpenAI's `{\"error\": {\"message\", \"type\", \"code\", \"param\"}}`. With `--openai-api-key` these routes need `Authorization: Bearer <it>`."),
         (name = "admin", description = "Adapters: list, add (upload or a file in the folder), delete, choose the default. Needs `Authorization: Bearer <--api-key>`; without --api-key these routes answer 401."),
     )
 )]

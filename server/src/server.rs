@@ -153,6 +153,7 @@ where
     let state = Arc::new(AppState {
         service: service.clone(),
         api_key: args.api_key.clone(),
+        openai_api_key: args.openai_api_key.clone(),
         openapi_json: crate::openapi::json(),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))

@@ -44,6 +44,7 @@ use crate::error::ServiceError;
                 ("x-queue-ms" = u64, description = "Time waiting for the worker"),
                 ("x-inference-ms" = u64, description = "Time of the model batch"),
                 ("x-batch-size" = usize, description = "Edits in the batch this one ran in"),
+                ("x-working-size" = String, description = "`WIDTHxHEIGHT` the model ran at (see `working_size`)"),
             ),
             content(
                 ("image/png"), ("image/jpeg"), ("image/webp"),
@@ -152,6 +153,8 @@ pub fn edit_response(result: &EditResult, json: bool) -> Response {
             adapter: result.adapter.clone(),
             width: result.width,
             height: result.height,
+            working_width: result.working_width,
+            working_height: result.working_height,
             format: result.format.name().into(),
             queue_ms: result.queue_ms,
             inference_ms: result.inference_ms,
@@ -173,6 +176,10 @@ pub fn edit_response(result: &EditResult, json: bool) -> Response {
         ("x-queue-ms", result.queue_ms.to_string()),
         ("x-inference-ms", result.inference_ms.to_string()),
         ("x-batch-size", result.batch_size.to_string()),
+        (
+            "x-working-size",
+            format!("{}x{}", result.working_width, result.working_height),
+        ),
     ];
     for (name, value) in pairs {
         if let Ok(v) = HeaderValue::from_str(&value) {

@@ -28,6 +28,13 @@ pub struct EditForm {
     adapter: Option<String>,
     /// `png` (default), `jpeg` or `webp`.
     output_format: Option<String>,
+    /// `model` (default, `--working-size`): run at the model's recorded working size
+    /// (`model.working_size` in `/info`) and scale the result back to the input's size;
+    /// `input`: run at the input's own size. The size that ran is echoed in `x-working-size`.
+    working_size: Option<String>,
+    /// With `working_size=model`: keep the input's own pixels where the model changed
+    /// nothing (default true); false: the whole result is the scaled model output.
+    keep_input: Option<bool>,
 }
 
 /// `application/json` body of `POST /edit`.
@@ -45,12 +52,14 @@ pub struct EditJsonRequest {
     pub scheduler: Option<String>,
     pub adapter: Option<String>,
     pub output_format: Option<String>,
+    pub working_size: Option<String>,
+    pub keep_input: Option<bool>,
 }
 
 /// The answer to `POST /edit` with `Accept: application/json`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"edit_id": "5f0c2a9e4b7d41c3a8e1f6d2b9c07a15", "seed": 42, "adapter": "none",
-    "width": 40, "height": 24, "format": "png", "queue_ms": 3, "inference_ms": 41, "batch_size": 1,
+    "width": 40, "height": 24, "working_width": 40, "working_height": 24, "format": "png", "queue_ms": 3, "inference_ms": 41, "batch_size": 1,
     "image": "iVBORw0KGgo..."}))]
 pub struct EditJsonResponse {
     /// For `/attention/{edit_id}`.
@@ -59,6 +68,9 @@ pub struct EditJsonResponse {
     pub adapter: String,
     pub width: u32,
     pub height: u32,
+    /// The size the model ran at.
+    pub working_width: u32,
+    pub working_height: u32,
     pub format: String,
     pub queue_ms: u64,
     pub inference_ms: u64,

@@ -13,19 +13,22 @@ use crate::codec::OutputFormat;
 use crate::config::Limits;
 use crate::edit::EditSubmission;
 use crate::error::ServiceError;
+use crate::working_size::SizeMode;
 
 /// Everything a request asked for, before any checking.
 #[derive(Default)]
 pub struct RawEdit {
-    image: Option<Bytes>,
-    instruction: Option<String>,
-    steps: Option<usize>,
-    guidance_scale: Option<f64>,
-    image_guidance_scale: Option<f64>,
-    seed: Option<u64>,
-    scheduler: Option<String>,
-    adapter: Option<String>,
-    output_format: Option<String>,
+    pub image: Option<Bytes>,
+    pub instruction: Option<String>,
+    pub steps: Option<usize>,
+    pub guidance_scale: Option<f64>,
+    pub image_guidance_scale: Option<f64>,
+    pub seed: Option<u64>,
+    pub scheduler: Option<String>,
+    pub adapter: Option<String>,
+    pub output_format: Option<String>,
+    pub working_size: Option<String>,
+    pub keep_input: Option<bool>,
 }
 
 pub fn parse_json_edit(bytes: &[u8]) -> Result<RawEdit, ServiceError> {
@@ -47,6 +50,8 @@ pub fn parse_json_edit(bytes: &[u8]) -> Result<RawEdit, ServiceError> {
         scheduler: request.scheduler,
         adapter: request.adapter,
         output_format: request.output_format,
+        working_size: request.working_size,
+        keep_input: request.keep_input,
     })
 }
 
@@ -84,9 +89,11 @@ pub async fn parse_multipart_edit(
             "scheduler" => set_once(&mut raw.scheduler, text, &name)?,
             "adapter" => set_once(&mut raw.adapter, text, &name)?,
             "output_format" => set_once(&mut raw.output_format, text, &name)?,
+            "working_size" => set_once(&mut raw.working_size, text, &name)?,
+            "keep_input" => set_once(&mut raw.keep_input, parse_bool(&name, &text)?, &name)?,
             other => {
                 return Err(ServiceError::invalid(format!(
-                    "unknown form field `{}`; expected image, instruction, steps, guidance_scale, image_guidance_scale, seed, scheduler, adapter, output_format",
+                    "unknown form field `{}`; expected image, instruction, steps, guidance_scale, image_guidance_scale, seed, scheduler, adapter, output_format, working_size, keep_input",
                     other.chars().take(64).collect::<String>()
                 )))
             }
@@ -103,6 +110,17 @@ fn set_once<T>(slot: &mut Option<T>, value: T, name: &str) -> Result<(), Service
     }
     *slot = Some(value);
     Ok(())
+}
+
+fn parse_bool(name: &str, text: &str) -> Result<bool, ServiceError> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        other => Err(ServiceError::invalid(format!(
+            "`{name}` must be true or false, got {:?}",
+            other.chars().take(32).collect::<String>()
+        ))),
+    }
 }
 
 fn parse_number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ServiceError> {
@@ -172,6 +190,15 @@ pub fn validate(
             ))
         })?,
     };
+    let working_size = match raw.working_size.as_deref() {
+        None | Some("") => limits.working_size,
+        Some(name) => SizeMode::parse(name).ok_or_else(|| {
+            ServiceError::invalid(format!(
+                "working_size must be model or input, got {:?}",
+                name.chars().take(32).collect::<String>()
+            ))
+        })?,
+    };
     Ok(EditSubmission {
         image,
         instruction,
@@ -186,6 +213,8 @@ pub fn validate(
         },
         adapter: raw.adapter,
         output_format,
+        working_size,
+        keep_input: raw.keep_input.unwrap_or(true),
     })
 }
 

@@ -63,6 +63,11 @@ pub struct BackendInfo {
     pub base_fingerprint: String,
     /// The most denoising steps every scheduler of this model accepts.
     pub max_steps: usize,
+    /// The side the model was trained at (`model_index.json` → `rl4pix.training_config.size`):
+    /// edits run at about this many pixels squared unless `working_size=input`; null: the model
+    /// records none and edits run at the picture's own size.
+    #[schema(example = 32)]
+    pub working_size: Option<u32>,
 }
 
 impl From<&backend::BackendInfo> for BackendInfo {
@@ -79,6 +84,7 @@ impl From<&backend::BackendInfo> for BackendInfo {
             lora_targets: info.lora_targets,
             base_fingerprint: info.base_fingerprint.clone(),
             max_steps: info.max_steps,
+            working_size: info.working_size,
         }
     }
 }
@@ -115,6 +121,8 @@ pub struct Limits {
     pub max_image_guidance_scale: f64,
     pub max_adapter_name_chars: usize,
     pub request_timeout_s: f64,
+    /// Where an edit runs when the request does not say (`--working-size`): `model` or `input`.
+    pub working_size: crate::working_size::SizeMode,
 }
 
 impl From<&config::Limits> for Limits {
@@ -129,6 +137,7 @@ impl From<&config::Limits> for Limits {
             max_image_guidance_scale: l.max_image_guidance_scale,
             max_adapter_name_chars: l.max_adapter_name_chars,
             request_timeout_s: l.request_timeout_s,
+            working_size: l.working_size,
         }
     }
 }

@@ -15,8 +15,10 @@ pub mod edit_parse;
 pub mod error;
 pub mod jobs;
 pub mod meta;
+pub mod openai;
 pub mod routes;
 pub mod state;
+pub mod ui;
 
 pub use routes::router;
 pub use state::AppState;

@@ -14,12 +14,21 @@ use axum::Router;
 
 use super::error::status_of;
 use super::state::AppState;
-use super::{admin, attention, edit, jobs, meta};
+use super::{admin, attention, edit, jobs, meta, openai, ui};
 use crate::error::{ErrorKind, ServiceError};
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
+        .route("/", get(ui::page))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/style.css", get(ui::style))
         .route("/edit", axum::routing::post(edit::edit))
+        .route(
+            "/v1/images/edits",
+            axum::routing::post(openai::images_edits)
+                .layer(DefaultBodyLimit::max(state.service.limits().max_body_bytes)),
+        )
+        .route("/v1/models", get(openai::models))
         .route("/jobs/{id}", get(jobs::status).delete(jobs::cancel))
         .route("/jobs/{id}/events", get(jobs::events))
         .route("/jobs/{id}/result", get(jobs::result))

@@ -8,6 +8,8 @@ pub struct AppState {
     pub service: Arc<Service>,
     /// Bearer token of the admin routes; None: they are closed.
     pub api_key: Option<String>,
+    /// Bearer the OpenAI-compatible `/v1` routes need; None: any or none.
+    pub openai_api_key: Option<String>,
     /// Served at `/openapi.json`.
     pub openapi_json: String,
 }

@@ -16,6 +16,7 @@ use crate::edit::{EditResult, EditSubmission};
 use crate::error::ServiceError;
 use crate::jobs::{JobRecord, Outcome};
 use crate::queue::{CancelToken, Job, JobError, JobOutput, PinnedAdapter, QueueError};
+use crate::working_size::{self, SizeMode};
 
 /// An edit that passed every check and is decoded, ready for the queue.
 pub struct PreparedEdit {
@@ -31,7 +32,16 @@ struct ResultMeta {
     adapter: String,
     output_format: OutputFormat,
     instruction: String,
+    /// The input as sent (the attention overlays are drawn on it).
     image: Arc<RgbImage>,
+    /// Set when the model runs at another size than the input's.
+    rescaled: Option<Rescaled>,
+}
+
+/// The input at the model's working size, to bring the result back to the input's size.
+struct Rescaled {
+    shrunk: Arc<RgbImage>,
+    keep_input: bool,
 }
 
 type Reply = oneshot::Receiver<Result<JobOutput, JobError>>;
@@ -74,18 +84,20 @@ impl Service {
                 .await
                 .map_err(|e| ServiceError::internal(format!("decoding task failed: {e}")))??;
         let image = Arc::new(image);
+        let rescaled = self.working_image(&image, submission.working_size, submission.keep_input);
         let meta = ResultMeta {
             seed: submission.params.seed,
             adapter: adapter_name,
             output_format: submission.output_format,
             instruction: submission.instruction.clone(),
             image: image.clone(),
+            rescaled,
         };
         Ok(PreparedEdit {
             // Unguessable: async job ids double as the only credential to a job.
             edit_id: format!("{:032x}", rand::random::<u128>()),
             item: BatchItem {
-                image,
+                image: meta.rescaled.as_ref().map_or(image, |r| r.shrunk.clone()),
                 instruction: submission.instruction,
                 params: submission.params,
             },
@@ -220,6 +232,26 @@ impl Service {
         }
     }
 
+    /// The input at the model's working size, when the edit runs there and that differs.
+    fn working_image(
+        &self,
+        image: &RgbImage,
+        mode: SizeMode,
+        keep_input: bool,
+    ) -> Option<Rescaled> {
+        let side = self.info.working_size?;
+        if mode != SizeMode::Model {
+            return None;
+        }
+        let (width, height) = image.dimensions();
+        let grid = self.info.vae_scale_factor as u32;
+        let dims = working_size::working_dims(width, height, side, grid);
+        (dims != (width, height)).then(|| Rescaled {
+            shrunk: Arc::new(working_size::shrink(image, dims)),
+            keep_input,
+        })
+    }
+
     /// Keeps the attention maps for `/attention` and encodes the image.
     async fn finish(
         &self,
@@ -227,6 +259,22 @@ impl Service {
         meta: ResultMeta,
         output: JobOutput,
     ) -> Result<EditResult, ServiceError> {
+        let (working_width, working_height) = output.image.dimensions();
+        let format = meta.output_format;
+        let model_output = output.image;
+        let input = meta.image.clone();
+        let rescaled = meta.rescaled;
+        let (image, encoded) = tokio::task::spawn_blocking(move || {
+            let image = match rescaled {
+                Some(r) => working_size::restore(&input, &r.shrunk, &model_output, r.keep_input),
+                None => model_output,
+            };
+            let encoded = codec::encode(&image, format)?;
+            Ok::<_, ServiceError>((image.dimensions(), encoded))
+        })
+        .await
+        .map_err(|e| ServiceError::internal(format!("encoding task failed: {e}")))??;
+        let (width, height) = image;
         if let Some(attention) = output.attention {
             self.attention.insert(
                 edit_id.clone(),
@@ -237,18 +285,14 @@ impl Service {
                 },
             );
         }
-        let (width, height) = output.image.dimensions();
-        let format = meta.output_format;
-        let image = output.image;
-        let encoded = tokio::task::spawn_blocking(move || codec::encode(&image, format))
-            .await
-            .map_err(|e| ServiceError::internal(format!("encoding task failed: {e}")))??;
         Ok(EditResult {
             edit_id,
             seed: meta.seed,
             adapter: meta.adapter,
             width,
             height,
+            working_width,
+            working_height,
             format,
             queue_ms: output.queue_time.as_millis() as u64,
             inference_ms: output.inference_time.as_millis() as u64,
