@@ -85,9 +85,7 @@ where
     if let Some(mirror) = &mirror {
         adapters.set_store(mirror.url().to_string());
     }
-    for (name, reason) in first_copy.refused {
-        adapters.refuse_unread(&name, reason);
-    }
+
     // On the worker thread, right after the model: the folder is read before `/ready` says
     // ready, and the loader is then shared with the watcher and the admin routes.
     let registry = adapters.clone();
@@ -121,6 +119,10 @@ where
         queue.close();
         let _ = handle.thread.join();
         return Err(error);
+    }
+    // After the worker's first read of the folder, which forgets names without a file.
+    for (name, reason) in first_copy.refused {
+        adapters.refuse_unread(&name, reason);
     }
     let poller = mirror.take().map(|mirror| {
         StorePoller::start(
