@@ -6,7 +6,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use image::RgbImage;
 use rl4pix_model::adapter::{LoraAdapter, LoraTargets};
 use rl4pix_model::lora::ResolvedAdapter;
@@ -148,7 +148,7 @@ impl ModelBackend {
         dtype_spec: &str,
         capture_attention: bool,
     ) -> Result<Self, BackendError> {
-        let device = parse_device(device_spec)?;
+        let device = rl4pix_model::device::parse_device(device_spec)?;
         let dtype = parse_dtype(dtype_spec)?;
         let pipeline = InstructPix2Pix::load_with_dtype(dir, &device, dtype)?;
         let info = BackendInfo {
@@ -193,25 +193,6 @@ fn model_name(dir: &Path) -> String {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| dir.display().to_string())
-}
-
-pub fn parse_device(spec: &str) -> Result<Device, BackendError> {
-    let bad = |m: String| BackendError::Model(ModelError::InvalidArgument(m));
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        other => {
-            let ordinal = other
-                .strip_prefix("cuda:")
-                .or_else(|| (other == "cuda").then_some("0"))
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| bad(format!("--device must be cpu or cuda:N, got `{other}`")))?;
-            Device::new_cuda(ordinal).map_err(|e| {
-                bad(format!(
-                    "cannot open {other}: {e} (CUDA needs a build with `--features cuda`)"
-                ))
-            })
-        }
-    }
 }
 
 fn parse_dtype(spec: &str) -> Result<DType, BackendError> {

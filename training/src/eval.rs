@@ -605,21 +605,17 @@ pub fn evaluate(
 
 /// A stable per-turn seed, so a model's output for a turn does not depend on what ran before it.
 pub fn turn_seed(base: u64, session_id: &str, turn_index: usize, setting: Setting) -> u64 {
+    use std::hash::Hasher;
     // FNV-1a: fixed across platforms and Rust versions, unlike std's hasher.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut hash = fnv::FnvHasher::default();
     let tag = match setting {
         Setting::Independent => b'i',
         Setting::Iterative => b't',
     };
-    for byte in session_id
-        .bytes()
-        .chain((turn_index as u64).to_le_bytes())
-        .chain([tag])
-    {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    base ^ hash
+    hash.write(session_id.as_bytes());
+    hash.write(&(turn_index as u64).to_le_bytes());
+    hash.write(&[tag]);
+    base ^ hash.finish()
 }
 
 #[cfg(test)]

@@ -583,7 +583,8 @@ impl DdpoConfig {
     }
 }
 
-fn flatten(value: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
+/// Every leaf of a JSON tree as (dotted key, value), in the tree's order.
+pub(crate) fn flatten(value: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
     match value {
         Value::Object(map) => {
             for (k, v) in map {

@@ -16,6 +16,7 @@ use super::spec::{SamplerSpec, SynthSpec};
 use super::table::RunSummary;
 use crate::data::Dataset;
 use crate::ddpo::audit::reward_formula;
+use crate::ddpo::config::flatten;
 use crate::ddpo::prompts::load_prompts;
 use crate::ddpo::trainer::{list_checkpoints, BEST_DIR, CHECKPOINTS_DIR, LOG_FILE};
 use crate::ddpo::{DdpoConfig, EpochLog, Trainer};
@@ -114,7 +115,7 @@ pub fn ensure_synth(dir: &Path, spec: &SynthSpec, threads: usize) -> anyhow::Res
 /// folder, which may change between reruns.
 fn comparable_config(config: &Value) -> Vec<(String, Value)> {
     let mut flat = Vec::new();
-    flatten_json(config, "", &mut flat);
+    flatten(config, "", &mut flat);
     flat.retain(|(key, _)| {
         !matches!(
             key.as_str(),
@@ -122,22 +123,6 @@ fn comparable_config(config: &Value) -> Vec<(String, Value)> {
         )
     });
     flat
-}
-
-fn flatten_json(value: &Value, prefix: &str, out: &mut Vec<(String, Value)>) {
-    match value {
-        Value::Object(map) => {
-            for (key, v) in map {
-                let key = if prefix.is_empty() {
-                    key.clone()
-                } else {
-                    format!("{prefix}.{key}")
-                };
-                flatten_json(v, &key, out);
-            }
-        }
-        other => out.push((prefix.to_string(), other.clone())),
-    }
 }
 
 /// Refuses to continue a run that was started with another configuration.
@@ -331,13 +316,11 @@ struct CachedEval {
 
 /// FNV-1a of a file's bytes: enough to notice that an adapter changed.
 fn file_fnv1a(path: &Path) -> anyhow::Result<u64> {
+    use std::hash::Hasher;
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    Ok(hash)
+    let mut hash = fnv::FnvHasher::default();
+    hash.write(&bytes);
+    Ok(hash.finish())
 }
 
 impl EvalContext {
