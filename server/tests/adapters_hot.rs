@@ -19,7 +19,7 @@ use rl4pix_model::adapter::LoraAdapter;
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 use serde_json::Value;
 
-const KEY: &str = "sesame";
+const KEY: &str = common::ADMIN_KEY;
 const INSTRUCTION: &str = "make the red square blue";
 const STEPS: usize = 2;
 const SEED: u64 = 7;
@@ -123,42 +123,6 @@ async fn edit_ok(http: &reqwest::Client, url: &str, adapter: Option<&str>) -> (R
         String::from_utf8_lossy(&bytes)
     );
     (decode_png(&bytes), served_adapter)
-}
-
-async fn list(http: &reqwest::Client, url: &str) -> Vec<Value> {
-    let r = http
-        .get(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Vec<Value>>().await.unwrap()
-}
-
-fn entry<'a>(listed: &'a [Value], name: &str) -> Option<&'a Value> {
-    listed.iter().find(|e| e["name"] == name)
-}
-
-/// Polls `GET /adapters` until `done` holds (the watcher works in the background).
-async fn wait_for(
-    http: &reqwest::Client,
-    url: &str,
-    what: &str,
-    done: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
-    let started = Instant::now();
-    loop {
-        let listed = list(http, url).await;
-        if done(&listed) {
-            return listed;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}; GET /adapters: {listed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn index_of(expected: &[RgbImage], image: &RgbImage) -> Option<usize> {
@@ -277,8 +241,8 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
                     std::io::Write::write_all(&mut file, &bytes[half..]).unwrap();
                 }
                 let created = format!("hot-v{k}");
-                wait_for(&http, &url, &created, |listed| {
-                    entry(listed, "hot").is_some_and(|e| e["created"] == created.as_str())
+                wait_for_adapters(&http, &url, &created, |listed| {
+                    adapter_entry(listed, "hot").is_some_and(|e| e["created"] == created.as_str())
                 })
                 .await;
                 live.store(k, Ordering::SeqCst);
@@ -324,9 +288,9 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
     let started = Instant::now();
     loop {
         let done = finished.load(Ordering::SeqCst);
-        let listed = list(&http, &url).await;
+        let listed = list_adapters(&http, &url).await;
         let in_flight =
-            entry(&listed, "up").map_or(0, |e| e["requests_in_flight"].as_u64().unwrap());
+            adapter_entry(&listed, "up").map_or(0, |e| e["requests_in_flight"].as_u64().unwrap());
         if done + in_flight as usize >= UPLOADED_REQUESTS {
             break;
         }
@@ -368,11 +332,11 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
         total >= MIN_REQUESTS + UPLOADED_REQUESTS,
         "{total} requests"
     );
-    let listed = list(&http, &url).await;
-    let hot_entry = entry(&listed, "hot").unwrap();
+    let listed = list_adapters(&http, &url).await;
+    let hot_entry = adapter_entry(&listed, "hot").unwrap();
     assert_eq!(hot_entry["created"], format!("hot-v{REPLACEMENTS}"));
     assert!(hot_entry["error"].is_null(), "{hot_entry}");
-    assert!(entry(&listed, "up").is_none());
+    assert!(adapter_entry(&listed, "up").is_none());
     let (image, _) = edit_ok(&http, &url, Some("hot")).await;
     assert_eq!(index_of(&expected, &image), Some(REPLACEMENTS));
     server.shutdown().await.unwrap();
@@ -394,7 +358,8 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
     let url = server.url();
     let http = client();
     assert_eq!(edit_ok(&http, &url, Some("mine")).await.0, expected_good);
-    let generation = entry(&list(&http, &url).await, "mine").unwrap()["generation"].clone();
+    let generation =
+        adapter_entry(&list_adapters(&http, &url).await, "mine").unwrap()["generation"].clone();
 
     // A truncated copy lands over it (a copy cut short): refused, the good version serves.
     let bytes = newer.to_bytes().unwrap();
@@ -403,11 +368,11 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
         &bytes[..bytes.len() / 3],
     )
     .unwrap();
-    let listed = wait_for(&http, &url, "the truncated file's refusal", |listed| {
-        entry(listed, "mine").is_some_and(|e| e["error"].is_string())
+    let listed = wait_for_adapters(&http, &url, "the truncated file's refusal", |listed| {
+        adapter_entry(listed, "mine").is_some_and(|e| e["error"].is_string())
     })
     .await;
-    let mine = entry(&listed, "mine").unwrap();
+    let mine = adapter_entry(&listed, "mine").unwrap();
     assert_eq!(mine["status"], "loaded");
     assert_eq!(mine["generation"], generation);
     assert!(mine["error"].as_str().unwrap().contains("mine"), "{mine}");
@@ -424,14 +389,14 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
         dir.path().join("other.safetensors"),
     )
     .unwrap();
-    let listed = wait_for(&http, &url, "two refusals", |listed| {
+    let listed = wait_for_adapters(&http, &url, "two refusals", |listed| {
         ["cut", "other"]
             .iter()
-            .all(|n| entry(listed, n).is_some_and(|e| e["status"] == "refused"))
+            .all(|n| adapter_entry(listed, n).is_some_and(|e| e["status"] == "refused"))
     })
     .await;
     for name in ["cut", "other"] {
-        let reason = entry(&listed, name).unwrap()["error"]
+        let reason = adapter_entry(&listed, name).unwrap()["error"]
             .as_str()
             .unwrap()
             .to_string();
@@ -464,11 +429,11 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
 
     // The whole file arrives: it replaces the good version and the refusal is gone.
     write_adapter(dir.path(), "mine", &newer);
-    let listed = wait_for(&http, &url, "the repaired file", |listed| {
-        entry(listed, "mine").is_some_and(|e| e["created"] == "newer")
+    let listed = wait_for_adapters(&http, &url, "the repaired file", |listed| {
+        adapter_entry(listed, "mine").is_some_and(|e| e["created"] == "newer")
     })
     .await;
-    let mine = entry(&listed, "mine").unwrap();
+    let mine = adapter_entry(&listed, "mine").unwrap();
     assert!(mine["error"].is_null(), "{mine}");
     assert!(mine["generation"].as_u64() > generation.as_u64());
     assert_eq!(edit_ok(&http, &url, Some("mine")).await.0, expected_newer);
@@ -600,9 +565,11 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
         .await
         .unwrap();
     assert_eq!(info["default_adapter"], "x");
-    assert!(entry(&list(&http, &url).await, "x").unwrap()["default"]
-        .as_bool()
-        .unwrap());
+    assert!(
+        adapter_entry(&list_adapters(&http, &url).await, "x").unwrap()["default"]
+            .as_bool()
+            .unwrap()
+    );
 
     let r = http
         .delete(format!("{url}/adapters/x"))
@@ -676,7 +643,7 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
         names
             .iter()
             .map(|n| {
-                entry(listed, n).unwrap()["status"]
+                adapter_entry(listed, n).unwrap()["status"]
                     .as_str()
                     .unwrap()
                     .to_string()
@@ -685,22 +652,22 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
     };
 
     // Read in name order; the third pushed out the first.
-    let listed = list(&http, &url).await;
+    let listed = list_adapters(&http, &url).await;
     assert_eq!(statuses(&listed), ["unloaded", "loaded", "loaded"]);
-    let a_generation = entry(&listed, "a").unwrap()["generation"].clone();
+    let a_generation = adapter_entry(&listed, "a").unwrap()["generation"].clone();
     let (image, _) = edit_ok(&http, &url, Some("a")).await;
     assert_eq!(image, expected[0], "read again from its file");
-    let listed = list(&http, &url).await;
+    let listed = list_adapters(&http, &url).await;
     assert_eq!(statuses(&listed), ["loaded", "unloaded", "loaded"]);
     assert_eq!(
-        entry(&listed, "a").unwrap()["generation"],
+        adapter_entry(&listed, "a").unwrap()["generation"],
         a_generation,
         "same file, same version"
     );
     assert_eq!(edit_ok(&http, &url, Some("c")).await.0, expected[2]);
     assert_eq!(edit_ok(&http, &url, Some("b")).await.0, expected[1]);
     assert_eq!(
-        statuses(&list(&http, &url).await),
+        statuses(&list_adapters(&http, &url).await),
         ["unloaded", "loaded", "loaded"],
         "`a` was the least recently used"
     );
@@ -718,7 +685,7 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
         serde_json::json!(["a", "b", "c"]),
         "all requestable"
     );
-    let memory = entry(&listed, "a").unwrap()["memory_bytes"]
+    let memory = adapter_entry(&listed, "a").unwrap()["memory_bytes"]
         .as_u64()
         .unwrap();
     server.shutdown().await.unwrap();
@@ -729,7 +696,7 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
     let server = start(args).await;
     let url = server.url();
     assert_eq!(
-        statuses(&list(&http, &url).await),
+        statuses(&list_adapters(&http, &url).await),
         ["unloaded", "loaded", "loaded"]
     );
     assert_eq!(edit_ok(&http, &url, Some("a")).await.0, expected[0]);

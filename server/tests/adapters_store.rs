@@ -23,7 +23,7 @@ use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 use serde_json::Value;
 use tokio::sync::watch;
 
-const KEY: &str = "sesame";
+const KEY: &str = common::ADMIN_KEY;
 const BUCKET: &str = "rl4pix-adapters";
 const INSTRUCTION: &str = "make the red square blue";
 const STEPS: usize = 2;
@@ -202,43 +202,8 @@ async fn edit(http: &reqwest::Client, url: &str, adapter: &str) -> (u16, Vec<u8>
     (status, r.bytes().await.unwrap().to_vec())
 }
 
-async fn list(http: &reqwest::Client, url: &str) -> Vec<Value> {
-    let r = http
-        .get(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
-fn entry<'a>(listed: &'a [Value], name: &str) -> Option<&'a Value> {
-    listed.iter().find(|e| e["name"] == name)
-}
-
-async fn wait_for(
-    http: &reqwest::Client,
-    url: &str,
-    what: &str,
-    done: impl Fn(&[Value]) -> bool,
-) -> Vec<Value> {
-    let started = Instant::now();
-    loop {
-        let listed = list(http, url).await;
-        if done(&listed) {
-            return listed;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}; GET /adapters: {listed:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn created_is(listed: &[Value], name: &str, created: &str) -> bool {
-    entry(listed, name).is_some_and(|e| e["created"] == created && e["status"] == "loaded")
+    adapter_entry(listed, name).is_some_and(|e| e["created"] == created && e["status"] == "loaded")
 }
 
 fn server_args(adapters: &str, max_adapter_bytes: u64) -> rl4pix_server::Args {
@@ -304,11 +269,11 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     let url = server.url();
 
     // Copied before /ready: no waiting for the first poll.
-    let listed = list(&http, &url).await;
+    let listed = list_adapters(&http, &url).await;
     assert!(created_is(&listed, "style", "v1"), "{listed:?}");
-    let broken = entry(&listed, "broken").expect("refused, and listed with its reason");
+    let broken = adapter_entry(&listed, "broken").expect("refused, and listed with its reason");
     assert_eq!(broken["status"], "refused");
-    let huge = entry(&listed, "huge").expect("refused by size");
+    let huge = adapter_entry(&listed, "huge").expect("refused by size");
     assert_eq!(huge["status"], "refused");
     assert!(
         huge["error"].as_str().unwrap().contains("not downloaded"),
@@ -340,13 +305,14 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     assert_eq!(error_type(delete, 409).await, "adapters_in_object_store");
 
     // Published once: replaced in the store, swapped in by the next poll.
-    let generation_v1 = entry(&listed, "style").unwrap()["generation"]
+    let generation_v1 = adapter_entry(&listed, "style").unwrap()["generation"]
         .as_u64()
         .unwrap();
     put("style", v2_bytes.clone()).await;
-    let listed = wait_for(&http, &url, "v2 of style", |l| created_is(l, "style", "v2")).await;
+    let listed =
+        wait_for_adapters(&http, &url, "v2 of style", |l| created_is(l, "style", "v2")).await;
     assert!(
-        entry(&listed, "style").unwrap()["generation"]
+        adapter_entry(&listed, "style").unwrap()["generation"]
             .as_u64()
             .unwrap()
             > generation_v1
@@ -367,8 +333,8 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let listed = list(&http, &url).await;
-    let style = entry(&listed, "style").unwrap();
+    let listed = list_adapters(&http, &url).await;
+    let style = adapter_entry(&listed, "style").unwrap();
     assert!(created_is(&listed, "style", "v2"), "{listed:?}");
     assert!(
         style["error"].is_null(),
@@ -380,8 +346,8 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
 
     // A broken style is refused; v2 keeps serving.
     put("style", b"garbage".to_vec()).await;
-    let listed = wait_for(&http, &url, "the refusal of the broken style", |l| {
-        entry(l, "style").is_some_and(|e| !e["error"].is_null())
+    let listed = wait_for_adapters(&http, &url, "the refusal of the broken style", |l| {
+        adapter_entry(l, "style").is_some_and(|e| !e["error"].is_null())
     })
     .await;
     assert!(created_is(&listed, "style", "v2"), "{listed:?}");
@@ -391,17 +357,17 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
 
     // A good version again clears the refusal.
     put("style", v1_bytes.clone()).await;
-    let listed = wait_for(&http, &url, "v1 again", |l| {
-        created_is(l, "style", "v1") && entry(l, "style").unwrap()["error"].is_null()
+    let listed = wait_for_adapters(&http, &url, "v1 again", |l| {
+        created_is(l, "style", "v1") && adapter_entry(l, "style").unwrap()["error"].is_null()
     })
     .await;
-    assert!(entry(&listed, "huge").is_some());
+    assert!(adapter_entry(&listed, "huge").is_some());
 
     // Deleted from the store: gone from the server.
     store.delete(&key("style")).await.unwrap();
     store.delete(&key("huge")).await.unwrap();
-    wait_for(&http, &url, "style and huge removed", |l| {
-        entry(l, "style").is_none() && entry(l, "huge").is_none()
+    wait_for_adapters(&http, &url, "style and huge removed", |l| {
+        adapter_entry(l, "style").is_none() && adapter_entry(l, "huge").is_none()
     })
     .await;
     let (status, _) = edit(&http, &url, "style").await;
@@ -425,7 +391,7 @@ async fn a_file_url_is_an_object_store_too() {
     let server = start(args).await;
     let http = client();
     let url = server.url();
-    let listed = list(&http, &url).await;
+    let listed = list_adapters(&http, &url).await;
     assert!(created_is(&listed, "style", "file-v1"), "{listed:?}");
     assert_eq!(listed.len(), 1, "{listed:?}");
     let (status, body) = edit(&http, &url, "style").await;

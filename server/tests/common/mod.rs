@@ -220,3 +220,51 @@ pub async fn error_type(response: reqwest::Response, status: u16) -> String {
     );
     body["error_type"].as_str().unwrap().to_string()
 }
+
+/// The admin key the adapter tests start their servers with.
+pub const ADMIN_KEY: &str = "sesame";
+
+/// `GET /adapters` with the admin key.
+pub async fn list_adapters(http: &reqwest::Client, url: &str) -> Vec<serde_json::Value> {
+    let r = http
+        .get(format!("{url}/adapters"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+pub fn adapter_entry<'a>(
+    listed: &'a [serde_json::Value],
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    listed.iter().find(|e| e["name"] == name)
+}
+
+/// Polls `GET /adapters` until `done` holds (the watcher works in the background).
+pub async fn wait_for_adapters(
+    http: &reqwest::Client,
+    url: &str,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let started = Instant::now();
+    loop {
+        let listed = list_adapters(http, url).await;
+        if done(&listed) {
+            return listed;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "timed out waiting for {what}; GET /adapters: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A GET whose answer is JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
+}
