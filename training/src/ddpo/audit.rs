@@ -218,17 +218,7 @@ pub fn audit(
         config.sample.num_steps,
         config.sample.eta,
     )?;
-    let guidance = if config.sample.use_model_guidance {
-        Guidance {
-            text: pipeline.sampling_defaults.guidance_scale,
-            image: pipeline.sampling_defaults.image_guidance_scale,
-        }
-    } else {
-        Guidance {
-            text: config.sample.guidance_scale,
-            image: config.sample.image_guidance_scale,
-        }
-    };
+    let guidance = Guidance::of_policy(&config.sample, pipeline);
     let base = Arc::new(ResolvedAdapter {
         name: "base".into(),
         deltas: vec![None; pipeline.unet.projections().entries.len()],

@@ -60,6 +60,27 @@ pub struct Guidance {
     pub image: f64,
 }
 
+impl Guidance {
+    /// The policy's guidance: the model's recorded one when `sample.use_model_guidance`, else
+    /// the configured scales.
+    pub fn of_policy(
+        sample: &super::config::SampleConfig,
+        pipeline: &rl4pix_model::pipeline::InstructPix2Pix,
+    ) -> Self {
+        if sample.use_model_guidance {
+            Self {
+                text: pipeline.sampling_defaults.guidance_scale,
+                image: pipeline.sampling_defaults.image_guidance_scale,
+            }
+        } else {
+            Self {
+                text: sample.guidance_scale,
+                image: sample.image_guidance_scale,
+            }
+        }
+    }
+}
+
 /// A batch of trajectories (B samples, T steps).
 pub struct Trajectories {
     /// Index into the prompt list of each sample.

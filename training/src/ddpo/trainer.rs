@@ -173,17 +173,7 @@ impl<'a> Trainer<'a> {
             config.per_prompt_stat_tracking.buffer_size,
             config.per_prompt_stat_tracking.min_count,
         );
-        let sampling_guidance = if config.sample.use_model_guidance {
-            Guidance {
-                text: pipeline.sampling_defaults.guidance_scale,
-                image: pipeline.sampling_defaults.image_guidance_scale,
-            }
-        } else {
-            Guidance {
-                text: config.sample.guidance_scale,
-                image: config.sample.image_guidance_scale,
-            }
-        };
+        let sampling_guidance = Guidance::of_policy(&config.sample, pipeline);
         let attention_source =
             AttentionSource::parse(&config.reward.attention_source).ok_or_else(|| {
                 DdpoError::Config {
