@@ -319,17 +319,27 @@ pub fn base_prediction(
     latents: &Tensor,
     step_indices: &[usize],
 ) -> Result<Tensor> {
+    Ok(prediction_at_steps(pipeline, scheduler, cond, latents, step_indices, &[])?.detach())
+}
+
+/// The guided UNet prediction at the recorded steps `step_indices` under `adapters`.
+fn prediction_at_steps(
+    pipeline: &InstructPix2Pix,
+    scheduler: &DdimScheduler,
+    cond: &Conditioning,
+    latents: &Tensor,
+    step_indices: &[usize],
+    adapters: &[Arc<ResolvedAdapter>],
+) -> Result<Tensor> {
     let timesteps: Vec<f64> = step_indices
         .iter()
         .map(|&s| scheduler.timesteps()[s] as f64)
         .collect();
     let ctx = ForwardCtx {
-        adapters: &[],
+        adapters,
         capture: None,
     };
-    Ok(pipeline
-        .guided_noise_pred(cond, latents, &timesteps, ctx)?
-        .detach())
+    Ok(pipeline.guided_noise_pred(cond, latents, &timesteps, ctx)?)
 }
 
 /// KL(policy step || base step) per sample (B,), as a mean over latent elements like the
@@ -358,16 +368,8 @@ pub fn policy_prediction(
     step_indices: &[usize],
     adapter: &Arc<ResolvedAdapter>,
 ) -> Result<Tensor> {
-    let timesteps: Vec<f64> = step_indices
-        .iter()
-        .map(|&s| scheduler.timesteps()[s] as f64)
-        .collect();
     let adapters = [adapter.clone()];
-    let ctx = ForwardCtx {
-        adapters: &adapters,
-        capture: None,
-    };
-    Ok(pipeline.guided_noise_pred(cond, latents, &timesteps, ctx)?)
+    prediction_at_steps(pipeline, scheduler, cond, latents, step_indices, &adapters)
 }
 
 /// log p(next | latents) (B,) for samples at per-sample step indices under the current adapter;
