@@ -16,7 +16,7 @@ use candle_core::Device;
 use common::*;
 use image::RgbImage;
 use rl4pix_model::adapter::LoraAdapter;
-use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::pipeline::InstructPix2Pix;
 use serde_json::Value;
 
 const KEY: &str = common::ADMIN_KEY;
@@ -56,25 +56,13 @@ impl Reference {
 
     /// What the server must answer for this adapter (None: the base), run alone.
     fn expected(&self, adapter: Option<&LoraAdapter>) -> RgbImage {
-        let adapters: Vec<_> = adapter
-            .map(|a| Arc::new(self.model.resolve_adapter(a).unwrap()))
-            .into_iter()
-            .collect();
-        let request = EditRequest {
-            image: &self.input,
-            instruction: INSTRUCTION,
-            params: EditParams {
-                steps: STEPS,
-                seed: SEED,
-                ..EditParams::default()
-            },
-            init_latents: None,
-        };
-        self.model
-            .edit_batch(&[request], &adapters, &mut |_, _| true)
-            .unwrap()
-            .remove(0)
-            .image
+        direct_edit(
+            &self.model,
+            &self.input,
+            INSTRUCTION,
+            (STEPS, SEED),
+            adapter,
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use image::RgbImage;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload};
 use rl4pix_model::adapter::LoraAdapter;
-use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
+use rl4pix_model::pipeline::InstructPix2Pix;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -167,22 +167,13 @@ impl Reference {
     }
 
     fn expected(&self, adapter: &LoraAdapter) -> RgbImage {
-        let resolved = vec![Arc::new(self.model.resolve_adapter(adapter).unwrap())];
-        let request = EditRequest {
-            image: &self.input,
-            instruction: INSTRUCTION,
-            params: EditParams {
-                steps: STEPS,
-                seed: SEED,
-                ..EditParams::default()
-            },
-            init_latents: None,
-        };
-        self.model
-            .edit_batch(&[request], &resolved, &mut |_, _| true)
-            .unwrap()
-            .remove(0)
-            .image
+        direct_edit(
+            &self.model,
+            &self.input,
+            INSTRUCTION,
+            (STEPS, SEED),
+            Some(adapter),
+        )
     }
 }
 

@@ -268,3 +268,33 @@ pub async fn wait_for_adapters(
 pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
     http.get(url).send().await.unwrap().json().await.unwrap()
 }
+
+/// What the model answers for one request run alone in-process (None: the base), seeded like
+/// the server's: the reference the HTTP answers are compared with.
+pub fn direct_edit(
+    model: &rl4pix_model::pipeline::InstructPix2Pix,
+    input: &RgbImage,
+    instruction: &str,
+    (steps, seed): (usize, u64),
+    adapter: Option<&rl4pix_model::adapter::LoraAdapter>,
+) -> RgbImage {
+    let adapters: Vec<_> = adapter
+        .map(|a| std::sync::Arc::new(model.resolve_adapter(a).unwrap()))
+        .into_iter()
+        .collect();
+    let request = rl4pix_model::pipeline::EditRequest {
+        image: input,
+        instruction,
+        params: rl4pix_model::pipeline::EditParams {
+            steps,
+            seed,
+            ..Default::default()
+        },
+        init_latents: None,
+    };
+    model
+        .edit_batch(&[request], &adapters, &mut |_, _| true)
+        .unwrap()
+        .remove(0)
+        .image
+}
