@@ -645,11 +645,25 @@ fn base_attention_ignores_the_adapter_and_policy_attention_does_not() {
         attention(&zero, AttentionSource::Base),
         attention(&moved, AttentionSource::Base)
     );
-    assert_eq!(
-        attention(&zero, AttentionSource::Base),
-        attention(&zero, AttentionSource::Policy),
-        "with a zero adapter both read the same UNet"
+    // With a zero adapter both read the same UNet, but not in the same batch: the base's maps come
+    // from a forward of the text-conditioned rows alone, the policy's from the guided batch, and
+    // candle's composed matmuls (RL4PIX_FUSED=0, the GPU path) may round differently per batch
+    // size. So: equal to float rounding, and far closer than a moved adapter.
+    let largest_gap = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+        a.iter()
+            .flatten()
+            .zip(b.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    let base = attention(&zero, AttentionSource::Base);
+    let rounding = largest_gap(&base, &attention(&zero, AttentionSource::Policy));
+    assert!(
+        rounding <= 1e-5,
+        "with a zero adapter both read the same UNet: largest gap {rounding}"
     );
+    let moved_gap = largest_gap(&base, &attention(&moved, AttentionSource::Policy));
+    assert!(moved_gap > 1e-3, "a moved adapter moves the policy's maps: {moved_gap}");
     assert_ne!(
         attention(&zero, AttentionSource::Policy),
         attention(&moved, AttentionSource::Policy)
