@@ -160,6 +160,8 @@ pub struct Job {
     pub cancel: CancelToken,
     pub progress: Arc<Progress>,
     pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
+    /// The edit's share of the cost budget, given back when the job is dropped.
+    pub cost: Option<crate::budget::Reservation>,
 }
 
 impl Job {
@@ -190,6 +192,7 @@ impl Job {
             cancel: CancelToken::default(),
             progress: Arc::new(Progress::default()),
             reply,
+            cost: None,
         };
         (job, rx)
     }

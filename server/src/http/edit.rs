@@ -13,6 +13,7 @@ use base64::Engine;
 use super::body::{
     body_too_large, content_length, content_type, media_type, read_body, wants_json,
 };
+use super::client::ClientOf;
 use super::edit_dto::{EditForm, EditJsonRequest, EditJsonResponse, JobAccepted};
 use super::edit_parse::{parse_json_edit, parse_multipart_edit, validate, RawEdit};
 use super::error::ErrorBody;
@@ -69,6 +70,7 @@ use crate::error::ServiceError;
 )]
 pub async fn edit(
     State(state): State<Arc<AppState>>,
+    ClientOf(client): ClientOf,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ServiceError> {
@@ -76,7 +78,7 @@ pub async fn edit(
     service.check_admission()?;
     let raw = read_edit(&headers, body, service.limits().max_body_bytes).await?;
     let submission = validate(raw, service.limits(), service.info())?;
-    let prepared = service.prepare(submission).await?;
+    let prepared = service.prepare(submission, client).await?;
     if prefers_async(&headers) {
         let id = service.submit(prepared)?;
         return Ok(accepted(id));

@@ -11,7 +11,8 @@ use super::state::Service;
 use crate::adapters::AdapterEntry;
 use crate::attention_cache::CachedEdit;
 use crate::backend::BatchItem;
-use crate::codec::{self, OutputFormat};
+use crate::budget::{Client, Refusal, Reservation};
+use crate::codec::{self, ImageHeader, OutputFormat};
 use crate::edit::{EditResult, EditSubmission};
 use crate::error::ServiceError;
 use crate::jobs::{JobRecord, Outcome};
@@ -24,6 +25,8 @@ pub struct PreparedEdit {
     item: BatchItem,
     adapter: Option<PinnedAdapter>,
     meta: ResultMeta,
+    /// Held from before the decode until the job is dropped.
+    cost: Reservation,
 }
 
 /// What the answer needs besides the model's output.
@@ -69,20 +72,36 @@ impl Service {
     }
 
     /// Pins the adapter version the edit runs with (whatever happens to the name later),
-    /// checks the image's declared size, then decodes it.
-    pub async fn prepare(&self, submission: EditSubmission) -> Result<PreparedEdit, ServiceError> {
+    /// inspects the image (format, size, metadata bombs), charges its cost to `client`, then
+    /// decodes it. Inspection and decoding run on blocking threads, at most
+    /// `--max-concurrent-decodes` at once.
+    pub async fn prepare(
+        &self,
+        submission: EditSubmission,
+        client: Client,
+    ) -> Result<PreparedEdit, ServiceError> {
         let adapter = self.adapters.for_request(submission.adapter.as_deref())?;
         let max_pixels = self.limits.max_pixels;
-        let image_format = codec::check_declared_image(&submission.image, max_pixels)?;
+        let _turn = self
+            .decodes
+            .acquire()
+            .await
+            .map_err(|_| ServiceError::unavailable("the server is shutting down"))?;
+        let bytes = submission.image.clone();
+        let header = blocking(move || codec::inspect(&bytes, max_pixels)).await?;
+        let grid = self.planned_grid(header, submission.working_size)?;
+        let cost = grid.0 as u64 * grid.1 as u64 * submission.params.steps as u64;
+        let cost = self
+            .costs
+            .reserve(client, cost)
+            .map_err(|refusal| self.refused(refusal))?;
         let adapter_name = adapter
             .as_ref()
             .map(|a| a.adapter.name.clone())
             .unwrap_or_else(|| "none".into());
         let bytes = submission.image;
-        let image =
-            tokio::task::spawn_blocking(move || codec::decode(&bytes, image_format, max_pixels))
-                .await
-                .map_err(|e| ServiceError::internal(format!("decoding task failed: {e}")))??;
+        let image = blocking(move || codec::decode(&bytes, header, max_pixels)).await?;
+        drop(_turn);
         let image = Arc::new(image);
         let rescaled = self.working_image(&image, submission.working_size, submission.keep_input);
         let meta = ResultMeta {
@@ -103,6 +122,7 @@ impl Service {
             },
             adapter: adapter.map(pin),
             meta,
+            cost,
         })
     }
 
@@ -164,13 +184,14 @@ impl Service {
     }
 
     fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta) {
-        let (job, reply) = Job::new(
+        let (mut job, reply) = Job::new(
             edit.edit_id,
             edit.item,
             edit.adapter,
             self.info.vae_scale_factor,
             self.limits.request_timeout(),
         );
+        job.cost = Some(edit.cost);
         (job, reply, edit.meta)
     }
 
@@ -228,6 +249,49 @@ impl Service {
         if self.jobs.finish(&record, outcome) {
             if let Some(label) = edit_outcome {
                 self.metrics.edit_outcome(label);
+            }
+        }
+    }
+
+    /// The grid the model will run a `header`-sized picture at (working size, then the VAE
+    /// grid); refused when that grid has more pixels than `--max-pixels` (a 1x1048576 picture
+    /// runs at 4x1048576 on a 4-pixel grid).
+    fn planned_grid(
+        &self,
+        header: ImageHeader,
+        mode: SizeMode,
+    ) -> Result<(u32, u32), ServiceError> {
+        let factor = self.info.vae_scale_factor.max(1) as u32;
+        let (width, height) = (header.width, header.height);
+        let dims = match (self.info.working_size, mode) {
+            (Some(side), SizeMode::Model) => {
+                working_size::working_dims(width, height, side, factor)
+            }
+            _ => (width, height),
+        };
+        let grid = rl4pix_model::image_io::size_for_vae(dims.0, dims.1, factor);
+        let pixels = grid.0 as u64 * grid.1 as u64;
+        if pixels > self.limits.max_pixels {
+            return Err(ServiceError::too_large(
+                "image_too_large",
+                format!(
+                    "a {width}x{height} picture runs at {}x{} = {pixels} pixels (rounded to the model's {factor}-pixel grid); the limit is {} (--max-pixels)",
+                    grid.0, grid.1, self.limits.max_pixels
+                ),
+            ));
+        }
+        Ok(grid)
+    }
+
+    /// An edit the cost budget refused: too costly for any queue (413), or not now (429).
+    fn refused(&self, refusal: Refusal) -> ServiceError {
+        match refusal {
+            Refusal::TooCostly { .. } => {
+                ServiceError::too_large("edit_too_costly", refusal.to_string())
+            }
+            Refusal::ClientShare { .. } | Refusal::Full { .. } => {
+                self.metrics.edit_outcome("rejected");
+                ServiceError::busy(refusal.to_string(), self.retry_after_s())
             }
         }
     }
@@ -310,6 +374,15 @@ fn pin(entry: Arc<AdapterEntry>) -> PinnedAdapter {
         entry.adapter.resolved.clone(),
         entry,
     )
+}
+
+/// Runs CPU-bound image work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::internal(format!("image task failed: {e}")))?
 }
 
 fn worker_dropped() -> ServiceError {
