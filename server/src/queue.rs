@@ -160,8 +160,6 @@ pub struct Job {
     pub cancel: CancelToken,
     pub progress: Arc<Progress>,
     pub reply: oneshot::Sender<Result<JobOutput, JobError>>,
-    /// The edit's share of the cost budget, given back when the job is dropped.
-    pub cost: Option<crate::budget::Reservation>,
 }
 
 impl Job {
@@ -192,7 +190,6 @@ impl Job {
             cancel: CancelToken::default(),
             progress: Arc::new(Progress::default()),
             reply,
-            cost: None,
         };
         (job, rx)
     }

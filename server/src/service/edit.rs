@@ -25,7 +25,7 @@ pub struct PreparedEdit {
     item: BatchItem,
     adapter: Option<PinnedAdapter>,
     meta: ResultMeta,
-    /// Held from before the decode until the job is dropped.
+    /// Held from before the decode until the worker answers (or the job is dropped unrun).
     cost: Reservation,
 }
 
@@ -130,12 +130,14 @@ impl Service {
     /// client left) abandons the edit: the worker skips it, or cancels its batch when no other
     /// member is still wanted.
     pub async fn run(&self, edit: PreparedEdit) -> Result<EditResult, ServiceError> {
-        let (job, reply, meta) = self.job_for(edit);
+        let (job, reply, meta, cost) = self.job_for(edit);
         let edit_id = job.id.clone();
         let deadline = tokio::time::Instant::from_std(job.deadline);
         let _cancel_on_drop = CancelOnDrop(job.cancel.clone());
         self.push(job)?;
-        let output = match tokio::time::timeout_at(deadline, reply).await {
+        let answer = tokio::time::timeout_at(deadline, reply).await;
+        drop(cost);
+        let output = match answer {
             Ok(Ok(Ok(output))) => output,
             Ok(Ok(Err(job_error))) => {
                 let outcome = match job_error {
@@ -164,7 +166,7 @@ impl Service {
     /// Queues the edit as an async job and returns its id at once; a task waits for the worker
     /// and records the outcome. The job is tied to no connection: only `cancel_job` stops it.
     pub fn submit(self: &Arc<Self>, edit: PreparedEdit) -> Result<String, ServiceError> {
-        let (job, reply, meta) = self.job_for(edit);
+        let (job, reply, meta, cost) = self.job_for(edit);
         let id = job.id.clone();
         let record = Arc::new(JobRecord::new(
             id.clone(),
@@ -179,20 +181,19 @@ impl Service {
             self.jobs.withdraw(&id);
             return Err(e);
         }
-        tokio::spawn(self.clone().supervise(record, reply, meta));
+        tokio::spawn(self.clone().supervise(record, reply, meta, cost));
         Ok(id)
     }
 
-    fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta) {
-        let (mut job, reply) = Job::new(
+    fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta, Reservation) {
+        let (job, reply) = Job::new(
             edit.edit_id,
             edit.item,
             edit.adapter,
             self.info.vae_scale_factor,
             self.limits.request_timeout(),
         );
-        job.cost = Some(edit.cost);
-        (job, reply, edit.meta)
+        (job, reply, edit.meta, edit.cost)
     }
 
     /// Admits a job or says why not (busy, with a Retry-After from the recent batch times).
@@ -218,8 +219,16 @@ impl Service {
         (mean * (batches_ahead + 1.0)).ceil().clamp(1.0, 60.0) as u64
     }
 
-    async fn supervise(self: Arc<Self>, record: Arc<JobRecord>, reply: Reply, meta: ResultMeta) {
+    async fn supervise(
+        self: Arc<Self>,
+        record: Arc<JobRecord>,
+        reply: Reply,
+        meta: ResultMeta,
+        cost: Reservation,
+    ) {
+        // The reply comes when the worker is done with the job, or the queue dropped it.
         let received = reply.await;
+        drop(cost);
         // Cancelled meanwhile: the result, if any, is discarded unencoded.
         if record.finished().is_some() {
             return;
