@@ -196,7 +196,7 @@ fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), OpenAiError
         (status = 413, description = "Body or image over the limits", body = OpenAiErrorBody),
         (status = 415, description = "Image not PNG, JPEG or WebP", body = OpenAiErrorBody),
         (status = 422, description = "Missing or out-of-range field", body = OpenAiErrorBody),
-        (status = 429, description = "Queue full; retry after `Retry-After` seconds", body = OpenAiErrorBody),
+        (status = 429, description = "Queue full, or the cost budget (in all or this client's share) is held; retry after `Retry-After` seconds", body = OpenAiErrorBody),
         (status = "5XX", description = "As `POST /edit`", body = OpenAiErrorBody),
     )
 )]
