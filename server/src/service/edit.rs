@@ -82,7 +82,7 @@ impl Service {
     ) -> Result<PreparedEdit, ServiceError> {
         let adapter = self.adapters.for_request(submission.adapter.as_deref())?;
         let max_pixels = self.limits.max_pixels;
-        let _turn = self
+        let decode_turn = self
             .decodes
             .acquire()
             .await
@@ -101,7 +101,7 @@ impl Service {
             .unwrap_or_else(|| "none".into());
         let bytes = submission.image;
         let image = blocking(move || codec::decode(&bytes, header, max_pixels)).await?;
-        drop(_turn);
+        drop(decode_turn);
         let image = Arc::new(image);
         let rescaled = self.working_image(&image, submission.working_size, submission.keep_input);
         let meta = ResultMeta {
