@@ -117,6 +117,31 @@ pub struct Args {
     /// `working_size` overrides it.
     #[arg(long, env = "RL4PIX_WORKING_SIZE", value_enum, default_value_t = SizeMode::Model)]
     pub working_size: SizeMode,
+    // --- Limits and hardening: input decoding and cost (issue 17) ---
+    /// Images decoded at once (each on a blocking thread); further requests wait their turn
+    /// before their image is inflated.
+    #[arg(long, env = "RL4PIX_MAX_CONCURRENT_DECODES", default_value_t = 2)]
+    pub max_concurrent_decodes: usize,
+    /// Most an edit may cost, in pixel-steps: steps x the pixels the model runs at (after the
+    /// working size and the VAE grid). Default: --max-pixels x --max-steps.
+    #[arg(long, env = "RL4PIX_MAX_EDIT_COST")]
+    pub max_edit_cost: Option<u64>,
+    /// Pixel-steps of all admitted, unfinished edits together; past it edits get 429.
+    /// Default: 4 x the largest edit's cost.
+    #[arg(long, env = "RL4PIX_MAX_QUEUED_COST")]
+    pub max_queued_cost: Option<u64>,
+    /// Share of --max-queued-cost one client may hold (a client: the configured API key it
+    /// sends, else its IP address).
+    #[arg(long, env = "RL4PIX_MAX_CLIENT_SHARE", default_value_t = 0.5)]
+    pub max_client_share: f64,
+    /// Bytes of encoded results the finished async jobs may hold together; the oldest
+    /// finished are evicted first.
+    #[arg(long, env = "RL4PIX_MAX_JOB_BYTES", default_value_t = 256 << 20)]
+    pub max_job_bytes: u64,
+    /// Bytes the attention cache may hold (inputs and maps); the oldest edit is evicted first.
+    #[arg(long, env = "RL4PIX_ATTENTION_CACHE_BYTES", default_value_t = 64 << 20)]
+    pub attention_cache_bytes: u64,
+    // --- end of input decoding and cost ---
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -169,7 +194,50 @@ impl Args {
         if !(self.job_ttl_s.is_finite() && self.job_ttl_s > 0.0) {
             return Err("--job-ttl-s must be a positive number of seconds".into());
         }
+        self.validate_cost_limits()?;
         Ok(())
+    }
+
+    /// Input decoding and cost limits (issue 17).
+    fn validate_cost_limits(&self) -> Result<(), String> {
+        if self.max_concurrent_decodes == 0 {
+            return Err("--max-concurrent-decodes must be at least 1".into());
+        }
+        if self.max_job_bytes == 0 {
+            return Err("--max-job-bytes must be at least 1".into());
+        }
+        if !(self.max_client_share.is_finite()
+            && self.max_client_share > 0.0
+            && self.max_client_share <= 1.0)
+        {
+            return Err("--max-client-share must be in (0, 1]".into());
+        }
+        let costs = self.costs();
+        if costs.max_edit_cost == 0 {
+            return Err("--max-edit-cost must be at least 1".into());
+        }
+        if costs.max_client_cost < costs.max_edit_cost {
+            return Err(format!(
+                "--max-queued-cost {} x --max-client-share {} = {} is less than one edit's most ({}, --max-edit-cost): no edit could ever be admitted",
+                costs.max_queued_cost, self.max_client_share, costs.max_client_cost, costs.max_edit_cost
+            ));
+        }
+        Ok(())
+    }
+
+    /// The cost budget's bounds, defaults filled in.
+    pub fn costs(&self) -> CostLimits {
+        let max_edit_cost = self
+            .max_edit_cost
+            .unwrap_or_else(|| self.max_pixels.saturating_mul(self.max_steps as u64));
+        let max_queued_cost = self
+            .max_queued_cost
+            .unwrap_or_else(|| max_edit_cost.saturating_mul(4));
+        CostLimits {
+            max_edit_cost,
+            max_queued_cost,
+            max_client_cost: (max_queued_cost as f64 * self.max_client_share).floor() as u64,
+        }
     }
 
     pub fn limits(&self) -> Limits {
@@ -255,4 +323,15 @@ pub struct AdapterSettings {
     pub max_adapters: usize,
     pub max_adapter_bytes: u64,
     pub debounce: Duration,
+}
+
+/// Bounds on what edits may cost, in pixel-steps (steps x working pixels).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostLimits {
+    /// One edit.
+    pub max_edit_cost: u64,
+    /// All admitted, unfinished edits.
+    pub max_queued_cost: u64,
+    /// What one client's admitted, unfinished edits may hold.
+    pub max_client_cost: u64,
 }

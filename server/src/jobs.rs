@@ -179,16 +179,28 @@ fn state_of(finished: Option<&Finished>, stage: Stage) -> JobState {
 #[derive(Default)]
 struct Entries {
     jobs: HashMap<String, Arc<JobRecord>>,
-    /// Finished jobs, oldest first, with when they finished.
-    finished: VecDeque<(Instant, String)>,
+    /// Finished jobs, oldest first, with when they finished and the bytes of their result.
+    finished: VecDeque<(Instant, String, u64)>,
+    /// Sum of those bytes.
+    finished_bytes: u64,
+}
+
+impl Entries {
+    fn evict_oldest(&mut self) {
+        if let Some((_, id, bytes)) = self.finished.pop_front() {
+            self.jobs.remove(&id);
+            self.finished_bytes = self.finished_bytes.saturating_sub(bytes);
+        }
+    }
 }
 
 /// Every async job not yet evicted. Unfinished jobs are bounded by the queue; finished ones by
-/// `max_finished` and `ttl`.
+/// `max_finished`, `max_bytes` (their encoded results together) and `ttl`.
 pub struct JobStore {
     entries: Mutex<Entries>,
     ttl: Duration,
     max_finished: usize,
+    max_bytes: u64,
     metrics: Metrics,
 }
 
@@ -198,8 +210,24 @@ impl JobStore {
             entries: Mutex::new(Entries::default()),
             ttl,
             max_finished,
+            max_bytes: u64::MAX,
             metrics,
         }
+    }
+
+    /// Bounds the bytes of finished jobs' results kept together (`--max-job-bytes`).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Bytes of results the finished jobs hold.
+    pub fn finished_bytes(&self) -> u64 {
+        self.lock().finished_bytes
     }
 
     pub fn ttl(&self) -> Duration {
@@ -218,13 +246,11 @@ impl JobStore {
 
     fn evict_expired(&self, entries: &mut Entries) {
         let now = Instant::now();
-        while let Some((at, _)) = entries.finished.front() {
+        while let Some((at, _, _)) = entries.finished.front() {
             if now.duration_since(*at) < self.ttl {
                 break;
             }
-            if let Some((_, id)) = entries.finished.pop_front() {
-                entries.jobs.remove(&id);
-            }
+            entries.evict_oldest();
         }
     }
 
@@ -245,6 +271,10 @@ impl JobStore {
     /// whether this outcome was the one recorded.
     pub fn finish(&self, record: &JobRecord, outcome: Outcome) -> bool {
         let status = outcome.status();
+        let bytes = match &outcome {
+            Outcome::Done(result) => result.bytes.len() as u64,
+            _ => 0,
+        };
         let mut slot = Some(outcome);
         let recorded = record.finished.send_if_modified(|current| {
             if current.is_some() {
@@ -267,11 +297,13 @@ impl JobStore {
         if entries.jobs.contains_key(&record.id) {
             entries
                 .finished
-                .push_back((Instant::now(), record.id.clone()));
-            while entries.finished.len() > self.max_finished {
-                if let Some((_, id)) = entries.finished.pop_front() {
-                    entries.jobs.remove(&id);
-                }
+                .push_back((Instant::now(), record.id.clone(), bytes));
+            entries.finished_bytes += bytes;
+            // The newest result stays even alone over the byte bound: its client is polling.
+            while entries.finished.len() > self.max_finished
+                || (entries.finished_bytes > self.max_bytes && entries.finished.len() > 1)
+            {
+                entries.evict_oldest();
             }
         }
         true
@@ -286,7 +318,15 @@ impl JobStore {
             .is_some_and(|record| record.finished().is_some());
         if finished {
             entries.jobs.remove(id);
-            entries.finished.retain(|(_, other)| other != id);
+            let mut freed = 0;
+            entries.finished.retain(|(_, other, bytes)| {
+                let keep = other != id;
+                if !keep {
+                    freed += bytes;
+                }
+                keep
+            });
+            entries.finished_bytes = entries.finished_bytes.saturating_sub(freed);
         }
         finished
     }
@@ -336,6 +376,45 @@ mod tests {
         assert!(store.forget("b"));
         assert!(store.get("b").is_none());
         assert!(!store.forget("zzz"));
+    }
+
+    fn done(bytes: usize) -> Outcome {
+        Outcome::Done(Arc::new(EditResult {
+            edit_id: "e".into(),
+            seed: 1,
+            adapter: "none".into(),
+            width: 1,
+            height: 1,
+            working_width: 1,
+            working_height: 1,
+            format: crate::codec::OutputFormat::Png,
+            queue_ms: 0,
+            inference_ms: 0,
+            batch_size: 1,
+            bytes: vec![0u8; bytes].into(),
+        }))
+    }
+
+    #[test]
+    fn finished_results_are_bounded_by_bytes_oldest_first() {
+        let store =
+            JobStore::new(Duration::from_secs(60), 100, Metrics::new(1)).with_max_bytes(250);
+        let jobs: Vec<_> = ["a", "b", "c", "d"].iter().map(|id| record(id)).collect();
+        for job in &jobs {
+            store.insert(job.clone());
+        }
+        store.finish(&jobs[0], done(100));
+        store.finish(&jobs[1], done(100));
+        assert_eq!(store.finished_bytes(), 200);
+        store.finish(&jobs[2], done(100));
+        assert!(store.get("a").is_none(), "the oldest result made room");
+        assert!(store.get("b").is_some() && store.get("c").is_some());
+        assert_eq!(store.finished_bytes(), 200);
+        // Failures and cancellations hold no result and cost nothing.
+        store.finish(&jobs[3], Outcome::Cancelled);
+        assert_eq!(store.finished_bytes(), 200);
+        assert!(store.forget("b"));
+        assert_eq!(store.finished_bytes(), 100);
     }
 
     #[test]

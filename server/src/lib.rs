@@ -13,6 +13,7 @@ pub mod adapter_store;
 pub mod adapters;
 pub mod attention_cache;
 pub mod backend;
+pub mod budget;
 pub mod codec;
 pub mod config;
 pub mod edit;

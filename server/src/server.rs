@@ -149,6 +149,12 @@ where
         attention_capacity: args.attention_cache,
         job_ttl: Duration::try_from_secs_f64(args.job_ttl_s).unwrap_or(Duration::MAX),
         max_jobs: args.max_jobs,
+        input: crate::service::InputBounds {
+            max_concurrent_decodes: args.max_concurrent_decodes,
+            costs: args.costs(),
+            max_job_bytes: args.max_job_bytes,
+            attention_cache_bytes: args.attention_cache_bytes,
+        },
         metrics,
         worker_alive: handle.alive,
     }));
@@ -165,11 +171,15 @@ where
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let app = router(state);
     let serve = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = shutdown_rx.await;
-            })
-            .await
+        // The peer address is what edits are charged to when they send no configured key.
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = shutdown_rx.await;
+        })
+        .await
     });
     tracing::info!(%addr, model = %model_name, device = %device, "serving");
     Ok(RunningServer {

@@ -13,6 +13,7 @@ use base64::Engine;
 use super::body::{
     body_too_large, content_length, content_type, media_type, read_body, wants_json,
 };
+use super::client::ClientOf;
 use super::edit_dto::{EditForm, EditJsonRequest, EditJsonResponse, JobAccepted};
 use super::edit_parse::{parse_json_edit, parse_multipart_edit, validate, RawEdit};
 use super::error::ErrorBody;
@@ -58,10 +59,10 @@ use crate::error::ServiceError;
             )),
         (status = 400, description = "Unparseable body (JSON, multipart, base64) or a corrupt image", body = ErrorBody),
         (status = 404, description = "Unknown adapter", body = ErrorBody),
-        (status = 413, description = "Body or declared pixel count over the limit", body = ErrorBody),
+        (status = 413, description = "Body, declared or VAE-rounded pixel count, PNG metadata, or steps x pixels (`edit_too_costly`) over the limits", body = ErrorBody),
         (status = 415, description = "Body not multipart/JSON, or image not PNG/JPEG/WebP", body = ErrorBody),
         (status = 422, description = "Missing or out-of-range parameter", body = ErrorBody),
-        (status = 429, description = "Queue full; retry after `Retry-After` seconds", body = ErrorBody,
+        (status = 429, description = "Queue full, or the cost budget (in all or this client's share) is held; retry after `Retry-After` seconds", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds"))),
         (status = 503, description = "Shutting down, or the worker is not running", body = ErrorBody),
         (status = 504, description = "Not done within --request-timeout-s; its work was dropped", body = ErrorBody),
@@ -69,6 +70,7 @@ use crate::error::ServiceError;
 )]
 pub async fn edit(
     State(state): State<Arc<AppState>>,
+    ClientOf(client): ClientOf,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ServiceError> {
@@ -76,7 +78,7 @@ pub async fn edit(
     service.check_admission()?;
     let raw = read_edit(&headers, body, service.limits().max_body_bytes).await?;
     let submission = validate(raw, service.limits(), service.info())?;
-    let prepared = service.prepare(submission).await?;
+    let prepared = service.prepare(submission, client).await?;
     if prefers_async(&headers) {
         let id = service.submit(prepared)?;
         return Ok(accepted(id));

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod attention;
 pub mod auth;
 pub mod body;
+pub mod client;
 pub mod edit;
 pub mod edit_dto;
 pub mod edit_parse;

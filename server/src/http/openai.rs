@@ -17,9 +17,11 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
+use super::client::ClientOf;
 use super::edit_parse::{validate, RawEdit};
 use super::error::status_of;
 use super::state::AppState;
+use crate::budget::Client;
 use crate::edit::EditResult;
 use crate::error::ServiceError;
 
@@ -194,16 +196,17 @@ fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), OpenAiError
         (status = 413, description = "Body or image over the limits", body = OpenAiErrorBody),
         (status = 415, description = "Image not PNG, JPEG or WebP", body = OpenAiErrorBody),
         (status = 422, description = "Missing or out-of-range field", body = OpenAiErrorBody),
-        (status = 429, description = "Queue full; retry after `Retry-After` seconds", body = OpenAiErrorBody),
+        (status = 429, description = "Queue full, or the cost budget (in all or this client's share) is held; retry after `Retry-After` seconds", body = OpenAiErrorBody),
         (status = "5XX", description = "As `POST /edit`", body = OpenAiErrorBody),
     )
 )]
 pub async fn images_edits(
     State(state): State<Arc<AppState>>,
+    ClientOf(client): ClientOf,
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Response {
-    match images_edits_inner(state, &headers, form).await {
+    match images_edits_inner(state, client, &headers, form).await {
         Ok(body) => axum::Json(body).into_response(),
         Err(e) => e.into_response(),
     }
@@ -218,6 +221,7 @@ struct EditsRequest {
 
 async fn images_edits_inner(
     state: Arc<AppState>,
+    client: Client,
     headers: &HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<ImagesResponse, OpenAiError> {
@@ -268,10 +272,11 @@ async fn images_edits_inner(
             keep_input: request.edit.keep_input,
         };
         let state = state.clone();
+        let client = client.clone();
         running.push(tokio::spawn(async move {
             let service = &state.service;
             let submission = validate(edit, service.limits(), service.info())?;
-            let prepared = service.prepare(submission).await?;
+            let prepared = service.prepare(submission, client).await?;
             service.run(prepared).await
         }));
     }

@@ -11,7 +11,8 @@ use super::state::Service;
 use crate::adapters::AdapterEntry;
 use crate::attention_cache::CachedEdit;
 use crate::backend::BatchItem;
-use crate::codec::{self, OutputFormat};
+use crate::budget::{Client, Refusal, Reservation};
+use crate::codec::{self, ImageHeader, OutputFormat};
 use crate::edit::{EditResult, EditSubmission};
 use crate::error::ServiceError;
 use crate::jobs::{JobRecord, Outcome};
@@ -24,6 +25,8 @@ pub struct PreparedEdit {
     item: BatchItem,
     adapter: Option<PinnedAdapter>,
     meta: ResultMeta,
+    /// Held from before the decode until the worker answers (or the job is dropped unrun).
+    cost: Reservation,
 }
 
 /// What the answer needs besides the model's output.
@@ -69,20 +72,36 @@ impl Service {
     }
 
     /// Pins the adapter version the edit runs with (whatever happens to the name later),
-    /// checks the image's declared size, then decodes it.
-    pub async fn prepare(&self, submission: EditSubmission) -> Result<PreparedEdit, ServiceError> {
+    /// inspects the image (format, size, metadata bombs), charges its cost to `client`, then
+    /// decodes it. Inspection and decoding run on blocking threads, at most
+    /// `--max-concurrent-decodes` at once.
+    pub async fn prepare(
+        &self,
+        submission: EditSubmission,
+        client: Client,
+    ) -> Result<PreparedEdit, ServiceError> {
         let adapter = self.adapters.for_request(submission.adapter.as_deref())?;
         let max_pixels = self.limits.max_pixels;
-        let image_format = codec::check_declared_image(&submission.image, max_pixels)?;
+        let decode_turn = self
+            .decodes
+            .acquire()
+            .await
+            .map_err(|_| ServiceError::unavailable("the server is shutting down"))?;
+        let bytes = submission.image.clone();
+        let header = blocking(move || codec::inspect(&bytes, max_pixels)).await?;
+        let grid = self.planned_grid(header, submission.working_size)?;
+        let cost = grid.0 as u64 * grid.1 as u64 * submission.params.steps as u64;
+        let cost = self
+            .costs
+            .reserve(client, cost)
+            .map_err(|refusal| self.refused(refusal))?;
         let adapter_name = adapter
             .as_ref()
             .map(|a| a.adapter.name.clone())
             .unwrap_or_else(|| "none".into());
         let bytes = submission.image;
-        let image =
-            tokio::task::spawn_blocking(move || codec::decode(&bytes, image_format, max_pixels))
-                .await
-                .map_err(|e| ServiceError::internal(format!("decoding task failed: {e}")))??;
+        let image = blocking(move || codec::decode(&bytes, header, max_pixels)).await?;
+        drop(decode_turn);
         let image = Arc::new(image);
         let rescaled = self.working_image(&image, submission.working_size, submission.keep_input);
         let meta = ResultMeta {
@@ -103,6 +122,7 @@ impl Service {
             },
             adapter: adapter.map(pin),
             meta,
+            cost,
         })
     }
 
@@ -110,12 +130,14 @@ impl Service {
     /// client left) abandons the edit: the worker skips it, or cancels its batch when no other
     /// member is still wanted.
     pub async fn run(&self, edit: PreparedEdit) -> Result<EditResult, ServiceError> {
-        let (job, reply, meta) = self.job_for(edit);
+        let (job, reply, meta, cost) = self.job_for(edit);
         let edit_id = job.id.clone();
         let deadline = tokio::time::Instant::from_std(job.deadline);
         let _cancel_on_drop = CancelOnDrop(job.cancel.clone());
         self.push(job)?;
-        let output = match tokio::time::timeout_at(deadline, reply).await {
+        let answer = tokio::time::timeout_at(deadline, reply).await;
+        drop(cost);
+        let output = match answer {
             Ok(Ok(Ok(output))) => output,
             Ok(Ok(Err(job_error))) => {
                 let outcome = match job_error {
@@ -144,7 +166,7 @@ impl Service {
     /// Queues the edit as an async job and returns its id at once; a task waits for the worker
     /// and records the outcome. The job is tied to no connection: only `cancel_job` stops it.
     pub fn submit(self: &Arc<Self>, edit: PreparedEdit) -> Result<String, ServiceError> {
-        let (job, reply, meta) = self.job_for(edit);
+        let (job, reply, meta, cost) = self.job_for(edit);
         let id = job.id.clone();
         let record = Arc::new(JobRecord::new(
             id.clone(),
@@ -159,11 +181,11 @@ impl Service {
             self.jobs.withdraw(&id);
             return Err(e);
         }
-        tokio::spawn(self.clone().supervise(record, reply, meta));
+        tokio::spawn(self.clone().supervise(record, reply, meta, cost));
         Ok(id)
     }
 
-    fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta) {
+    fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta, Reservation) {
         let (job, reply) = Job::new(
             edit.edit_id,
             edit.item,
@@ -171,7 +193,7 @@ impl Service {
             self.info.vae_scale_factor,
             self.limits.request_timeout(),
         );
-        (job, reply, edit.meta)
+        (job, reply, edit.meta, edit.cost)
     }
 
     /// Admits a job or says why not (busy, with a Retry-After from the recent batch times).
@@ -197,8 +219,16 @@ impl Service {
         (mean * (batches_ahead + 1.0)).ceil().clamp(1.0, 60.0) as u64
     }
 
-    async fn supervise(self: Arc<Self>, record: Arc<JobRecord>, reply: Reply, meta: ResultMeta) {
+    async fn supervise(
+        self: Arc<Self>,
+        record: Arc<JobRecord>,
+        reply: Reply,
+        meta: ResultMeta,
+        cost: Reservation,
+    ) {
+        // The reply comes when the worker is done with the job, or the queue dropped it.
         let received = reply.await;
+        drop(cost);
         // Cancelled meanwhile: the result, if any, is discarded unencoded.
         if record.finished().is_some() {
             return;
@@ -228,6 +258,49 @@ impl Service {
         if self.jobs.finish(&record, outcome) {
             if let Some(label) = edit_outcome {
                 self.metrics.edit_outcome(label);
+            }
+        }
+    }
+
+    /// The grid the model will run a `header`-sized picture at (working size, then the VAE
+    /// grid); refused when that grid has more pixels than `--max-pixels` (a 1x1048576 picture
+    /// runs at 4x1048576 on a 4-pixel grid).
+    fn planned_grid(
+        &self,
+        header: ImageHeader,
+        mode: SizeMode,
+    ) -> Result<(u32, u32), ServiceError> {
+        let factor = self.info.vae_scale_factor.max(1) as u32;
+        let (width, height) = (header.width, header.height);
+        let dims = match (self.info.working_size, mode) {
+            (Some(side), SizeMode::Model) => {
+                working_size::working_dims(width, height, side, factor)
+            }
+            _ => (width, height),
+        };
+        let grid = rl4pix_model::image_io::size_for_vae(dims.0, dims.1, factor);
+        let pixels = grid.0 as u64 * grid.1 as u64;
+        if pixels > self.limits.max_pixels {
+            return Err(ServiceError::too_large(
+                "image_too_large",
+                format!(
+                    "a {width}x{height} picture runs at {}x{} = {pixels} pixels (rounded to the model's {factor}-pixel grid); the limit is {} (--max-pixels)",
+                    grid.0, grid.1, self.limits.max_pixels
+                ),
+            ));
+        }
+        Ok(grid)
+    }
+
+    /// An edit the cost budget refused: too costly for any queue (413), or not now (429).
+    fn refused(&self, refusal: Refusal) -> ServiceError {
+        match refusal {
+            Refusal::TooCostly { .. } => {
+                ServiceError::too_large("edit_too_costly", refusal.to_string())
+            }
+            Refusal::ClientShare { .. } | Refusal::Full { .. } => {
+                self.metrics.edit_outcome("rejected");
+                ServiceError::busy(refusal.to_string(), self.retry_after_s())
             }
         }
     }
@@ -310,6 +383,15 @@ fn pin(entry: Arc<AdapterEntry>) -> PinnedAdapter {
         entry.adapter.resolved.clone(),
         entry,
     )
+}
+
+/// Runs CPU-bound image work on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::internal(format!("image task failed: {e}")))?
 }
 
 fn worker_dropped() -> ServiceError {

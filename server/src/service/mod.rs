@@ -15,4 +15,4 @@ pub mod jobs;
 pub mod state;
 pub mod status;
 
-pub use state::{Service, ServiceParts};
+pub use state::{InputBounds, Service, ServiceParts};

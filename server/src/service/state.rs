@@ -7,7 +7,8 @@ use std::time::Duration;
 use crate::adapters::AdapterRegistry;
 use crate::attention_cache::AttentionCache;
 use crate::backend::BackendInfo;
-use crate::config::{BatchingConfig, Limits};
+use crate::budget::CostBudget;
+use crate::config::{BatchingConfig, CostLimits, Limits};
 use crate::jobs::JobStore;
 use crate::metrics::Metrics;
 use crate::queue::Queue;
@@ -26,6 +27,10 @@ pub struct Service {
     pub(super) shutting_down: AtomicBool,
     /// SIGTERM with `--shutdown-drain-s`: readiness is withdrawn while edits are still admitted.
     pub(super) draining: AtomicBool,
+    /// Images being inspected or decoded at once (`--max-concurrent-decodes`).
+    pub(super) decodes: tokio::sync::Semaphore,
+    /// Pixel-steps of admitted, unfinished edits, per client and in all.
+    pub(super) costs: Arc<CostBudget>,
 }
 
 /// What the server wiring hands the service.
@@ -43,6 +48,20 @@ pub struct ServiceParts {
     pub metrics: Metrics,
     /// Set by the worker thread while it runs.
     pub worker_alive: Arc<AtomicBool>,
+    /// Input decoding and cost bounds (issue 17).
+    pub input: InputBounds,
+}
+
+/// How many images decode at once, what edits may cost, and the byte bounds of what the
+/// server keeps after an edit.
+#[derive(Debug, Clone)]
+pub struct InputBounds {
+    pub max_concurrent_decodes: usize,
+    pub costs: CostLimits,
+    /// Encoded results of finished async jobs.
+    pub max_job_bytes: u64,
+    /// Inputs and maps in the attention cache.
+    pub attention_cache_bytes: u64,
 }
 
 impl Service {
@@ -53,12 +72,18 @@ impl Service {
             batching: parts.batching,
             queue: parts.queue,
             adapters: parts.adapters,
-            attention: AttentionCache::new(parts.attention_capacity),
-            jobs: JobStore::new(parts.job_ttl, parts.max_jobs, parts.metrics.clone()),
+            attention: AttentionCache::new(
+                parts.attention_capacity,
+                parts.input.attention_cache_bytes,
+            ),
+            jobs: JobStore::new(parts.job_ttl, parts.max_jobs, parts.metrics.clone())
+                .with_max_bytes(parts.input.max_job_bytes),
             metrics: parts.metrics,
             worker_alive: parts.worker_alive,
             shutting_down: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            decodes: tokio::sync::Semaphore::new(parts.input.max_concurrent_decodes.max(1)),
+            costs: CostBudget::new(parts.input.costs),
         }
     }
 
