@@ -15,6 +15,7 @@ use crate::adapter_store::{self, PollReport, StoreMirror, StorePoller};
 use crate::adapters::AdapterRegistry;
 use crate::backend::{Backend, BackendError, ModelBackend};
 use crate::config::{default_model_dir, Args};
+use crate::http::guard::HostPolicy;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
@@ -157,6 +158,8 @@ where
         api_key: args.api_key.clone(),
         openai_api_key: args.openai_api_key.clone(),
         openapi_json: crate::openapi::json(),
+        hosts: HostPolicy::new(args.allowed_hosts.as_deref(), &args.host),
+        body_timeout: args.connection_limits().body_timeout,
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -164,12 +167,12 @@ where
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let app = router(state);
+    let connection_limits = args.connection_limits();
     let serve = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = shutdown_rx.await;
-            })
-            .await
+        crate::http::connections::serve(listener, app, connection_limits, async {
+            let _ = shutdown_rx.await;
+        })
+        .await
     });
     tracing::info!(%addr, model = %model_name, device = %device, "serving");
     Ok(RunningServer {

@@ -26,6 +26,9 @@ pub struct Service {
     pub(super) shutting_down: AtomicBool,
     /// SIGTERM with `--shutdown-drain-s`: readiness is withdrawn while edits are still admitted.
     pub(super) draining: AtomicBool,
+    /// Edit requests admitted at once, from before their body is read until they are answered
+    /// (or queued, for async jobs): room for a full queue and a running batch.
+    pub(super) admission: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the server wiring hands the service.
@@ -47,6 +50,9 @@ pub struct ServiceParts {
 
 impl Service {
     pub fn new(parts: ServiceParts) -> Self {
+        let admission = Arc::new(tokio::sync::Semaphore::new(
+            parts.batching.max_queue + parts.batching.max_batch_size,
+        ));
         Self {
             info: parts.info,
             limits: parts.limits,
@@ -59,6 +65,7 @@ impl Service {
             worker_alive: parts.worker_alive,
             shutting_down: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            admission,
         }
     }
 
@@ -76,6 +83,17 @@ impl Service {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Test-only faults for the worker (`fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self) -> &crate::queue::Faults {
+        &self.queue.faults
+    }
+
+    /// The worker thread runs and its backend passed its last check.
+    pub fn worker_runs(&self) -> bool {
+        self.worker_alive.load(Ordering::SeqCst)
     }
 
     /// The worker runs and the server is not shutting down.
