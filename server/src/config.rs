@@ -209,12 +209,13 @@ impl Args {
         }
         for (flag, key) in [
             ("--api-key (RL4PIX_API_KEY)", &self.api_key),
-            ("--openai-api-key (RL4PIX_OPENAI_API_KEY)", &self.openai_api_key),
+            (
+                "--openai-api-key (RL4PIX_OPENAI_API_KEY)",
+                &self.openai_api_key,
+            ),
         ] {
             if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
-                return Err(format!(
-                    "{flag} is set but empty: give a key, or unset it"
-                ));
+                return Err(format!("{flag} is set but empty: give a key, or unset it"));
             }
         }
         if let Some(hosts) = &self.allowed_hosts {

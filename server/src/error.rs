@@ -64,7 +64,8 @@ impl ServiceError {
         if kind == ErrorKind::Internal {
             let error_id = format!("{:016x}", rand::random::<u64>());
             tracing::error!(%error_id, code, %message, "internal error");
-            message = format!("internal error (error id {error_id}; the server's log has the details)");
+            message =
+                format!("internal error (error id {error_id}; the server's log has the details)");
         }
         Self {
             kind,
@@ -184,14 +185,22 @@ impl ServiceError {
     }
 }
 
-/// An edit's view of an adapter error: a refused adapter does not exist (with the reason).
+/// An edit's view of an adapter error: a refused adapter does not exist (its reason, which can
+/// name files, is for the admin routes).
 impl From<AdapterError> for ServiceError {
     fn from(e: AdapterError) -> Self {
         match e {
             AdapterError::InvalidName(_) => Self::invalid(e.to_string()),
-            AdapterError::NotFound { .. } | AdapterError::Refused { .. } => {
-                Self::not_found("adapter_not_found", e.to_string())
-            }
+            AdapterError::NotFound { .. } => Self::not_found("adapter_not_found", e.to_string()),
+            // The reason can name files and link targets: admins read it from `GET /adapters`.
+            AdapterError::Refused { name, .. } => Self::not_found(
+                "adapter_not_found",
+                format!("adapter `{name}` was refused; GET /adapters (admin key) says why"),
+            ),
+            AdapterError::Unavailable { name, .. } => Self::unavailable(format!(
+                "adapter `{name}` is not available right now; retry shortly"
+            ))
+            .with_retry_after(1),
             other => Self::from_admin(other),
         }
     }

@@ -202,7 +202,10 @@ async fn without_an_admission_permit_a_20_mib_body_is_refused_unread() {
         .expect("refused at once, without waiting for 20 MiB");
     let answer = String::from_utf8_lossy(&answer);
     assert_eq!(status_of(&answer), 429, "{answer}");
-    assert!(answer.to_ascii_lowercase().contains("retry-after:"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after:"),
+        "{answer}"
+    );
     drop(holders);
     server.shutdown().await.unwrap();
 }
@@ -302,9 +305,8 @@ async fn every_answer_says_nosniff_and_user_images_are_never_stored() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loopback_server_answers_only_loopback_host_names() {
     let server = start(test_args()).await;
-    let get = |host: &str| {
-        format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
-    };
+    let get =
+        |host: &str| format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     for ok in ["localhost:8080", "127.0.0.1", "[::1]:1"] {
         assert_eq!(status_of(&raw(server.addr, &get(ok)).await), 200, "{ok}");
     }
@@ -538,11 +540,7 @@ async fn error_bodies_and_logs_keep_internals_and_job_ids_to_the_server() {
     let accepted: serde_json::Value = http
         .post(format!("{url}/edit"))
         .header("prefer", "respond-async")
-        .multipart(edit_form(
-            png(&scene(24, 24, 5)),
-            "make it red",
-            &[],
-        ))
+        .multipart(edit_form(png(&scene(24, 24, 5)), "make it red", &[]))
         .send()
         .await
         .unwrap()
@@ -604,10 +602,20 @@ async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_
     }
     let started = Instant::now();
     while get_json(&http, &format!("{url}/info")).await["queue_depth"] != 4 {
-        assert!(started.elapsed() < Duration::from_secs(30), "4 edits queued");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "4 edits queued"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(http.get(format!("{url}/health")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     faults.kill.store(true, std::sync::atomic::Ordering::SeqCst);
     let killed = Instant::now();
@@ -624,13 +632,24 @@ async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_
     for id in &job_ids {
         let status = get_json(&http, &format!("{url}/jobs/{id}")).await;
         assert_eq!(status["status"], "failed", "{status}");
-        assert!(
-            status.to_string().contains("worker stopped"),
-            "{status}"
-        );
+        assert!(status.to_string().contains("worker stopped"), "{status}");
     }
-    assert_eq!(http.get(format!("{url}/health")).send().await.unwrap().status(), 503);
-    assert_eq!(http.get(format!("{url}/ready")).send().await.unwrap().status(), 503);
+    assert_eq!(
+        http.get(format!("{url}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        http.get(format!("{url}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
     let refused = http
         .post(format!("{url}/edit"))
         .multipart(edit_form(png(&scene(24, 24, 9)), "make it red", &[]))
@@ -646,4 +665,37 @@ async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_
 fn the_model_backend_health_check_runs_on_its_device() {
     let backend = ModelBackend::load(&fixture_model(), "cpu", "f32", false).unwrap();
     backend.health().expect("a working CPU device passes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_naming_a_refused_adapter_is_not_told_paths_or_link_targets() {
+    let folder = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("private-weights.safetensors");
+    std::fs::copy(fixture_adapter(), &target).unwrap();
+    std::os::unix::fs::symlink(&target, folder.path().join("sneaky.safetensors")).unwrap();
+    let mut args = test_args();
+    args.adapters = Some(folder.path().to_path_buf());
+    let server = start(args).await;
+    let r = client()
+        .post(format!("{}/edit", server.url()))
+        .multipart(edit_form(
+            png(&scene(24, 24, 6)),
+            "make it red",
+            &[("adapter", "sneaky".into())],
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("was refused"), "{body}");
+    for secret in [
+        "private-weights",
+        &*outside.path().to_string_lossy(),
+        &*folder.path().to_string_lossy(),
+    ] {
+        assert!(!body.contains(secret), "{secret} in {body}");
+    }
+    server.shutdown().await.unwrap();
 }

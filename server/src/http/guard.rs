@@ -33,11 +33,9 @@ impl HostPolicy {
         let allowed = match allowed {
             Some(list) if list.iter().any(|h| h.trim() == "*") => None,
             Some(list) => Some(list.iter().map(|h| normalize_host(h)).collect()),
-            None if is_loopback(bind_host) => Some(
-                ["localhost", "127.0.0.1", "::1"]
-                    .map(String::from)
-                    .to_vec(),
-            ),
+            None if is_loopback(bind_host) => {
+                Some(["localhost", "127.0.0.1", "::1"].map(String::from).to_vec())
+            }
             None => None,
         };
         Self { allowed }
@@ -53,7 +51,7 @@ impl HostPolicy {
             ));
         };
         let name = normalize_host(host);
-        if allowed.iter().any(|a| *a == name) {
+        if allowed.contains(&name) {
             return Ok(());
         }
         Err(ServiceError::misdirected(
@@ -234,7 +232,12 @@ mod tests {
         for ok in ["localhost", "127.0.0.1:8080", "[::1]:9", "LOCALHOST.:1"] {
             assert!(policy.check(&host(ok)).is_ok(), "{ok}");
         }
-        for refused in ["evil.example", "evil.example:8080", "127.0.0.2", "localhost.evil"] {
+        for refused in [
+            "evil.example",
+            "evil.example:8080",
+            "127.0.0.2",
+            "localhost.evil",
+        ] {
             assert!(policy.check(&host(refused)).is_err(), "{refused}");
         }
         assert!(policy.check(&HeaderMap::new()).is_err(), "no Host");

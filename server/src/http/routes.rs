@@ -71,7 +71,11 @@ async fn tag_route(request: Request, next: Next) -> Response {
 async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
     ServiceError::not_found(
         "not_found",
-        format!("no route {} {}; see /docs", method_shown(&method), path_shown(&uri)),
+        format!(
+            "no route {} {}; see /docs",
+            method_shown(&method),
+            path_shown(&uri)
+        ),
     )
     .into_response()
 }
