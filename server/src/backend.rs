@@ -76,6 +76,7 @@ pub struct ItemOutput {
 pub struct BackendInfo {
     /// The model folder's name.
     pub model: String,
+    /// The folder as given (logged at start; never shown to clients).
     pub model_dir: String,
     pub device: String,
     pub dtype: String,
@@ -130,6 +131,11 @@ pub trait Backend: Send + 'static {
     /// load adapters (every adapter file is then refused with that reason).
     fn adapter_loader(&self) -> Option<Arc<dyn AdapterLoader>> {
         None
+    }
+    /// Whether the backend can still run batches (the worker asks after a batch failed; a
+    /// failure turns `/health` and `/ready` red until a later check passes).
+    fn health(&self) -> Result<(), BackendError> {
+        Ok(())
     }
 }
 
@@ -209,6 +215,23 @@ fn parse_dtype(spec: &str) -> Result<DType, BackendError> {
 impl Backend for ModelBackend {
     fn info(&self) -> BackendInfo {
         self.info.clone()
+    }
+
+    /// A small computation on the model's device, read back: a lost or wedged device fails it.
+    fn health(&self) -> Result<(), BackendError> {
+        let probe = || -> candle_core::Result<f32> {
+            let ones = candle_core::Tensor::ones((4, 4), DType::F32, self.pipeline.device())?;
+            ones.matmul(&ones)?.sum_all()?.to_scalar::<f32>()
+        };
+        match probe() {
+            Ok(64.0) => Ok(()),
+            Ok(sum) => Err(BackendError::Model(ModelError::InvalidArgument(format!(
+                "device check: 4x4 ones squared summed to {sum}, not 64"
+            )))),
+            Err(e) => Err(BackendError::Model(ModelError::InvalidArgument(format!(
+                "device check failed: {e}"
+            )))),
+        }
     }
 
     fn run_batch(

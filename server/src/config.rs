@@ -142,6 +142,25 @@ pub struct Args {
     #[arg(long, env = "RL4PIX_ATTENTION_CACHE_BYTES", default_value_t = 64 << 20)]
     pub attention_cache_bytes: u64,
     // --- end of input decoding and cost ---
+    // --- Limits and hardening: connections and HTTP (docs/server.md) ---
+    /// Seconds a connection may take to send a request head (the request line and headers);
+    /// the same timer runs while a kept-alive connection waits for its next request.
+    #[arg(long, env = "RL4PIX_HEADER_TIMEOUT_S", default_value_t = 10.0)]
+    pub header_timeout_s: f64,
+    /// Seconds from a request's head to the last byte of its body; a slower body gets 408.
+    #[arg(long, env = "RL4PIX_BODY_TIMEOUT_S", default_value_t = 60.0)]
+    pub body_timeout_s: f64,
+    /// Open connections at most; one more is answered 503 and closed at once.
+    #[arg(long, env = "RL4PIX_MAX_CONNECTIONS", default_value_t = 512)]
+    pub max_connections: usize,
+    /// On shutdown, seconds the open connections get to finish; the rest are then dropped.
+    #[arg(long, env = "RL4PIX_SHUTDOWN_DEADLINE_S", default_value_t = 30.0)]
+    pub shutdown_deadline_s: f64,
+    /// Host header values accepted (names or addresses, any port; `*`: any), comma-separated.
+    /// Default: bound to a loopback address, only localhost, 127.0.0.1 and [::1]; else any.
+    #[arg(long, env = "RL4PIX_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Option<Vec<String>>,
+    // --- end of connections and HTTP ---
     /// Print the OpenAPI document and exit.
     #[arg(long)]
     pub print_openapi: bool,
@@ -195,6 +214,41 @@ impl Args {
             return Err("--job-ttl-s must be a positive number of seconds".into());
         }
         self.validate_cost_limits()?;
+        self.validate_connections()
+    }
+
+    /// The connection and HTTP settings (timeouts, cap, keys, hosts).
+    fn validate_connections(&self) -> Result<(), String> {
+        for (flag, seconds) in [
+            ("--header-timeout-s", self.header_timeout_s),
+            ("--body-timeout-s", self.body_timeout_s),
+            ("--shutdown-deadline-s", self.shutdown_deadline_s),
+        ] {
+            if !(seconds.is_finite() && seconds > 0.0 && seconds <= 86_400.0) {
+                return Err(format!(
+                    "{flag} must be a positive number of seconds (at most a day)"
+                ));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        for (flag, key) in [
+            ("--api-key (RL4PIX_API_KEY)", &self.api_key),
+            (
+                "--openai-api-key (RL4PIX_OPENAI_API_KEY)",
+                &self.openai_api_key,
+            ),
+        ] {
+            if key.as_deref().is_some_and(|k| k.trim().is_empty()) {
+                return Err(format!("{flag} is set but empty: give a key, or unset it"));
+            }
+        }
+        if let Some(hosts) = &self.allowed_hosts {
+            if hosts.iter().any(|h| h.trim().is_empty()) {
+                return Err("--allowed-hosts has an empty entry".into());
+            }
+        }
         Ok(())
     }
 
@@ -261,6 +315,15 @@ impl Args {
             max_adapters: self.max_adapters,
             max_adapter_bytes: self.max_adapter_bytes,
             debounce: Duration::from_millis(self.adapter_debounce_ms),
+        }
+    }
+
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            header_timeout: Duration::from_secs_f64(self.header_timeout_s),
+            body_timeout: Duration::from_secs_f64(self.body_timeout_s),
+            max_connections: self.max_connections,
+            shutdown_deadline: Duration::from_secs_f64(self.shutdown_deadline_s),
         }
     }
 
@@ -334,4 +397,13 @@ pub struct CostLimits {
     pub max_queued_cost: u64,
     /// What one client's admitted, unfinished edits may hold.
     pub max_client_cost: u64,
+}
+
+/// How long connections may take and how many may be open (`--header-timeout-s` ...).
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub max_connections: usize,
+    pub shutdown_deadline: Duration,
 }

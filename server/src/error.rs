@@ -37,6 +37,11 @@ pub enum ErrorKind {
     Unavailable,
     /// Our fault: the model failed, a task died.
     Internal,
+    // --- connections and HTTP (docs/server.md, "Limits and hardening") ---
+    /// The request body did not arrive within `--body-timeout-s`.
+    RequestTimeout,
+    /// The Host header names a site this server does not answer for (`--allowed-hosts`).
+    Misdirected,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -52,11 +57,20 @@ pub struct ServiceError {
 }
 
 impl ServiceError {
+    /// Our own failures (`Internal`) can carry paths, panic messages or the model's folder:
+    /// their details are logged here with an error id, and the message a client sees is the id.
     pub fn new(kind: ErrorKind, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if kind == ErrorKind::Internal {
+            let error_id = format!("{:016x}", rand::random::<u64>());
+            tracing::error!(%error_id, code, %message, "internal error");
+            message =
+                format!("internal error (error id {error_id}; the server's log has the details)");
+        }
         Self {
             kind,
             code,
-            message: message.into(),
+            message,
             retry_after_s: None,
         }
     }
@@ -120,6 +134,26 @@ impl ServiceError {
         Self::new(ErrorKind::Internal, "internal", message)
     }
 
+    /// The body's last byte did not arrive in time.
+    pub fn body_timeout() -> Self {
+        Self::new(
+            ErrorKind::RequestTimeout,
+            "request_timeout",
+            "the request body did not arrive within --body-timeout-s",
+        )
+    }
+
+    pub fn misdirected(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Misdirected, "misdirected_request", message)
+    }
+
+    /// The worker thread is gone: nothing queued will ever run.
+    pub fn worker_died() -> Self {
+        Self::unavailable(
+            "the model worker stopped; this server cannot run edits until it is restarted (see /health)",
+        )
+    }
+
     /// An image whose header or pixels cannot be read.
     pub fn invalid_image(message: impl Into<String>) -> Self {
         Self::new(ErrorKind::Malformed, "invalid_image", message)
@@ -151,14 +185,22 @@ impl ServiceError {
     }
 }
 
-/// An edit's view of an adapter error: a refused adapter does not exist (with the reason).
+/// An edit's view of an adapter error: a refused adapter does not exist (its reason, which can
+/// name files, is for the admin routes).
 impl From<AdapterError> for ServiceError {
     fn from(e: AdapterError) -> Self {
         match e {
             AdapterError::InvalidName(_) => Self::invalid(e.to_string()),
-            AdapterError::NotFound { .. } | AdapterError::Refused { .. } => {
-                Self::not_found("adapter_not_found", e.to_string())
-            }
+            AdapterError::NotFound { .. } => Self::not_found("adapter_not_found", e.to_string()),
+            // The reason can name files and link targets: admins read it from `GET /adapters`.
+            AdapterError::Refused { name, .. } => Self::not_found(
+                "adapter_not_found",
+                format!("adapter `{name}` was refused; GET /adapters (admin key) says why"),
+            ),
+            AdapterError::Unavailable { name, .. } => Self::unavailable(format!(
+                "adapter `{name}` is not available right now; retry shortly"
+            ))
+            .with_retry_after(1),
             other => Self::from_admin(other),
         }
     }
@@ -186,6 +228,7 @@ impl From<JobError> for ServiceError {
                 BackendError::Model(model) => from_model_error(model),
             },
             JobError::WorkerGone(message) => Self::internal(message),
+            JobError::WorkerDied => Self::worker_died(),
         }
     }
 }

@@ -36,6 +36,9 @@ pub enum JobError {
     Backend(Arc<BackendError>),
     #[error("the worker stopped: {0}")]
     WorkerGone(String),
+    /// The worker thread ended (a panic outside a batch): nothing queued will run.
+    #[error("the worker thread died")]
+    WorkerDied,
 }
 
 pub struct JobOutput {
@@ -205,6 +208,18 @@ pub struct Queue {
     state: Mutex<State>,
     wake: Condvar,
     metrics: Metrics,
+    #[cfg(feature = "fault-injection")]
+    pub faults: Faults,
+}
+
+/// Test-only faults the worker meets when it next asks for a batch (`fault-injection`).
+#[cfg(feature = "fault-injection")]
+#[derive(Debug, Default)]
+pub struct Faults {
+    /// The worker takes no batch while this is set (jobs stay queued).
+    pub hold: AtomicBool,
+    /// The worker thread panics outside any batch, as a bug in its loop would.
+    pub kill: AtomicBool,
 }
 
 #[derive(Default)]
@@ -220,6 +235,8 @@ impl Queue {
             state: Mutex::new(State::default()),
             wake: Condvar::new(),
             metrics,
+            #[cfg(feature = "fault-injection")]
+            faults: Faults::default(),
         }
     }
 
@@ -298,6 +315,26 @@ impl Queue {
         self.wake.notify_all();
     }
 
+    /// The worker is gone: closes the queue and fails every queued job at once.
+    pub fn fail_all(&self) {
+        let jobs = {
+            let mut state = self.lock();
+            state.closed = true;
+            std::mem::take(&mut state.jobs)
+        };
+        self.metrics.queue_depth.set(0);
+        if !jobs.is_empty() {
+            self.metrics
+                .edits
+                .with_label_values(&["error"])
+                .inc_by(jobs.len() as u64);
+        }
+        for job in jobs {
+            let _ = job.reply.send(Err(JobError::WorkerDied));
+        }
+        self.wake.notify_all();
+    }
+
     fn drop_abandoned(&self, state: &mut State) {
         let now = Instant::now();
         let before = state.jobs.len();
@@ -324,6 +361,21 @@ impl Queue {
     pub fn next_batch(&self, max_batch: usize, max_wait: Duration) -> Option<Vec<Job>> {
         let mut state = self.lock();
         let first = loop {
+            #[cfg(feature = "fault-injection")]
+            {
+                if self.faults.kill.load(Ordering::SeqCst) {
+                    drop(state);
+                    panic!("fault injection: the worker thread is killed");
+                }
+                if self.faults.hold.load(Ordering::SeqCst) {
+                    state = self
+                        .wake
+                        .wait_timeout(state, Duration::from_millis(10))
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    continue;
+                }
+            }
             self.drop_abandoned(&mut state);
             if let Some(job) = state.jobs.pop_front() {
                 break job;

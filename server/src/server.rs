@@ -15,6 +15,7 @@ use crate::adapter_store::{self, PollReport, StoreMirror, StorePoller};
 use crate::adapters::AdapterRegistry;
 use crate::backend::{Backend, BackendError, ModelBackend};
 use crate::config::{default_model_dir, Args};
+use crate::http::guard::HostPolicy;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::queue::Queue;
@@ -163,6 +164,8 @@ where
         api_key: args.api_key.clone(),
         openai_api_key: args.openai_api_key.clone(),
         openapi_json: crate::openapi::json(),
+        hosts: HostPolicy::new(args.allowed_hosts.as_deref(), &args.host),
+        body_timeout: args.connection_limits().body_timeout,
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await
@@ -170,13 +173,11 @@ where
     let addr = listener.local_addr()?;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let app = router(state);
+    let connection_limits = args.connection_limits();
     let serve = tokio::spawn(async move {
-        // The peer address is what edits are charged to when they send no configured key.
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
+        // The accept loop also records each connection's peer address, which edits are
+        // charged to when they send no configured key.
+        crate::http::connections::serve(listener, app, connection_limits, async {
             let _ = shutdown_rx.await;
         })
         .await

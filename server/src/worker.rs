@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use rl4pix_model::ModelError;
 use tokio::sync::oneshot;
 
 use crate::backend::{Backend, BackendError, BackendInfo, Batch};
@@ -54,9 +55,13 @@ where
             };
             alive_in_thread.store(true, Ordering::SeqCst);
             let _ = ready_tx.send(Ok(backend.info()));
-            // Marks the worker dead however the loop ends (a panic outside a batch included).
-            let _guard = AliveGuard(alive_in_thread);
-            run(&backend, &queue, &batching, &metrics);
+            // Marks the worker dead and fails what is queued however the loop ends (a panic
+            // outside a batch included).
+            let _guard = ExitGuard {
+                alive: alive_in_thread.clone(),
+                queue: queue.clone(),
+            };
+            run(&backend, &queue, &batching, &metrics, &alive_in_thread);
         })
         .map_err(|e| {
             BackendError::Model(rl4pix_model::ModelError::InvalidArgument(format!(
@@ -81,24 +86,46 @@ where
     })
 }
 
-struct AliveGuard(Arc<AtomicBool>);
+struct ExitGuard {
+    alive: Arc<AtomicBool>,
+    queue: Arc<Queue>,
+}
 
-impl Drop for AliveGuard {
+impl Drop for ExitGuard {
     fn drop(&mut self) {
-        self.0.store(false, Ordering::SeqCst);
+        self.alive.store(false, Ordering::SeqCst);
+        if std::thread::panicking() {
+            tracing::error!("the worker thread panicked outside a batch: failing every queued edit; /health and /ready now answer 503");
+        }
+        // Sync callers and async jobs hear at once instead of waiting for their deadline.
+        self.queue.fail_all();
     }
 }
 
 /// Runs batches until the queue is closed and drained; a batch's failure (a model panic
-/// included) fails its requests, never the loop.
-fn run(backend: &dyn Backend, queue: &Queue, batching: &BatchingConfig, metrics: &Metrics) {
+/// included) fails its requests, never the loop. After a failed batch the backend is checked:
+/// `alive` (what `/health` and `/ready` report) follows that check.
+fn run(
+    backend: &dyn Backend,
+    queue: &Queue,
+    batching: &BatchingConfig,
+    metrics: &Metrics,
+    alive: &AtomicBool,
+) {
     while let Some(jobs) = queue.next_batch(batching.max_batch_size, batching.max_wait()) {
-        run_batch(backend, jobs, metrics);
+        if !run_batch(backend, jobs, metrics) {
+            let health = backend.health();
+            if let Err(e) = &health {
+                tracing::error!(error = %e, "the backend failed its check after a failed batch");
+            }
+            alive.store(health.is_ok(), Ordering::SeqCst);
+        }
     }
     tracing::info!("worker stopped: queue closed and drained");
 }
 
-fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
+/// Runs one batch and answers its jobs; false when it failed for a reason of ours.
+fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) -> bool {
     let started = Instant::now();
     for job in &jobs {
         metrics
@@ -150,6 +177,7 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
                 // The receiver may be gone (client left); nothing to do then.
                 let _ = job.reply.send(Ok(output));
             }
+            true
         }
         Ok(Err(BackendError::Cancelled)) => {
             metrics
@@ -166,6 +194,7 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
                 };
                 let _ = job.reply.send(Err(why));
             }
+            true
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, batch_size, "batch failed");
@@ -173,6 +202,16 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
             for job in jobs {
                 let _ = job.reply.send(Err(JobError::Backend(e.clone())));
             }
+            // A request the model refused says nothing about the backend's health.
+            matches!(
+                &*e,
+                BackendError::Model(
+                    ModelError::InvalidArgument(_)
+                        | ModelError::Image(_)
+                        | ModelError::Tokenizer(_)
+                        | ModelError::Adapter { .. }
+                )
+            )
         }
         Err(panic) => {
             let message = panic
@@ -186,6 +225,7 @@ fn run_batch(backend: &dyn Backend, jobs: Vec<Job>, metrics: &Metrics) {
                     "the model panicked: {message}"
                 ))));
             }
+            false
         }
     }
 }

@@ -663,7 +663,10 @@ fn base_attention_ignores_the_adapter_and_policy_attention_does_not() {
         "with a zero adapter both read the same UNet: largest gap {rounding}"
     );
     let moved_gap = largest_gap(&base, &attention(&moved, AttentionSource::Policy));
-    assert!(moved_gap > 1e-3, "a moved adapter moves the policy's maps: {moved_gap}");
+    assert!(
+        moved_gap > 1e-3,
+        "a moved adapter moves the policy's maps: {moved_gap}"
+    );
     assert_ne!(
         attention(&zero, AttentionSource::Policy),
         attention(&moved, AttentionSource::Policy)

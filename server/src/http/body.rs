@@ -46,6 +46,7 @@ pub async fn read_body(body: Body, limit: usize) -> Result<Bytes, ServiceError> 
     match http_body_util::Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(body_too_large(limit)),
+        Err(e) if super::guard::is_body_timeout(e.as_ref()) => Err(ServiceError::body_timeout()),
         Err(e) => Err(ServiceError::bad_request(format!(
             "cannot read the body: {e}"
         ))),

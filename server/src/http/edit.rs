@@ -75,10 +75,15 @@ pub async fn edit(
     body: Body,
 ) -> Result<Response, ServiceError> {
     let service = &state.service;
-    service.check_admission()?;
+    let arrived = std::time::Instant::now();
+    // Held until the answer: refused here, the body is never read.
+    let _permit = service.admit()?;
     let raw = read_edit(&headers, body, service.limits().max_body_bytes).await?;
     let submission = validate(raw, service.limits(), service.info())?;
-    let prepared = service.prepare(submission, client).await?;
+    let prepared = service
+        .prepare(submission, client)
+        .await?
+        .arrived_at(arrived);
     if prefers_async(&headers) {
         let id = service.submit(prepared)?;
         return Ok(accepted(id));

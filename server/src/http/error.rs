@@ -43,6 +43,8 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
         ErrorKind::Cancelled | ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         ErrorKind::Timeout => StatusCode::GATEWAY_TIMEOUT,
         ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorKind::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+        ErrorKind::Misdirected => StatusCode::MISDIRECTED_REQUEST,
     }
 }
 
@@ -54,6 +56,12 @@ impl IntoResponse for ServiceError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if self.kind == ErrorKind::Unauthorized {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"rl4pix\""),
+            );
         }
         response
     }

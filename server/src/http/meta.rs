@@ -42,7 +42,6 @@ pub struct BackendInfo {
     /// The model folder's name.
     #[schema(example = "toy")]
     pub model: String,
-    pub model_dir: String,
     #[schema(example = "cpu")]
     pub device: String,
     #[schema(example = "f32")]
@@ -74,7 +73,6 @@ impl From<&backend::BackendInfo> for BackendInfo {
     fn from(info: &backend::BackendInfo) -> Self {
         Self {
             model: info.model.clone(),
-            model_dir: info.model_dir.clone(),
             device: info.device.clone(),
             dtype: info.dtype.clone(),
             vae_scale_factor: info.vae_scale_factor,
@@ -160,11 +158,24 @@ impl From<&config::BatchingConfig> for BatchingConfig {
 }
 
 #[utoipa::path(get, path = "/health", tag = "service",
-    responses((status = 200, description = "The process is up", body = StatusBody)))]
-pub async fn health() -> axum::Json<StatusBody> {
-    axum::Json(StatusBody {
-        status: "ok".into(),
-    })
+    responses(
+        (status = 200, description = "The process is up and its model worker runs", body = StatusBody),
+        (status = 503, description = "The model worker stopped or its device check failed: restart the server", body = ErrorBody),
+    ))]
+pub async fn health(
+    State(state): State<Arc<AppState>>,
+) -> Result<axum::Json<StatusBody>, ServiceError> {
+    if state.service.worker_runs() {
+        Ok(axum::Json(StatusBody {
+            status: "ok".into(),
+        }))
+    } else {
+        Err(ServiceError::new(
+            ErrorKind::Unavailable,
+            "unhealthy",
+            "the model worker stopped or failed its device check; restart the server",
+        ))
+    }
 }
 
 #[utoipa::path(get, path = "/ready", tag = "service",

@@ -14,9 +14,9 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use utoipa::ToSchema;
 
+use super::auth::{bearer_token, keys_match};
 use super::client::ClientOf;
 use super::edit_parse::{validate, RawEdit};
 use super::error::status_of;
@@ -156,6 +156,12 @@ impl IntoResponse for OpenAiError {
             },
         };
         let mut response = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"rl4pix\""),
+            );
+        }
         if let Some(seconds) = self.error.retry_after_s {
             response
                 .headers_mut()
@@ -171,12 +177,9 @@ fn check_bearer(state: &AppState, headers: &HeaderMap) -> Result<(), OpenAiError
     let Some(expected) = &state.openai_api_key else {
         return Ok(());
     };
-    let given = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+    let given = bearer_token(headers)
         .ok_or_else(|| ServiceError::unauthorized("missing `Authorization: Bearer <api key>`"))?;
-    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+    if !keys_match(given, expected) {
         return Err(ServiceError::unauthorized("wrong api key (--openai-api-key)").into());
     }
     Ok(())
@@ -226,7 +229,9 @@ async fn images_edits_inner(
     form: Result<Multipart, MultipartRejection>,
 ) -> Result<ImagesResponse, OpenAiError> {
     check_bearer(&state, headers)?;
-    state.service.check_admission()?;
+    let arrived = std::time::Instant::now();
+    // Held until the answer: refused here, the form is never read.
+    let _permit = state.service.admit()?;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -276,7 +281,10 @@ async fn images_edits_inner(
         running.push(tokio::spawn(async move {
             let service = &state.service;
             let submission = validate(edit, service.limits(), service.info())?;
-            let prepared = service.prepare(submission, client).await?;
+            let prepared = service
+                .prepare(submission, client)
+                .await?
+                .arrived_at(arrived);
             service.run(prepared).await
         }));
     }
@@ -309,6 +317,9 @@ async fn images_edits_inner(
 
 async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsRequest, OpenAiError> {
     let bad = |e: MultipartError| {
+        if super::guard::is_body_timeout(&e) {
+            return ServiceError::body_timeout();
+        }
         let message = format!("bad multipart body: {}", e.body_text());
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ServiceError::too_large("payload_too_large", message)

@@ -1,18 +1,17 @@
-//! The router: every route, the request-tracking middleware, and the answers for unknown
+//! The router: every route, the layers around them (`guard`), and the answers for unknown
 //! routes and methods.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::DefaultBodyLimit;
-use axum::extract::{MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, put};
 use axum::Router;
 
-use super::error::status_of;
+use super::guard::{frontline, RouteLabel};
 use super::state::AppState;
 use super::{admin, attention, edit, jobs, meta, openai, ui};
 use crate::error::{ErrorKind, ServiceError};
@@ -48,71 +47,67 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/adapters/{name}", delete(admin::delete_adapter))
         .route("/openapi.json", get(meta::openapi_json))
         .route("/docs", get(meta::docs))
-        .route_layer(middleware::from_fn_with_state(state.clone(), track))
+        .route_layer(middleware::from_fn(tag_route))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), frontline))
         .with_state(state)
 }
 
-/// Counts and logs every routed request by its route template (not its raw path, so edit ids
-/// do not explode the label set).
-async fn track(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().clone();
+/// Labels the response with its route template (not its raw path, so edit ids do not explode
+/// the metrics' label set); `guard::frontline` counts and logs it.
+async fn tag_route(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let response = next.run(request).await;
-    record(&state, &route, &method, response.status(), started);
+        .map(|p| p.as_str().to_string());
+    let mut response = next.run(request).await;
+    if let Some(route) = route {
+        response.extensions_mut().insert(RouteLabel(route));
+    }
     response
 }
 
-fn record(state: &AppState, route: &str, method: &Method, status: StatusCode, started: Instant) {
-    let elapsed = started.elapsed();
-    let metrics = state.service.metrics();
-    metrics
-        .http_requests
-        .with_label_values(&[route, method.as_str(), status.as_str()])
-        .inc();
-    metrics
-        .http_duration
-        .with_label_values(&[route])
-        .observe(elapsed.as_secs_f64());
-    tracing::info!(
-        %method,
-        route,
-        status = status.as_u16(),
-        ms = elapsed.as_millis() as u64,
-        "request"
-    );
-}
-
-async fn not_found(
-    State(state): State<Arc<AppState>>,
-    method: Method,
-    uri: axum::http::Uri,
-) -> Response {
-    let error = ServiceError::not_found(
+async fn not_found(method: Method, uri: axum::http::Uri) -> Response {
+    ServiceError::not_found(
         "not_found",
-        format!("no route {method} {}; see /docs", uri.path()),
-    );
-    record(
-        &state,
-        "unmatched",
-        &method,
-        status_of(error.kind),
-        Instant::now(),
-    );
-    error.into_response()
-}
-
-async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> Response {
-    ServiceError::new(
-        ErrorKind::MethodNotAllowed,
-        "method_not_allowed",
-        format!("{method} is not allowed on {}; see /docs", uri.path()),
+        format!(
+            "no route {} {}; see /docs",
+            method_shown(&method),
+            path_shown(&uri)
+        ),
     )
     .into_response()
+}
+
+async fn method_not_allowed(
+    method: Method,
+    uri: axum::http::Uri,
+    matched: Option<MatchedPath>,
+) -> Response {
+    let mut response = ServiceError::new(
+        ErrorKind::MethodNotAllowed,
+        "method_not_allowed",
+        format!(
+            "{} is not allowed on {}; see /docs",
+            method_shown(&method),
+            path_shown(&uri)
+        ),
+    )
+    .into_response();
+    if let Some(matched) = matched {
+        response
+            .extensions_mut()
+            .insert(RouteLabel(matched.as_str().to_string()));
+    }
+    response
+}
+
+/// A client's invented method or path, echoed in an error at a bounded length.
+fn method_shown(method: &Method) -> String {
+    method.as_str().chars().take(32).collect()
+}
+
+fn path_shown(uri: &axum::http::Uri) -> String {
+    uri.path().chars().take(200).collect()
 }

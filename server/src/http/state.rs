@@ -2,6 +2,9 @@
 
 use std::sync::Arc;
 
+use std::time::Duration;
+
+use super::guard::HostPolicy;
 use crate::service::Service;
 
 pub struct AppState {
@@ -12,4 +15,8 @@ pub struct AppState {
     pub openai_api_key: Option<String>,
     /// Served at `/openapi.json`.
     pub openapi_json: String,
+    /// Which Host headers are answered (`--allowed-hosts`).
+    pub hosts: HostPolicy,
+    /// From a request's head to the end of its body (`--body-timeout-s`).
+    pub body_timeout: Duration,
 }

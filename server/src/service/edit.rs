@@ -27,6 +27,17 @@ pub struct PreparedEdit {
     meta: ResultMeta,
     /// Held from before the decode until the worker answers (or the job is dropped unrun).
     cost: Reservation,
+    /// When the request's head arrived: its deadline (`--request-timeout-s`) counts from then,
+    /// so reading and decoding the body spend from the same budget. None: from admission.
+    arrived: Option<std::time::Instant>,
+}
+
+impl PreparedEdit {
+    /// Counts the edit's deadline from `arrived` (its request's head) instead of its queueing.
+    pub fn arrived_at(mut self, arrived: std::time::Instant) -> Self {
+        self.arrived = Some(arrived);
+        self
+    }
 }
 
 /// What the answer needs besides the model's output.
@@ -69,6 +80,23 @@ impl Service {
             ));
         }
         Ok(())
+    }
+
+    /// Admission before any work: the checks above and a permit, held until the request is
+    /// answered (or its job queued). Without a free permit the answer is 429 at once and the
+    /// body is never read, so bodies in flight are bounded by the queue, not by the clients.
+    pub fn admit(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ServiceError> {
+        self.check_admission()?;
+        self.admission.clone().try_acquire_owned().map_err(|_| {
+            self.metrics.edit_outcome("rejected");
+            ServiceError::busy(
+                format!(
+                    "{} edit requests are already being received or run (--max-queue + --max-batch-size); retry later",
+                    self.batching.max_queue + self.batching.max_batch_size
+                ),
+                self.retry_after_s(),
+            )
+        })
     }
 
     /// Pins the adapter version the edit runs with (whatever happens to the name later),
@@ -123,6 +151,7 @@ impl Service {
             adapter: adapter.map(pin),
             meta,
             cost,
+            arrived: None,
         })
     }
 
@@ -149,7 +178,7 @@ impl Service {
             }
             Ok(Err(_closed)) if tokio::time::Instant::now() < deadline => {
                 self.metrics.edit_outcome("error");
-                return Err(worker_dropped());
+                return Err(self.worker_dropped());
             }
             _ => {
                 self.metrics.edit_outcome("timeout");
@@ -186,13 +215,17 @@ impl Service {
     }
 
     fn job_for(&self, edit: PreparedEdit) -> (Job, Reply, ResultMeta, Reservation) {
-        let (job, reply) = Job::new(
+        let timeout = self.limits.request_timeout();
+        let (mut job, reply) = Job::new(
             edit.edit_id,
             edit.item,
             edit.adapter,
             self.info.vae_scale_factor,
-            self.limits.request_timeout(),
+            timeout,
         );
+        if let Some(deadline) = edit.arrived.and_then(|at| at.checked_add(timeout)) {
+            job.deadline = deadline;
+        }
         (job, reply, edit.meta, edit.cost)
     }
 
@@ -246,7 +279,7 @@ impl Service {
             }
             Ok(Err(e)) => Outcome::Failed(e.into()),
             Err(_closed) if record.cancel.is_cancelled() => Outcome::Cancelled,
-            Err(_closed) => Outcome::Failed(worker_dropped()),
+            Err(_closed) => Outcome::Failed(self.worker_dropped()),
         };
         let edit_outcome = match &outcome {
             Outcome::Done(_) => Some("ok"),
@@ -394,8 +427,15 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| ServiceError::internal(format!("image task failed: {e}")))?
 }
 
-fn worker_dropped() -> ServiceError {
-    ServiceError::unavailable("the worker dropped the edit (shutting down?)")
+impl Service {
+    /// Why an edit's reply channel closed without an answer.
+    fn worker_dropped(&self) -> ServiceError {
+        if self.worker_runs() {
+            ServiceError::unavailable("the worker dropped the edit (shutting down?)")
+        } else {
+            ServiceError::worker_died()
+        }
+    }
 }
 
 struct CancelOnDrop(CancelToken);

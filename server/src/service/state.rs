@@ -31,6 +31,9 @@ pub struct Service {
     pub(super) decodes: tokio::sync::Semaphore,
     /// Pixel-steps of admitted, unfinished edits, per client and in all.
     pub(super) costs: Arc<CostBudget>,
+    /// Edit requests admitted at once, from before their body is read until they are answered
+    /// (or queued, for async jobs): room for a full queue and a running batch.
+    pub(super) admission: Arc<tokio::sync::Semaphore>,
 }
 
 /// What the server wiring hands the service.
@@ -66,6 +69,9 @@ pub struct InputBounds {
 
 impl Service {
     pub fn new(parts: ServiceParts) -> Self {
+        let admission = Arc::new(tokio::sync::Semaphore::new(
+            parts.batching.max_queue + parts.batching.max_batch_size,
+        ));
         Self {
             info: parts.info,
             limits: parts.limits,
@@ -84,6 +90,7 @@ impl Service {
             draining: AtomicBool::new(false),
             decodes: tokio::sync::Semaphore::new(parts.input.max_concurrent_decodes.max(1)),
             costs: CostBudget::new(parts.input.costs),
+            admission,
         }
     }
 
@@ -101,6 +108,17 @@ impl Service {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Test-only faults for the worker (`fault-injection`).
+    #[cfg(feature = "fault-injection")]
+    pub fn faults(&self) -> &crate::queue::Faults {
+        &self.queue.faults
+    }
+
+    /// The worker thread runs and its backend passed its last check.
+    pub fn worker_runs(&self) -> bool {
+        self.worker_alive.load(Ordering::SeqCst)
     }
 
     /// The worker runs and the server is not shutting down.
