@@ -71,7 +71,10 @@ impl Service {
     /// Pins the adapter version the edit runs with (whatever happens to the name later),
     /// checks the image's declared size, then decodes it.
     pub async fn prepare(&self, submission: EditSubmission) -> Result<PreparedEdit, ServiceError> {
-        let adapter = self.adapters.for_request(submission.adapter.as_deref())?;
+        let adapter = self
+            .adapters
+            .for_request_async(submission.adapter.as_deref())
+            .await?;
         let max_pixels = self.limits.max_pixels;
         let image_format = codec::check_declared_image(&submission.image, max_pixels)?;
         let adapter_name = adapter
