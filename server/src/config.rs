@@ -58,6 +58,16 @@ pub struct Args {
     /// How long an adapter file must stay unchanged before it is (re)loaded.
     #[arg(long, env = "RL4PIX_ADAPTER_DEBOUNCE_MS", default_value_t = 300)]
     pub adapter_debounce_ms: u64,
+    // ---- adapter reloads under abuse (issue 17) ----
+    /// Reads of unloaded adapters that requests may cause per minute (a token bucket); past
+    /// it, a request for an unloaded adapter gets 503 with Retry-After instead of a reload.
+    #[arg(long, env = "RL4PIX_ADAPTER_RELOADS_PER_MIN", default_value_t = 60)]
+    pub adapter_reloads_per_min: u32,
+    /// An adapter a request used within this many seconds (and the default adapter, and any a
+    /// request is running with) is never unloaded to make room for a request's reload; such a
+    /// reload gets 503 with Retry-After instead. 0: plain least-recently-used.
+    #[arg(long, env = "RL4PIX_ADAPTER_MIN_RESIDENT_S", default_value_t = 30.0)]
+    pub adapter_min_resident_s: f64,
     #[arg(long, env = "RL4PIX_HOST", default_value = "127.0.0.1")]
     pub host: String,
     /// 0 picks a free port (the address is printed on stdout).
@@ -192,6 +202,14 @@ impl Args {
         if self.default_adapter.is_some() && self.adapters.is_none() {
             return Err("--default-adapter needs --adapters DIR or URL".into());
         }
+        if self.adapter_reloads_per_min == 0 {
+            return Err("--adapter-reloads-per-min must be at least 1".into());
+        }
+        if !(self.adapter_min_resident_s.is_finite() && self.adapter_min_resident_s >= 0.0) {
+            return Err(
+                "--adapter-min-resident-s must be zero or a positive number of seconds".into(),
+            );
+        }
         if !(self.adapter_poll_s.is_finite() && self.adapter_poll_s > 0.0) {
             return Err("--adapter-poll-s must be a positive number of seconds".into());
         }
@@ -315,6 +333,8 @@ impl Args {
             max_adapters: self.max_adapters,
             max_adapter_bytes: self.max_adapter_bytes,
             debounce: Duration::from_millis(self.adapter_debounce_ms),
+            reloads_per_min: self.adapter_reloads_per_min,
+            min_resident: Duration::from_secs_f64(self.adapter_min_resident_s),
         }
     }
 
@@ -386,6 +406,10 @@ pub struct AdapterSettings {
     pub max_adapters: usize,
     pub max_adapter_bytes: u64,
     pub debounce: Duration,
+    /// Reloads requests may cause per minute (`--adapter-reloads-per-min`).
+    pub reloads_per_min: u32,
+    /// Versions used this recently are not unloaded for a request's reload.
+    pub min_resident: Duration,
 }
 
 /// Bounds on what edits may cost, in pixel-steps (steps x working pixels).

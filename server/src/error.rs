@@ -170,6 +170,9 @@ impl ServiceError {
                 Self::new(ErrorKind::Invalid, "adapter_refused", message)
             }
             AdapterError::Unavailable { .. } => Self::unavailable(message).with_retry_after(1),
+            AdapterError::Throttled { retry_after_s, .. } => {
+                Self::unavailable(message).with_retry_after(retry_after_s)
+            }
             AdapterError::NoFolder => Self::new(ErrorKind::Conflict, "no_adapters_folder", message),
             AdapterError::InObjectStore(_) => {
                 Self::new(ErrorKind::Conflict, "adapters_in_object_store", message)

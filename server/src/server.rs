@@ -163,9 +163,10 @@ where
         service: service.clone(),
         api_key: args.api_key.clone(),
         openai_api_key: args.openai_api_key.clone(),
-        openapi_json: crate::openapi::json(),
         hosts: HostPolicy::new(args.allowed_hosts.as_deref(), &args.host),
         body_timeout: args.connection_limits().body_timeout,
+        // The document as this server's limits make it (issue 17: exact for clients and fuzzers).
+        openapi_json: crate::openapi::json_for(&crate::openapi::DocumentLimits::of(&args.limits())),
     });
     let listener = tokio::net::TcpListener::bind((args.host.as_str(), args.port))
         .await

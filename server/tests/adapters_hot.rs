@@ -625,6 +625,9 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
     }
     let mut args = server_args(dir.path());
     args.max_adapters = 2;
+    // Plain least-recently-used: no protection of recently requested adapters here (that
+    // policy is tested in hardening_adapters.rs).
+    args.adapter_min_resident_s = 0.0;
     let server = start(args).await;
     let url = server.url();
     let http = client();

@@ -4,9 +4,9 @@
 use std::sync::Weak;
 
 use super::error::AdapterError;
-use super::files::{resolve_inside, write_atomically};
-use super::names::validate_name;
-use super::registry::{AdapterRegistry, NameState, SyncOutcome, Version};
+use super::files::{read_checked, resolve_inside, write_atomically, ReadFailure};
+use super::names::{truncate_for_message, validate_name};
+use super::registry::{hold, AdapterRegistry, Failure, NameState, SyncOutcome, Version};
 use super::report::{AdapterInfo, AdapterUsage};
 
 impl AdapterRegistry {
@@ -17,11 +17,18 @@ impl AdapterRegistry {
         let dest = self.path_of(name).ok_or(AdapterError::NoFolder)?;
         let adapter = self
             .validate(name, bytes)
-            .map_err(|reason| AdapterError::Refused {
-                name: name.to_string(),
-                reason,
+            .map_err(|failure| match failure {
+                Failure::Refused(reason) => AdapterError::Refused {
+                    name: name.to_string(),
+                    reason,
+                },
+                Failure::Transient(reason) => AdapterError::Unavailable {
+                    name: name.to_string(),
+                    reason,
+                },
             })?;
-        let _files = self.lock_files();
+        let lock = self.file_lock(name);
+        let _files = hold(&lock);
         write_atomically(&dest, bytes)
             .map_err(|e| AdapterError::Io(format!("cannot write {}: {e}", dest.display())))?;
         let stamp = self.stat(name).stamp();
@@ -37,12 +44,22 @@ impl AdapterRegistry {
         let source = resolve_inside(dir, relative)?;
         let dest = self.path_of(name).ok_or(AdapterError::NoFolder)?;
         if dest.canonicalize().ok().as_deref() == Some(source.as_path()) {
-            let _files = self.lock_files();
-            if self.sync_locked(name, true) == SyncOutcome::Unstable {
-                return Err(AdapterError::Unavailable {
-                    name: name.to_string(),
-                    reason: "its file is being written; retry in a moment".into(),
-                });
+            let lock = self.file_lock(name);
+            let _files = hold(&lock);
+            match self.sync_locked(name, true) {
+                SyncOutcome::Unstable => {
+                    return Err(AdapterError::Unavailable {
+                        name: name.to_string(),
+                        reason: "its file is being written; retry in a moment".into(),
+                    })
+                }
+                SyncOutcome::Failed => {
+                    return Err(AdapterError::Unavailable {
+                        name: name.to_string(),
+                        reason: "reading it failed; retry in a moment".into(),
+                    })
+                }
+                _ => {}
             }
             let state = self.lock();
             let ns = state.names.get(name).ok_or_else(|| state.not_found(name))?;
@@ -55,11 +72,28 @@ impl AdapterRegistry {
             drop(state);
             return self.info(name).ok_or_else(|| self.lock().not_found(name));
         }
-        let bytes = std::fs::read(&source).map_err(|e| {
-            AdapterError::Io(format!(
-                "cannot read `{relative}` in the adapters folder: {e}"
-            ))
-        })?;
+        // Read from the one handle the checks were made on (no second open by path).
+        let shown = format!(
+            "`{}` in the adapters folder",
+            truncate_for_message(relative)
+        );
+        let bytes =
+            read_checked(&source, &shown, self.max_loaded_bytes, None).map_err(|failure| {
+                match failure {
+                    ReadFailure::Missing => {
+                        AdapterError::MissingFile(format!("{shown}: not found"))
+                    }
+                    ReadFailure::Refused(reason) => AdapterError::Refused {
+                        name: name.to_string(),
+                        reason,
+                    },
+                    ReadFailure::Transient(reason) => AdapterError::Io(reason),
+                    ReadFailure::Changed => AdapterError::Unavailable {
+                        name: name.to_string(),
+                        reason: format!("{shown} changed while it was read; retry in a moment"),
+                    },
+                }
+            })?;
         self.add_bytes(name, &bytes)
     }
 
@@ -68,7 +102,8 @@ impl AdapterRegistry {
     pub fn remove(&self, name: &str) -> Result<bool, AdapterError> {
         validate_name(name).map_err(AdapterError::InvalidName)?;
         let path = self.path_of(name).ok_or(AdapterError::NoFolder)?;
-        let _files = self.lock_files();
+        let lock = self.file_lock(name);
+        let _files = hold(&lock);
         let had_file = match std::fs::remove_file(&path) {
             Ok(()) => true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,

@@ -12,6 +12,14 @@ pub enum AdapterError {
     /// Transient: e.g. its file is being written while it had to be read again.
     #[error("adapter `{name}` is not available right now: {reason}")]
     Unavailable { name: String, reason: String },
+    /// A request would need an unloaded adapter read again, and reloads are over their rate or
+    /// would unload versions in recent use; nothing was read.
+    #[error("adapter `{name}` is not loaded and cannot be read again right now: {reason}; retry in {retry_after_s} s")]
+    Throttled {
+        name: String,
+        reason: String,
+        retry_after_s: u64,
+    },
     #[error("the server has no adapters folder: start it with --adapters DIR (RL4PIX_ADAPTERS)")]
     NoFolder,
     /// The folder mirrors an object store: a file written here would reach one replica only.

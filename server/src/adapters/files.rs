@@ -21,6 +21,10 @@ pub struct FileStamp {
 }
 
 impl FileStamp {
+    pub(super) fn inode(&self) -> u64 {
+        self.inode
+    }
+
     fn of(meta: &std::fs::Metadata) -> Self {
         #[cfg(unix)]
         let (inode, changed_ns) = {
@@ -183,4 +187,94 @@ pub fn adapter_name_of(path: &Path) -> Option<String> {
     }
     let stem = file_name.strip_suffix(&format!(".{ADAPTER_EXTENSION}"))?;
     (!stem.is_empty()).then(|| stem.to_string())
+}
+
+/// Why [`read_checked`] read nothing.
+#[derive(Debug)]
+pub(super) enum ReadFailure {
+    Missing,
+    /// A definite property of this file (not a regular file, too big, hard-linked, no
+    /// permission): recorded as its refusal until the file changes.
+    Refused(String),
+    /// An I/O error that may pass (EIO, out of descriptors, ...): retried, never recorded.
+    Transient(String),
+    /// Not the file that was checked by path a moment ago (swapped in between).
+    Changed,
+}
+
+/// Opens `real` (a canonical path, so its last component is no link) once, with `O_NOFOLLOW`,
+/// checks what the open handle is (a regular file with one link, at most `max_bytes`, the inode
+/// `expected_inode` when given) and reads it whole from that handle: nothing is opened by path
+/// again after the checks, so a file swapped or hard-linked in between cannot slip through.
+/// `shown` is how messages name the file (never an absolute path).
+pub(super) fn read_checked(
+    real: &Path,
+    shown: &str,
+    max_bytes: u64,
+    expected_inode: Option<u64>,
+) -> Result<Vec<u8>, ReadFailure> {
+    use std::io::Read;
+    let mut options = std::fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.custom_flags(libc::O_NOFOLLOW);
+    }
+    let file = match options.open(real) {
+        Ok(file) => file,
+        Err(e) => return Err(open_failure(shown, e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| ReadFailure::Transient(format!("cannot stat {shown}: {e}")))?;
+    if !meta.is_file() {
+        return Err(ReadFailure::Refused(format!(
+            "{shown} is not a regular file"
+        )));
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if expected_inode.is_some_and(|inode| inode != meta.ino()) {
+            return Err(ReadFailure::Changed);
+        }
+        if meta.nlink() > 1 {
+            return Err(ReadFailure::Refused(format!(
+                "{shown} has {} hard links; an adapter file must be its only name (a hard link can \
+                 make a file from outside the adapters folder look inside it)",
+                meta.nlink()
+            )));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = expected_inode;
+    if meta.len() > max_bytes {
+        return Err(ReadFailure::Refused(format!(
+            "{shown} is {} bytes, more than --max-adapter-bytes {max_bytes}; not read",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.take(max_bytes + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| ReadFailure::Transient(format!("cannot read {shown}: {e}")))?;
+    if bytes.len() as u64 > max_bytes {
+        return Err(ReadFailure::Changed);
+    }
+    Ok(bytes)
+}
+
+fn open_failure(shown: &str, e: std::io::Error) -> ReadFailure {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound => ReadFailure::Missing,
+        ErrorKind::PermissionDenied => {
+            ReadFailure::Refused(format!("cannot open {shown}: permission denied"))
+        }
+        // O_NOFOLLOW met a link where the checked path had a file: it was swapped.
+        #[cfg(unix)]
+        _ if e.raw_os_error() == Some(libc::ELOOP) => ReadFailure::Changed,
+        _ => ReadFailure::Transient(format!("cannot open {shown}: {e}")),
+    }
 }

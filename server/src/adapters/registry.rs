@@ -2,16 +2,31 @@
 //! refusal and the versions it replaced that requests still pin; reading the folder into it;
 //! and the least-recently-used bound on what stays in memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use rl4pix_model::ModelError;
 
 use super::error::AdapterError;
-use super::files::{adapter_name_of, stat_inside, FileStamp, FileState, ADAPTER_EXTENSION};
+use super::files::{
+    adapter_name_of, read_checked, stat_inside, FileStamp, FileState, ReadFailure,
+    ADAPTER_EXTENSION,
+};
 use super::names::validate_name;
-use crate::backend::{AdapterLoader, LoadedAdapter};
+use super::requests::ReloadLimits;
+use crate::backend::{AdapterLoader, BackendError, LoadedAdapter};
 use crate::config::AdapterSettings;
+
+/// Waits between the tries of a read or load that failed transiently (then it is given up
+/// for now, not recorded: the next request, upload or rescan tries again).
+const TRANSIENT_BACKOFF: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(800),
+];
 
 pub const RESERVED_NAMES: [&str; 2] = ["none", "default"];
 
@@ -33,6 +48,15 @@ pub enum SyncOutcome {
     Removed,
     /// The file changed while it was read; try again once it is stable.
     Unstable,
+    /// Reading or loading it failed transiently, even after retries; nothing was recorded.
+    Failed,
+}
+
+/// Why a file was not taken: for good (recorded until the file changes) or for now.
+#[derive(Debug)]
+pub(super) enum Failure {
+    Refused(String),
+    Transient(String),
 }
 
 #[derive(Debug, Clone)]
@@ -72,6 +96,8 @@ pub(super) struct Version {
     /// without reading the file.
     pub(super) pinned: Weak<AdapterEntry>,
     pub(super) last_used: u64,
+    /// When a request last asked for it (None: none has since it was loaded).
+    pub(super) requested_at: Option<Instant>,
 }
 
 pub(super) struct Refusal {
@@ -125,8 +151,11 @@ pub struct AdapterRegistry {
     /// The object store the folder mirrors, if it is a store's cache (see `adapter_store`).
     store: OnceLock<String>,
     state: Mutex<State>,
-    file_lock: Mutex<()>,
+    /// One lock per name: reads, writes and deletes of one name's file are serialized, and
+    /// different names never wait on each other.
+    file_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     next_generation: AtomicU64,
+    pub(super) reloads: ReloadLimits,
 }
 
 impl AdapterRegistry {
@@ -151,8 +180,9 @@ impl AdapterRegistry {
             loader: OnceLock::new(),
             store: OnceLock::new(),
             state: Mutex::new(State::default()),
-            file_lock: Mutex::new(()),
+            file_locks: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
+            reloads: ReloadLimits::new(settings.reloads_per_min, settings.min_resident),
         })
     }
 
@@ -183,8 +213,14 @@ impl AdapterRegistry {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn lock_files(&self) -> MutexGuard<'_, ()> {
-        self.file_lock.lock().unwrap_or_else(|e| e.into_inner())
+    /// The lock of `name`'s file; hold it with [`hold`].
+    pub(super) fn file_lock(&self, name: &str) -> Arc<Mutex<()>> {
+        self.file_locks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
     }
 
     pub(super) fn path_of(&self, name: &str) -> Option<PathBuf> {
@@ -252,7 +288,8 @@ impl AdapterRegistry {
     /// Brings one name in line with its file: loads a new or changed file, records a refusal,
     /// or forgets a removed one.
     pub fn sync(&self, name: &str) -> SyncOutcome {
-        let _files = self.lock_files();
+        let lock = self.file_lock(name);
+        let _files = hold(&lock);
         self.sync_locked(name, false)
     }
 
@@ -299,16 +336,18 @@ impl AdapterRegistry {
                 _ => None,
             }
         };
-        let bytes = match std::fs::read(&path) {
+        let shown = format!("{name}.{ADAPTER_EXTENSION}");
+        let bytes = match with_retries(name, || self.read_file(&path, &shown, stamp)) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(ReadFailure::Missing) => {
                 self.forget(name);
                 return SyncOutcome::Removed;
             }
-            Err(e) => {
-                let reason = format!("cannot read {}: {e}", path.display());
-                return self.record_refusal(name, reason, Some(stamp));
+            Err(ReadFailure::Changed) => return SyncOutcome::Unstable,
+            Err(ReadFailure::Refused(reason)) => {
+                return self.record_refusal(name, reason, Some(stamp))
             }
+            Err(ReadFailure::Transient(reason)) => return transient_failure(name, &reason),
         };
         if self.stat(name) != FileState::Present(stamp) {
             return SyncOutcome::Unstable;
@@ -316,27 +355,53 @@ impl AdapterRegistry {
         if let Err(reason) = validate_name(name) {
             return self.record_refusal(name, reason, Some(stamp));
         }
-        match self.validate(name, &bytes) {
+        match with_retries(name, || self.validate(name, &bytes)) {
             Ok(adapter) => {
                 self.install(adapter, Some(stamp), reuse_generation);
                 SyncOutcome::Loaded
             }
-            Err(reason) => self.record_refusal(name, reason, Some(stamp)),
+            Err(Failure::Refused(reason)) => self.record_refusal(name, reason, Some(stamp)),
+            Err(Failure::Transient(reason)) => transient_failure(name, &reason),
         }
     }
 
+    /// The file `stat` saw as `stamp`, read through one handle (a link inside the folder is
+    /// resolved first, then the real file opened without following links).
+    fn read_file(
+        &self,
+        path: &Path,
+        shown: &str,
+        stamp: FileStamp,
+    ) -> Result<Vec<u8>, ReadFailure> {
+        let real = match path.canonicalize() {
+            Ok(real) => real,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadFailure::Missing),
+            Err(_) => return Err(ReadFailure::Changed),
+        };
+        if !self.dir.as_ref().is_some_and(|dir| real.starts_with(dir)) {
+            return Err(ReadFailure::Changed);
+        }
+        read_checked(&real, shown, self.max_loaded_bytes, Some(stamp.inode()))
+    }
+
     /// Parses and checks a whole file against the base, without touching the registry.
-    pub(super) fn validate(&self, name: &str, bytes: &[u8]) -> Result<LoadedAdapter, String> {
+    pub(super) fn validate(&self, name: &str, bytes: &[u8]) -> Result<LoadedAdapter, Failure> {
         let loader = self
             .loader
             .get()
-            .ok_or_else(|| "this backend cannot load adapters".to_string())?;
-        let adapter = loader.load_bytes(name, bytes).map_err(|e| e.to_string())?;
+            .ok_or_else(|| Failure::Refused("this backend cannot load adapters".to_string()))?;
+        let adapter = loader.load_bytes(name, bytes).map_err(|e| {
+            if is_transient(&e) {
+                Failure::Transient(e.to_string())
+            } else {
+                Failure::Refused(e.to_string())
+            }
+        })?;
         if adapter.memory_bytes > self.max_loaded_bytes {
-            return Err(format!(
+            return Err(Failure::Refused(format!(
                 "its weights need {} bytes of memory, more than --max-adapter-bytes {}",
                 adapter.memory_bytes, self.max_loaded_bytes
-            ));
+            )));
         }
         Ok(adapter)
     }
@@ -371,6 +436,7 @@ impl AdapterRegistry {
             held: Some(entry.clone()),
             pinned: Arc::downgrade(&entry),
             last_used,
+            requested_at: None,
         });
         ns.refusal = None;
         if reuse_generation.is_some() {
@@ -393,7 +459,8 @@ impl AdapterRegistry {
     /// object over the size limit, never downloaded); a good version keeps serving, and the next
     /// sync of a changed file replaces the refusal.
     pub fn refuse_unread(&self, name: &str, reason: String) {
-        let _files = self.lock_files();
+        let lock = self.file_lock(name);
+        let _files = hold(&lock);
         self.record_refusal(name, reason, None);
     }
 
@@ -442,16 +509,20 @@ impl AdapterRegistry {
             if count <= self.max_loaded && bytes <= self.max_loaded_bytes {
                 return;
             }
+            // Versions in recent use go last (see `requests`: a request's reload never needs them).
+            let now = Instant::now();
             let victim = state
                 .names
                 .iter()
                 .filter(|(name, ns)| name.as_str() != keep && ns.refusal.is_none())
                 .filter_map(|(name, ns)| {
                     let v = ns.current.as_ref()?;
-                    (v.held.is_some() && v.stamp.is_some()).then(|| (v.last_used, name.clone()))
+                    let protected = self.reloads.protects(state, name, v, now);
+                    (v.held.is_some() && v.stamp.is_some())
+                        .then(|| (protected, v.last_used, name.clone()))
                 })
                 .min();
-            let Some((_, name)) = victim else {
+            let Some((_, _, name)) = victim else {
                 tracing::warn!(
                     loaded = count,
                     bytes,
@@ -473,4 +544,70 @@ impl AdapterRegistry {
             }
         }
     }
+}
+
+/// Holds a name's file lock (a panic while it was held leaves nothing half done on disk).
+pub(super) fn hold(lock: &Mutex<()>) -> MutexGuard<'_, ()> {
+    lock.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Errors of the device or the system, not of the file: worth another try.
+fn is_transient(e: &BackendError) -> bool {
+    matches!(
+        e,
+        BackendError::Model(ModelError::Candle(_) | ModelError::Io { .. })
+    )
+}
+
+/// What may pass on its own: a transient read or load failure.
+trait MaybeTransient {
+    fn transient(&self) -> Option<&str>;
+}
+
+impl MaybeTransient for ReadFailure {
+    fn transient(&self) -> Option<&str> {
+        match self {
+            ReadFailure::Transient(reason) => Some(reason),
+            _ => None,
+        }
+    }
+}
+
+impl MaybeTransient for Failure {
+    fn transient(&self) -> Option<&str> {
+        match self {
+            Failure::Transient(reason) => Some(reason),
+            Failure::Refused(_) => None,
+        }
+    }
+}
+
+/// Runs `attempt` again after each transient failure, with growing waits (blocking: callers
+/// run off the async threads).
+fn with_retries<T, E: MaybeTransient>(
+    name: &str,
+    mut attempt: impl FnMut() -> Result<T, E>,
+) -> Result<T, E> {
+    let mut waits = TRANSIENT_BACKOFF.iter();
+    loop {
+        match attempt() {
+            Err(e) => match (e.transient(), waits.next()) {
+                (Some(reason), Some(wait)) => {
+                    tracing::warn!(adapter = %name, %reason, retry_in_ms = wait.as_millis() as u64, "reading the adapter failed; trying again");
+                    std::thread::sleep(*wait);
+                }
+                _ => return Err(e),
+            },
+            ok => return ok,
+        }
+    }
+}
+
+fn transient_failure(name: &str, reason: &str) -> SyncOutcome {
+    tracing::error!(
+        adapter = %name,
+        %reason,
+        "reading the adapter failed after retries; not recorded as a refusal, it is tried again when next needed"
+    );
+    SyncOutcome::Failed
 }

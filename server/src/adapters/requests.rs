@@ -1,59 +1,275 @@
 //! The version a request runs with, read again from its file when it was unloaded.
+//!
+//! A request that names an unloaded adapter causes a read of its file, so anonymous clients
+//! rotating through the names in `/info` could make the server read files and unload adapters
+//! in a loop. Reloads caused by requests are therefore:
+//! - off the async threads (a blocking task), one at a time per name: concurrent requests for
+//!   the same unloaded adapter wait for one read (and share its failure), never start their own;
+//! - rate-limited (`--adapter-reloads-per-min`, a token bucket): past it, 503 with Retry-After
+//!   and nothing read;
+//! - never a reason to unload a protected version: the default adapter, one a request is running
+//!   with, or one a request asked for within `--adapter-min-resident-s`. A reload that would
+//!   need one of those unloaded is answered 503 with Retry-After (when the protection ends)
+//!   instead, so a rotation cannot push out the adapters real traffic uses.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::error::AdapterError;
 use super::names::validate_name;
-use super::registry::{AdapterEntry, AdapterRegistry, SyncOutcome};
+use super::registry::{hold, AdapterEntry, AdapterRegistry, State, SyncOutcome, Version};
+
+/// The bounds on reloads that requests cause.
+pub(crate) struct ReloadLimits {
+    per_min: u32,
+    min_resident: Duration,
+    bucket: Mutex<Bucket>,
+    /// One per name a request had to read again.
+    gates: Mutex<HashMap<String, Arc<Gate>>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Single flight for one name: the holder of `last` reads; who waited behind it and finds
+/// `finished` moved on shares its result instead of reading again.
+#[derive(Default)]
+struct Gate {
+    finished: AtomicU64,
+    last: tokio::sync::Mutex<Option<AdapterError>>,
+}
+
+impl ReloadLimits {
+    pub(super) fn new(per_min: u32, min_resident: Duration) -> Self {
+        Self {
+            per_min: per_min.max(1),
+            min_resident,
+            bucket: Mutex::new(Bucket {
+                tokens: f64::from(per_min.max(1)),
+                at: Instant::now(),
+            }),
+            gates: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one reload from the bucket, or says in how many seconds one is there.
+    fn take(&self) -> Result<(), u64> {
+        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
+        let per_s = f64::from(self.per_min) / 60.0;
+        let now = Instant::now();
+        let refilled = bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * per_s;
+        bucket.tokens = refilled.min(f64::from(self.per_min));
+        bucket.at = now;
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(((1.0 - bucket.tokens) / per_s).ceil().max(1.0) as u64)
+        }
+    }
+
+    /// Whether a request's reload may not unload `v` (the version of `name`) now.
+    pub(super) fn protects(&self, state: &State, name: &str, v: &Version, now: Instant) -> bool {
+        self.protected_for(state, name, v, now).is_some()
+    }
+
+    /// Some(how much longer) when protected; `Duration::MAX` for as long as it is the default
+    /// or in use.
+    fn protected_for(
+        &self,
+        state: &State,
+        name: &str,
+        v: &Version,
+        now: Instant,
+    ) -> Option<Duration> {
+        let in_use = v.pinned.strong_count() > usize::from(v.held.is_some());
+        if state.default.as_deref() == Some(name) || in_use {
+            return Some(Duration::MAX);
+        }
+        let since = now.duration_since(v.requested_at?);
+        (since < self.min_resident).then(|| self.min_resident - since)
+    }
+
+    fn gate(&self, name: &str) -> Arc<Gate> {
+        self.gates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(name.to_string())
+            .or_default()
+            .clone()
+    }
+}
 
 impl AdapterRegistry {
     /// The version a request runs with: `None` / `""` / `"default"`: the default adapter (or
-    /// the base when there is none); `"none"`: the base; otherwise that name. May read an
-    /// unloaded adapter's file again.
+    /// the base when there is none); `"none"`: the base; otherwise that name. An unloaded
+    /// adapter is read again inline (for callers that are not async; the server uses
+    /// [`Self::for_request_async`]), within the same bounds.
     pub fn for_request(
         &self,
         requested: Option<&str>,
     ) -> Result<Option<Arc<AdapterEntry>>, AdapterError> {
-        let name = match requested {
-            None | Some("") | Some("default") => match self.default_name() {
-                Some(name) => name,
-                None => return Ok(None),
-            },
-            Some("none") => return Ok(None),
-            Some(name) => {
-                validate_name(name).map_err(AdapterError::InvalidName)?;
-                name.to_string()
-            }
+        let Some(name) = self.requested_name(requested)? else {
+            return Ok(None);
         };
-        self.acquire(&name).map(Some)
+        if let Some(entry) = self.try_hold(&name)? {
+            return Ok(Some(entry));
+        }
+        self.admit_reload(&name)?;
+        self.reload(&name).map(Some)
     }
 
-    fn acquire(&self, name: &str) -> Result<Arc<AdapterEntry>, AdapterError> {
-        if let Some(entry) = self.try_hold(name)? {
-            return Ok(entry);
+    /// [`Self::for_request`] for the server: a reload runs on a blocking task, one per name
+    /// at a time (waiters share its outcome), within the reload bounds.
+    pub async fn for_request_async(
+        self: &Arc<Self>,
+        requested: Option<&str>,
+    ) -> Result<Option<Arc<AdapterEntry>>, AdapterError> {
+        let Some(name) = self.requested_name(requested)? else {
+            return Ok(None);
+        };
+        if let Some(entry) = self.try_hold(&name)? {
+            return Ok(Some(entry));
         }
-        // Unloaded: read it again (blocking file IO, off the async workers' backs).
-        in_blocking_section(|| {
-            let _files = self.lock_files();
-            if self.sync_locked(name, true) == SyncOutcome::Unstable {
+        let gate = self.reloads.gate(&name);
+        let seen = gate.finished.load(Ordering::SeqCst);
+        let mut last = gate.last.lock().await;
+        if gate.finished.load(Ordering::SeqCst) != seen {
+            // A read finished while this request waited: its result is this request's too.
+            if let Some(error) = last.clone() {
+                return Err(error);
+            }
+        }
+        if let Some(entry) = self.try_hold(&name)? {
+            return Ok(Some(entry));
+        }
+        self.admit_reload(&name)?;
+        let registry = self.clone();
+        let reading = name.clone();
+        let result = tokio::task::spawn_blocking(move || registry.reload(&reading))
+            .await
+            .unwrap_or_else(|e| {
+                Err(AdapterError::Unavailable {
+                    name: name.clone(),
+                    reason: format!("the reading task failed: {e}"),
+                })
+            });
+        *last = result.as_ref().err().cloned();
+        gate.finished.fetch_add(1, Ordering::SeqCst);
+        result.map(Some)
+    }
+
+    /// The name a request's `adapter` field means; None: the base model.
+    fn requested_name(&self, requested: Option<&str>) -> Result<Option<String>, AdapterError> {
+        Ok(match requested {
+            None | Some("") | Some("default") => self.default_name(),
+            Some("none") => None,
+            Some(name) => {
+                validate_name(name).map_err(AdapterError::InvalidName)?;
+                Some(name.to_string())
+            }
+        })
+    }
+
+    /// Whether a request may cause a read of `name` now: there is room for it without
+    /// unloading a protected version, and the reload rate allows one more.
+    fn admit_reload(&self, name: &str) -> Result<(), AdapterError> {
+        let throttled = |reason: String, retry_after_s: u64| AdapterError::Throttled {
+            name: name.to_string(),
+            reason,
+            retry_after_s,
+        };
+        {
+            let state = self.lock();
+            let Some(needed) = state
+                .names
+                .get(name)
+                .and_then(|ns| ns.current.as_ref())
+                .map(|v| v.summary.memory_bytes)
+            else {
+                return Ok(()); // the read will say what is wrong
+            };
+            let now = Instant::now();
+            let mut count = 0usize;
+            let mut bytes = 0u64;
+            // What unloading every unprotected version could free; and the soonest end of a
+            // protection, for Retry-After.
+            let mut freeable = (0usize, 0u64);
+            let mut soonest = Duration::MAX;
+            for (other, ns) in &state.names {
+                let Some(v) = ns.current.as_ref().filter(|v| v.held.is_some()) else {
+                    continue;
+                };
+                count += 1;
+                bytes += v.summary.memory_bytes;
+                match self.reloads.protected_for(&state, other, v, now) {
+                    None if v.stamp.is_some() && ns.refusal.is_none() => {
+                        freeable.0 += 1;
+                        freeable.1 += v.summary.memory_bytes;
+                    }
+                    None => {}
+                    Some(left) => soonest = soonest.min(left),
+                }
+            }
+            let fits_count = count + 1 - freeable.0.min(count) <= self.max_loaded;
+            let fits_bytes = bytes + needed - freeable.1.min(bytes) <= self.max_loaded_bytes;
+            if !(fits_count && fits_bytes) {
+                let retry = if soonest == Duration::MAX {
+                    60
+                } else {
+                    soonest.as_secs() + 1
+                };
+                return Err(throttled(
+                    "reading it again would unload adapters in recent use (--max-adapters, \
+                     --max-adapter-bytes, --adapter-min-resident-s)"
+                        .into(),
+                    retry,
+                ));
+            }
+        }
+        self.reloads.take().map_err(|retry| {
+            throttled(
+                "too many adapters read again recently (--adapter-reloads-per-min)".into(),
+                retry,
+            )
+        })
+    }
+
+    /// Reads an unloaded version again (blocking file IO and validation).
+    fn reload(&self, name: &str) -> Result<Arc<AdapterEntry>, AdapterError> {
+        let lock = self.file_lock(name);
+        let _files = hold(&lock);
+        match self.sync_locked(name, true) {
+            SyncOutcome::Unstable => {
                 return Err(AdapterError::Unavailable {
                     name: name.to_string(),
                     reason: "its file is being written; retry in a moment".into(),
-                });
+                })
             }
-            self.try_hold(name)?.ok_or_else(|| {
-                let state = self.lock();
-                match state.names.get(name).and_then(|ns| ns.refusal.as_ref()) {
-                    Some(r) => AdapterError::Refused {
-                        name: name.to_string(),
-                        reason: r.reason.clone(),
-                    },
-                    None => AdapterError::Unavailable {
-                        name: name.to_string(),
-                        reason: "it was unloaded and could not be read again".into(),
-                    },
-                }
-            })
+            SyncOutcome::Failed => {
+                return Err(AdapterError::Unavailable {
+                    name: name.to_string(),
+                    reason: "reading it failed (tried again, in vain); retry in a moment".into(),
+                })
+            }
+            _ => {}
+        }
+        self.try_hold(name)?.ok_or_else(|| {
+            let state = self.lock();
+            match state.names.get(name).and_then(|ns| ns.refusal.as_ref()) {
+                Some(r) => AdapterError::Refused {
+                    name: name.to_string(),
+                    reason: r.reason.clone(),
+                },
+                None => AdapterError::Unavailable {
+                    name: name.to_string(),
+                    reason: "it was unloaded and could not be read again".into(),
+                },
+            }
         })
     }
 
@@ -74,6 +290,7 @@ impl AdapterRegistry {
             });
         };
         v.last_used = now;
+        v.requested_at = Some(Instant::now());
         if let Some(entry) = &v.held {
             return Ok(Some(entry.clone()));
         }
@@ -83,15 +300,5 @@ impl AdapterRegistry {
         v.held = Some(entry.clone());
         self.enforce_bounds(&mut state, name);
         Ok(Some(entry))
-    }
-}
-
-/// Runs blocking work from async code without stalling the runtime's other tasks.
-fn in_blocking_section<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current() {
-        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(f)
-        }
-        _ => f(),
     }
 }

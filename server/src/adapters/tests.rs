@@ -52,6 +52,8 @@ fn registry(dir: &Path, max_adapters: usize, max_adapter_bytes: u64) -> AdapterR
         max_adapters,
         max_adapter_bytes,
         debounce: Duration::from_millis(10),
+        reloads_per_min: 1000,
+        min_resident: Duration::ZERO,
     })
     .unwrap();
     registry.set_loader(Arc::new(FakeLoader));
@@ -251,4 +253,98 @@ fn atomic_writes_get_the_permissions_a_plain_create_would() {
         .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
         .collect();
     assert!(leftovers.is_empty(), "no temporary file is left behind");
+}
+
+/// Fails with a device error (`Candle`) while `failures` lasts, then loads like [`FakeLoader`].
+struct FlakyLoader {
+    failures: std::sync::atomic::AtomicUsize,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl AdapterLoader for FlakyLoader {
+    fn load_bytes(&self, name: &str, bytes: &[u8]) -> Result<LoadedAdapter, BackendError> {
+        use std::sync::atomic::Ordering;
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let left = self.failures.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures.store(left - 1, Ordering::SeqCst);
+            return Err(BackendError::Model(ModelError::Candle(
+                candle_core::Error::Msg("device busy".into()),
+            )));
+        }
+        FakeLoader.load_bytes(name, bytes)
+    }
+}
+
+#[test]
+fn a_transient_load_error_is_retried_and_never_recorded_as_a_refusal() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "a", "ok 10");
+    let r = registry(dir.path(), 4, 1000);
+    let flaky = Arc::new(FlakyLoader {
+        failures: AtomicUsize::new(2),
+        calls: AtomicUsize::new(0),
+    });
+    // The registry's loader is set once; a fresh registry takes the flaky one.
+    let r = {
+        drop(r);
+        let fresh = AdapterRegistry::new(&AdapterSettings {
+            dir: Some(dir.path().to_path_buf()),
+            max_adapters: 4,
+            max_adapter_bytes: 1000,
+            debounce: Duration::from_millis(10),
+            reloads_per_min: 1000,
+            min_resident: Duration::ZERO,
+        })
+        .unwrap();
+        fresh.set_loader(flaky.clone());
+        fresh
+    };
+    // Two device errors, then success: one sync, retried with backoff.
+    assert_eq!(r.sync("a"), SyncOutcome::Loaded);
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(status(&r, "a"), "loaded");
+
+    // Errors beyond the retries: nothing recorded, the next sync of the same file reads it.
+    write(dir.path(), "b", "ok 10");
+    flaky.failures.store(100, Ordering::SeqCst);
+    assert_eq!(r.sync("b"), SyncOutcome::Failed);
+    assert!(
+        r.refusal("b").is_none(),
+        "a transient failure is no refusal"
+    );
+    assert!(
+        !r.reflects_file("b"),
+        "the watcher's rescan will try it again"
+    );
+    flaky.failures.store(0, Ordering::SeqCst);
+    assert_eq!(r.sync("b"), SyncOutcome::Loaded);
+    assert!(r.for_request(Some("b")).unwrap().is_some());
+
+    // A definite validation failure is recorded, and not retried.
+    write(dir.path(), "c", "garbage");
+    let before = flaky.calls.load(Ordering::SeqCst);
+    assert_eq!(r.sync("c"), SyncOutcome::Refused);
+    assert_eq!(flaky.calls.load(Ordering::SeqCst), before + 1);
+    assert!(r.refusal("c").unwrap().contains("not an adapter"));
+}
+
+#[test]
+fn a_file_over_the_size_limit_is_refused_from_its_metadata_without_being_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = registry(dir.path(), 4, 1000);
+    // Sparse: 64 GiB on paper, nothing on disk. Reading it would exhaust memory.
+    let huge = std::fs::File::create(dir.path().join("huge.safetensors")).unwrap();
+    huge.set_len(64 << 30).unwrap();
+    assert_eq!(r.sync("huge"), SyncOutcome::Refused);
+    let reason = r.refusal("huge").unwrap();
+    assert!(
+        reason.contains("more than --max-adapter-bytes 1000") && reason.contains("not read"),
+        "{reason}"
+    );
+    assert!(
+        !reason.contains(&dir.path().display().to_string()),
+        "no absolute path: {reason}"
+    );
 }

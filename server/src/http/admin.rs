@@ -272,6 +272,7 @@ pub async fn delete_adapter(
     request_body(content = DefaultAdapter, content_type = "application/json"),
     responses(
         (status = 200, description = "The default now", body = DefaultAdapter),
+        (status = 400, description = "Unparseable body (not JSON, or not this object)", body = ErrorBody),
         (status = 401, description = "Missing or wrong bearer token, or no --api-key configured", body = ErrorBody),
         (status = 404, description = "No such adapter, or it was refused", body = ErrorBody),
         (status = 422, description = "Not an adapter name", body = ErrorBody),

@@ -45,15 +45,38 @@ pub struct EditJsonRequest {
     /// The image, base64 (standard alphabet; a `data:image/...;base64,` prefix is accepted).
     pub image: String,
     pub instruction: String,
+    #[serde(default, deserialize_with = "whole_number")]
     pub steps: Option<usize>,
     pub guidance_scale: Option<f64>,
     pub image_guidance_scale: Option<f64>,
+    #[serde(default, deserialize_with = "whole_number")]
     pub seed: Option<u64>,
     pub scheduler: Option<String>,
     pub adapter: Option<String>,
     pub output_format: Option<String>,
     pub working_size: Option<String>,
     pub keep_input: Option<bool>,
+}
+
+/// An optional integer that may also be written as a whole float (`2.0`): JSON Schema's
+/// `integer`, which the OpenAPI document promises.
+fn whole_number<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    let whole = number.as_u64().or_else(|| {
+        let value = number.as_f64()?;
+        (value.fract() == 0.0 && value >= 0.0 && value < 2f64.powi(64)).then_some(value as u64)
+    });
+    whole
+        .and_then(|n| T::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("expected a whole number in range, got {number}")))
 }
 
 /// The answer to `POST /edit` with `Accept: application/json`.

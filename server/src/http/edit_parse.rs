@@ -124,11 +124,22 @@ fn parse_bool(name: &str, text: &str) -> Result<bool, ServiceError> {
 }
 
 fn parse_number<T: std::str::FromStr>(name: &str, text: &str) -> Result<T, ServiceError> {
-    text.trim().parse().map_err(|_| {
+    parse_integral(text.trim()).ok_or_else(|| {
         ServiceError::invalid(format!(
             "`{name}` must be a number, got {:?}",
             text.chars().take(32).collect::<String>()
         ))
+    })
+}
+
+/// `text` as a `T`; for integer fields also a whole number written as a float (`2.0`, `1e3`),
+/// which JSON Schema's `integer` admits and so the OpenAPI document does.
+pub(crate) fn parse_integral<T: std::str::FromStr>(text: &str) -> Option<T> {
+    text.parse().ok().or_else(|| {
+        let value: f64 = text.parse().ok()?;
+        let whole =
+            value.is_finite() && value.fract() == 0.0 && value >= 0.0 && value < 2f64.powi(64);
+        whole.then(|| (value as u64).to_string().parse().ok())?
     })
 }
 

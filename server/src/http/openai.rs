@@ -26,7 +26,7 @@ use crate::edit::EditResult;
 use crate::error::ServiceError;
 
 /// Images one request may ask for (OpenAI's own limit).
-const MAX_IMAGES: usize = 10;
+pub(crate) const MAX_IMAGES: usize = 10;
 
 /// `multipart/form-data` body of `POST /v1/images/edits`.
 #[derive(ToSchema)]
@@ -434,7 +434,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
 }
 
 fn number<T: std::str::FromStr>(param: &'static str, text: &str) -> Result<T, OpenAiError> {
-    text.trim().parse().map_err(|_| {
+    super::edit_parse::parse_integral(text.trim()).ok_or_else(|| {
         OpenAiError::at(
             param,
             ServiceError::invalid(format!(

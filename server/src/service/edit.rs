@@ -108,7 +108,10 @@ impl Service {
         submission: EditSubmission,
         client: Client,
     ) -> Result<PreparedEdit, ServiceError> {
-        let adapter = self.adapters.for_request(submission.adapter.as_deref())?;
+        let adapter = self
+            .adapters
+            .for_request_async(submission.adapter.as_deref())
+            .await?;
         let max_pixels = self.limits.max_pixels;
         let decode_turn = self
             .decodes

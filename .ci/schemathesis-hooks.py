@@ -1,0 +1,48 @@
+"""Schemathesis hooks for rl4pix: strategies for the two image formats the OpenAPI document
+names (`image`: the bytes of a form's file part; `base64-image`: the same, base64 in JSON).
+JSON Schema cannot say "a decodable PNG", so the document names a format and this file
+generates values of it: small random PNGs (standard library only)."""
+
+import base64
+import struct
+import zlib
+
+import schemathesis
+from hypothesis import strategies as st
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png(width: int, height: int, colour: int, grey: bool) -> bytes:
+    """An 8-bit PNG (RGB or greyscale) of `width x height`, a gradient tinted by `colour`."""
+    rows = bytearray()
+    for y in range(height):
+        rows.append(0)  # filter: none
+        for x in range(width):
+            if grey:
+                rows.append((x * 31 + y * 17 + colour) & 0xFF)
+            else:
+                rows += bytes(((x * 40 + colour) & 0xFF, (y * 40) & 0xFF, colour & 0xFF))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0 if grey else 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", zlib.compress(bytes(rows)))
+        + _chunk(b"IEND", b"")
+    )
+
+
+IMAGES = st.builds(
+    png,
+    width=st.integers(1, 24),
+    height=st.integers(1, 24),
+    colour=st.integers(0, 255),
+    grey=st.booleans(),
+)
+
+schemathesis.openapi.format("image", IMAGES)
+schemathesis.openapi.format(
+    "base64-image", IMAGES.map(lambda b: base64.b64encode(b).decode("ascii"))
+)
