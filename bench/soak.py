@@ -270,7 +270,7 @@ class Soak:
         print(f"duration: {duration:.0f} s; requests by kind: {json.dumps(self.stats.counts, sort_keys=True)}")
         print(f"sync edits: {len(lat)} ok, latency p50 {pct(0.5):.0f} ms, p99 {pct(0.99):.0f} ms")
         print(f"RSS: {base / 1024:.1f} MiB after warm-up, peak after it {peak / 1024:.1f} MiB "
-              f"({growth * 100:+.1f}%); samples (s, MiB): "
+              f"({growth * 100:+.1f}%), at the end {samples[-1][1] / 1024:.1f} MiB; samples (s, MiB): "
               + ", ".join(f"{t:.0f}:{r / 1024:.0f}" for t, r in samples))
         print(f"failed requests: {failed}")
         for line in self.stats.failures:

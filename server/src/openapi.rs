@@ -231,13 +231,10 @@ mod exact {
         assert!(default_name.is_object(), "DefaultAdapter.name");
         default_name["pattern"] = json!(stored_name_pattern());
         default_name["maxLength"] = json!(MAX_ADAPTER_NAME_CHARS);
-        for field in ["name"] {
-            let add = &mut doc["components"]["schemas"]["AddAdapterRequest"]["properties"][field];
-            if add.is_object() {
-                add["pattern"] = json!(stored_name_pattern());
-                add["maxLength"] = json!(MAX_ADAPTER_NAME_CHARS);
-            }
-        }
+        let add_name = &mut doc["components"]["schemas"]["AddAdapterRequest"]["properties"]["name"];
+        assert!(add_name.is_object(), "AddAdapterRequest.name");
+        add_name["pattern"] = json!(stored_name_pattern());
+        add_name["maxLength"] = json!(MAX_ADAPTER_NAME_CHARS);
         path_parameter(
             &mut doc["paths"]["/adapters/{name}"]["delete"],
             "name",
