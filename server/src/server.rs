@@ -15,7 +15,7 @@ use crate::adapter_store::{self, PollReport, StoreMirror, StorePoller};
 use crate::adapters::AdapterRegistry;
 use crate::backend::{Backend, BackendError, ModelBackend};
 use crate::config::{default_model_dir, Args};
-use crate::http::guard::HostPolicy;
+use crate::http::hosts::HostPolicy;
 use crate::http::{router, AppState};
 use crate::metrics::Metrics;
 use crate::queue::Queue;

@@ -22,8 +22,9 @@ pub mod error;
 pub mod files;
 pub mod names;
 pub mod registry;
+mod reload_limits;
 pub mod report;
-pub mod requests;
+mod requests;
 
 #[cfg(test)]
 mod tests;

@@ -16,7 +16,7 @@ use super::files::{
     ADAPTER_EXTENSION,
 };
 use super::names::validate_name;
-use super::requests::ReloadLimits;
+use super::reload_limits::ReloadLimits;
 use crate::backend::{AdapterLoader, BackendError, LoadedAdapter};
 use crate::config::AdapterSettings;
 
@@ -517,7 +517,7 @@ impl AdapterRegistry {
                 .filter(|(name, ns)| name.as_str() != keep && ns.refusal.is_none())
                 .filter_map(|(name, ns)| {
                     let v = ns.current.as_ref()?;
-                    let protected = self.reloads.protects(state, name, v, now);
+                    let protected = protected_for(&self.reloads, state, name, v, now).is_some();
                     (v.held.is_some() && v.stamp.is_some())
                         .then(|| (protected, v.last_used, name.clone()))
                 })
@@ -610,4 +610,21 @@ fn transient_failure(name: &str, reason: &str) -> SyncOutcome {
         "reading the adapter failed after retries; not recorded as a refusal, it is tried again when next needed"
     );
     SyncOutcome::Failed
+}
+
+/// How much longer a request's reload may not unload `v` (the version of `name`): the default
+/// and versions in use always, a recently requested one for `--adapter-min-resident-s`.
+pub(super) fn protected_for(
+    limits: &ReloadLimits,
+    state: &State,
+    name: &str,
+    v: &Version,
+    now: Instant,
+) -> Option<Duration> {
+    let in_use = v.pinned.strong_count() > usize::from(v.held.is_some());
+    limits.protected_for(
+        state.default.as_deref() == Some(name) || in_use,
+        v.requested_at,
+        now,
+    )
 }

@@ -12,97 +12,13 @@
 //!   need one of those unloaded is answered 503 with Retry-After (when the protection ends)
 //!   instead, so a rotation cannot push out the adapters real traffic uses.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::AdapterError;
 use super::names::validate_name;
-use super::registry::{hold, AdapterEntry, AdapterRegistry, State, SyncOutcome, Version};
-
-/// The bounds on reloads that requests cause.
-pub(crate) struct ReloadLimits {
-    per_min: u32,
-    min_resident: Duration,
-    bucket: Mutex<Bucket>,
-    /// One per name a request had to read again.
-    gates: Mutex<HashMap<String, Arc<Gate>>>,
-}
-
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-/// Single flight for one name: the holder of `last` reads; who waited behind it and finds
-/// `finished` moved on shares its result instead of reading again.
-#[derive(Default)]
-struct Gate {
-    finished: AtomicU64,
-    last: tokio::sync::Mutex<Option<AdapterError>>,
-}
-
-impl ReloadLimits {
-    pub(super) fn new(per_min: u32, min_resident: Duration) -> Self {
-        Self {
-            per_min: per_min.max(1),
-            min_resident,
-            bucket: Mutex::new(Bucket {
-                tokens: f64::from(per_min.max(1)),
-                at: Instant::now(),
-            }),
-            gates: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes one reload from the bucket, or says in how many seconds one is there.
-    fn take(&self) -> Result<(), u64> {
-        let mut bucket = self.bucket.lock().unwrap_or_else(|e| e.into_inner());
-        let per_s = f64::from(self.per_min) / 60.0;
-        let now = Instant::now();
-        let refilled = bucket.tokens + now.duration_since(bucket.at).as_secs_f64() * per_s;
-        bucket.tokens = refilled.min(f64::from(self.per_min));
-        bucket.at = now;
-        if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - bucket.tokens) / per_s).ceil().max(1.0) as u64)
-        }
-    }
-
-    /// Whether a request's reload may not unload `v` (the version of `name`) now.
-    pub(super) fn protects(&self, state: &State, name: &str, v: &Version, now: Instant) -> bool {
-        self.protected_for(state, name, v, now).is_some()
-    }
-
-    /// Some(how much longer) when protected; `Duration::MAX` for as long as it is the default
-    /// or in use.
-    fn protected_for(
-        &self,
-        state: &State,
-        name: &str,
-        v: &Version,
-        now: Instant,
-    ) -> Option<Duration> {
-        let in_use = v.pinned.strong_count() > usize::from(v.held.is_some());
-        if state.default.as_deref() == Some(name) || in_use {
-            return Some(Duration::MAX);
-        }
-        let since = now.duration_since(v.requested_at?);
-        (since < self.min_resident).then(|| self.min_resident - since)
-    }
-
-    fn gate(&self, name: &str) -> Arc<Gate> {
-        self.gates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone()
-    }
-}
+use super::registry::{hold, protected_for, AdapterEntry, AdapterRegistry, SyncOutcome};
 
 impl AdapterRegistry {
     /// The version a request runs with: `None` / `""` / `"default"`: the default adapter (or
@@ -206,7 +122,7 @@ impl AdapterRegistry {
                 };
                 count += 1;
                 bytes += v.summary.memory_bytes;
-                match self.reloads.protected_for(&state, other, v, now) {
+                match protected_for(&self.reloads, &state, other, v, now) {
                     None if v.stamp.is_some() && ns.refusal.is_none() => {
                         freeable.0 += 1;
                         freeable.1 += v.summary.memory_bytes;

@@ -16,6 +16,7 @@ pub mod edit_dto;
 pub mod edit_parse;
 pub mod error;
 pub mod guard;
+pub mod hosts;
 pub mod jobs;
 pub mod meta;
 pub mod openai;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use super::guard::HostPolicy;
+use super::hosts::HostPolicy;
 use crate::service::Service;
 
 pub struct AppState {
