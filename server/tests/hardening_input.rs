@@ -777,3 +777,41 @@ async fn finished_results_and_attention_maps_are_bounded_by_bytes() {
     }
     server.shutdown().await.unwrap();
 }
+
+/// Two peer addresses are two clients: the accept loop hands each request its peer as
+/// ConnectInfo (without it, both would share one "unknown" client and the second be refused).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_peer_address_is_its_own_client() {
+    let mut args = test_args();
+    args.max_batch_size = 1;
+    args.max_steps = 900;
+    let big = 40 * 24 * 900u64;
+    args.max_edit_cost = Some(big);
+    args.max_queued_cost = Some(3 * big);
+    args.max_client_share = 0.5;
+    let server = start(args).await;
+    let url = server.url();
+    let from = |ip: [u8; 4]| {
+        reqwest::Client::builder()
+            .local_address(std::net::IpAddr::from(ip))
+            .build()
+            .unwrap()
+    };
+    let (first, second) = (from([127, 0, 0, 1]), from([127, 0, 0, 2]));
+    let running = job_id(submit_async(&first, &url, None, (40, 24), 900).await).await;
+    refused_busy(
+        submit_async(&first, &url, None, (40, 24), 900).await,
+        "--max-client-share",
+    )
+    .await;
+    let other = job_id(submit_async(&second, &url, None, (40, 24), 900).await).await;
+    for id in [&running, &other] {
+        let r = first
+            .delete(format!("{url}/jobs/{id}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    server.shutdown().await.unwrap();
+}

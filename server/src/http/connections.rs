@@ -61,15 +61,19 @@ pub async fn serve(
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let connection = http.serve_connection(
-                    TokioIo::new(stream),
-                    // The peer address travels with each request, as axum's ConnectInfo: edits
-                    // are charged to it when they send no configured key.
-                    TowerToHyperService::new(
-                        app.clone()
-                            .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
-                    ),
+                // The peer address travels with each request, as axum's ConnectInfo: edits are
+                // charged to it when they send no configured key. Inserted per request rather
+                // than by `Router::layer`, which would re-wrap every route per connection.
+                let router = TowerToHyperService::new(app.clone());
+                let with_peer = hyper::service::service_fn(
+                    move |mut request: hyper::Request<hyper::body::Incoming>| {
+                        request
+                            .extensions_mut()
+                            .insert(axum::extract::ConnectInfo(peer));
+                        hyper::service::Service::call(&router, request)
+                    },
                 );
+                let connection = http.serve_connection(TokioIo::new(stream), with_peer);
                 let mut stop = stop_rx.clone();
                 connections.spawn(async move {
                     let _slot = slot;
