@@ -45,14 +45,15 @@ RUN apt-get update \
  && useradd --system --create-home --home-dir /app --uid 10001 rl4pix
 WORKDIR /app
 COPY --from=build /rl4pix-server /usr/local/bin/rl4pix-server
-# The embedded default model (model/assets/toy) is what the server serves without --model.
+# The embedded default model (model/assets/toy) is what the server serves without --model, found
+# relative to the working directory /app; with no RL4PIX_ADAPTERS it serves the shipped
+# model/assets/adapters (read-only) and applies toy-rl by default. Mount a folder and set
+# RL4PIX_ADAPTERS=/app/adapters to manage adapters through the admin routes instead.
 COPY --from=build --chown=rl4pix /src/model/assets /app/model/assets
 RUN mkdir -p /app/adapters && chown rl4pix /app/adapters
 USER rl4pix
 ENV RL4PIX_HOST=0.0.0.0 \
     RL4PIX_PORT=8080 \
-    RL4PIX_MODEL=/app/model/assets/toy \
-    RL4PIX_ADAPTERS=/app/adapters \
     RUST_LOG=info
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \

@@ -52,3 +52,8 @@ pub fn default_model_dir() -> Result<std::path::PathBuf> {
         Err(ModelError::MissingFile { path: index })
     }
 }
+
+/// The RL-fine-tuned adapter shipped for the default model, beside it in
+/// `model/assets/adapters` (its `rl4pix.base_fingerprint` is the default UNet's); the server
+/// applies it by default.
+pub const SHIPPED_DEFAULT_ADAPTER: &str = "toy-rl";

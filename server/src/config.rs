@@ -8,11 +8,23 @@ use clap::Parser;
 
 use crate::working_size::SizeMode;
 
-/// Where the embedded default model lives: relative to the working directory (the repository
-/// root, or the image's working directory). The one place the server decides this; the model
-/// crate's own default-folder function can replace the body.
+/// Where the embedded default model lives: the model crate's folder (found from where it was
+/// built, so the binary works from any directory), else `model/assets/toy` under the working
+/// directory (a binary copied next to a copy of `model/assets`, as in the container image).
 pub fn default_model_dir() -> PathBuf {
-    PathBuf::from("model/assets/toy")
+    rl4pix_model::default_model_dir().unwrap_or_else(|_| PathBuf::from("model/assets/toy"))
+}
+
+/// The adapters shipped beside the embedded default model (`model/assets/adapters`), when
+/// `model` is that model's folder (however the path is spelled) and they are there.
+fn shipped_adapters_for(model: &std::path::Path) -> Option<PathBuf> {
+    let model = model.canonicalize().ok()?;
+    if model != default_model_dir().canonicalize().ok()? {
+        return None;
+    }
+    let dir = model.parent()?.join("adapters");
+    let name = rl4pix_model::SHIPPED_DEFAULT_ADAPTER;
+    dir.join(format!("{name}.safetensors")).is_file().then_some(dir)
 }
 
 /// Guidance scales above these are never useful and only make the sampler diverge.
@@ -32,6 +44,8 @@ pub struct Args {
     #[arg(long, env = "RL4PIX_MODEL", default_value_os_t = default_model_dir())]
     pub model: PathBuf,
     /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start and
+    /// watched (with the embedded default model and no flag: the shipped `model/assets/adapters`,
+    /// read-only);
     /// watched: new, replaced and removed files are picked up while serving. Or an object
     /// store every replica reads (`s3://bucket/prefix`, `file:///folder`, `gs://bucket/prefix`
     /// with the `gcs` feature), polled every `--adapter-poll-s`.
@@ -44,8 +58,13 @@ pub struct Args {
     /// temporary folder removed at exit).
     #[arg(long, env = "RL4PIX_ADAPTER_CACHE")]
     pub adapter_cache: Option<PathBuf>,
+    /// Set by [`Args::with_shipped_adapters`]: `adapters` is the shipped folder, which the admin
+    /// routes must not write to.
+    #[arg(skip)]
+    pub shipped_adapters: bool,
     /// Adapter applied when a request names none (`adapter=none` still asks for the base);
-    /// changeable at run time with `PUT /adapters/default`.
+    /// changeable at run time with `PUT /adapters/default`. `none`: the base model. With the
+    /// embedded default model and no `--adapters`, the shipped `toy-rl`.
     #[arg(long, env = "RL4PIX_DEFAULT_ADAPTER")]
     pub default_adapter: Option<String>,
     /// Adapters whose weights are kept in memory; past it the least recently used is unloaded
@@ -330,6 +349,7 @@ impl Args {
     pub fn adapter_settings(&self) -> AdapterSettings {
         AdapterSettings {
             dir: self.adapters.clone(),
+            read_only: self.shipped_adapters,
             max_adapters: self.max_adapters,
             max_adapter_bytes: self.max_adapter_bytes,
             debounce: Duration::from_millis(self.adapter_debounce_ms),
@@ -353,6 +373,26 @@ impl Args {
             max_batch_wait_ms: self.max_batch_wait_ms,
             max_queue: self.max_queue,
         }
+    }
+
+    /// The command line's meaning of what it leaves out: the embedded default model comes with
+    /// its shipped adapters (read-only) and serves the RL-fine-tuned `toy-rl` unless
+    /// `--default-adapter` says otherwise; `--default-adapter none` is the base model. Any
+    /// `--adapters` or another `--model` leaves all of this out.
+    pub fn with_shipped_adapters(mut self) -> Self {
+        if self.adapters.is_none() {
+            if let Some(dir) = shipped_adapters_for(&self.model) {
+                self.adapters = Some(dir);
+                self.shipped_adapters = true;
+                if self.default_adapter.is_none() {
+                    self.default_adapter = Some(rl4pix_model::SHIPPED_DEFAULT_ADAPTER.into());
+                }
+            }
+        }
+        if self.default_adapter.as_deref() == Some("none") {
+            self.default_adapter = None;
+        }
+        self
     }
 
     /// Defaults for tests and the benchmark: the given model, a free port on loopback.
@@ -403,6 +443,8 @@ impl BatchingConfig {
 #[derive(Debug, Clone)]
 pub struct AdapterSettings {
     pub dir: Option<PathBuf>,
+    /// The shipped adapters: served, watched, never written or deleted by the admin routes.
+    pub read_only: bool,
     pub max_adapters: usize,
     pub max_adapter_bytes: u64,
     pub debounce: Duration,

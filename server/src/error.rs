@@ -177,6 +177,7 @@ impl ServiceError {
             AdapterError::InObjectStore(_) => {
                 Self::new(ErrorKind::Conflict, "adapters_in_object_store", message)
             }
+            AdapterError::Shipped => Self::new(ErrorKind::Conflict, "shipped_adapters", message),
             AdapterError::PathOutside(_) => Self::new(
                 ErrorKind::Forbidden,
                 "path_outside_adapters_folder",

@@ -7,7 +7,7 @@ use rl4pix_server::Args;
 use tracing_subscriber::EnvFilter;
 
 fn main() {
-    let args = Args::parse();
+    let args = Args::parse().with_shipped_adapters();
     if args.print_openapi {
         print!("{}", rl4pix_server::openapi::json());
         return;

@@ -43,7 +43,7 @@ pub fn check_model_dir(model: &Path) -> anyhow::Result<PathBuf> {
     let default = default_model_dir();
     if model == default {
         bail!(
-            "the default model `{}` is not there (run from the repository root, or it has not been trained and committed yet); \
+            "the default model `{}` is not there (a binary built elsewhere needs a copy of model/assets in its working directory); \
              pass --model DIR (or RL4PIX_MODEL) with a diffusers InstructPix2Pix folder, e.g. --model tests/fixtures/pipelines/sd1",
             default.display()
         );

@@ -94,21 +94,77 @@ async fn binary_serves_and_finishes_admitted_work_on_sigterm() {
 }
 
 #[test]
-fn missing_default_model_fails_with_a_clear_message() {
+fn a_folder_that_is_not_a_model_fails_with_a_clear_message() {
     let empty = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_rl4pix-server"))
-        .current_dir(empty.path())
         .env_remove("RL4PIX_MODEL")
-        .args(["--port", "0"])
+        .args(["--port", "0", "--model"])
+        .arg(empty.path())
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("default model `model/assets/toy`"),
+        stderr.contains("not a diffusers pipeline folder (no model_index.json there)"),
         "{stderr}"
     );
-    assert!(stderr.contains("--model"), "{stderr}");
+}
+
+async fn edit_of_grid_7(http: &reqwest::Client, url: &str, adapter: Option<&str>) -> (String, Vec<u8>) {
+    let input = std::fs::read(repo_root().join("model/assets/toy/grid/7-input.png")).unwrap();
+    let mut fields = vec![("seed", "7".to_string()), ("steps", "4".to_string())];
+    if let Some(adapter) = adapter {
+        fields.push(("adapter", adapter.to_string()));
+    }
+    let r = http
+        .post(format!("{url}/edit"))
+        .multipart(edit_form(input, "make the square blue", &fields))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let adapter = r.headers()["x-adapter"].to_str().unwrap().to_string();
+    (adapter, r.bytes().await.unwrap().to_vec())
+}
+
+/// What a newcomer gets from `rl4pix-server` with no flags, from any directory: the embedded
+/// model with its RL-fine-tuned adapter applied, the base one request field away, and the
+/// shipped folder safe from the admin routes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_flags_serve_the_rl_adapter_on_the_default_model() {
+    let anywhere = tempfile::tempdir().unwrap();
+    let server = BinaryServer::spawn_in(anywhere.path(), &["--api-key", "k"]);
+    let http = client();
+    let info = get_json(&http, &format!("{}/info", server.url)).await;
+    assert_eq!(info["default_adapter"], "toy-rl", "{info}");
+    let (applied, tuned) = edit_of_grid_7(&http, &server.url, None).await;
+    assert_eq!(applied, "toy-rl");
+    let (applied, base) = edit_of_grid_7(&http, &server.url, Some("none")).await;
+    assert_eq!(applied, "none");
+    assert_ne!(tuned, base, "the adapter changes the edit");
+
+    let upload = http
+        .post(format!("{}/adapters", server.url))
+        .bearer_auth("k")
+        .json(&serde_json::json!({"name": "other", "path": "toy-rl.safetensors"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_type(upload, 409).await, "shipped_adapters");
+    let delete = http
+        .delete(format!("{}/adapters/toy-rl", server.url))
+        .bearer_auth("k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_type(delete, 409).await, "shipped_adapters");
+    drop(server);
+
+    // `--default-adapter none` serves the base by default, as the old default did.
+    let server = BinaryServer::spawn_in(anywhere.path(), &["--default-adapter", "none"]);
+    let (applied, plain) = edit_of_grid_7(&http, &server.url, None).await;
+    assert_eq!(applied, "none");
+    assert_eq!(plain, base);
 }
 
 #[test]

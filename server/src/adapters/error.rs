@@ -25,6 +25,9 @@ pub enum AdapterError {
     /// The folder mirrors an object store: a file written here would reach one replica only.
     #[error("adapters are published to {0}, which every replica polls: write the object there (an upload here would reach only this replica)")]
     InObjectStore(String),
+    /// The adapters shipped with the default model: part of the installation, not a workspace.
+    #[error("the server serves the adapters shipped with the default model, which are read-only: start it with --adapters DIR to add or remove adapters")]
+    Shipped,
     #[error("{0}")]
     PathOutside(String),
     #[error("{0}")]

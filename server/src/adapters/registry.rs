@@ -150,6 +150,8 @@ pub struct AdapterRegistry {
     loader: OnceLock<Arc<dyn AdapterLoader>>,
     /// The object store the folder mirrors, if it is a store's cache (see `adapter_store`).
     store: OnceLock<String>,
+    /// The shipped adapters (`AdapterSettings::read_only`): admin writes and deletes refuse.
+    read_only: bool,
     state: Mutex<State>,
     /// One lock per name: reads, writes and deletes of one name's file are serialized, and
     /// different names never wait on each other.
@@ -179,6 +181,7 @@ impl AdapterRegistry {
             max_loaded_bytes: settings.max_adapter_bytes.max(1),
             loader: OnceLock::new(),
             store: OnceLock::new(),
+            read_only: settings.read_only,
             state: Mutex::new(State::default()),
             file_locks: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(0),
@@ -195,6 +198,10 @@ impl AdapterRegistry {
     /// the admin routes that would write or delete files here refuse.
     pub fn set_store(&self, url: String) {
         let _ = self.store.set(url);
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
     }
 
     pub fn store(&self) -> Option<&str> {

@@ -49,6 +49,7 @@ impl AdapterLoader for FakeLoader {
 fn registry(dir: &Path, max_adapters: usize, max_adapter_bytes: u64) -> AdapterRegistry {
     let registry = AdapterRegistry::new(&AdapterSettings {
         dir: Some(dir.to_path_buf()),
+        read_only: false,
         max_adapters,
         max_adapter_bytes,
         debounce: Duration::from_millis(10),
@@ -291,6 +292,7 @@ fn a_transient_load_error_is_retried_and_never_recorded_as_a_refusal() {
         drop(r);
         let fresh = AdapterRegistry::new(&AdapterSettings {
             dir: Some(dir.path().to_path_buf()),
+            read_only: false,
             max_adapters: 4,
             max_adapter_bytes: 1000,
             debounce: Duration::from_millis(10),

@@ -165,7 +165,7 @@ pub async fn list_adapters(
         (status = 401, description = "Missing or wrong bearer token, or no --api-key configured", body = ErrorBody),
         (status = 403, description = "`path` leads outside the adapters folder", body = ErrorBody),
         (status = 404, description = "`path` names no file", body = ErrorBody),
-        (status = 409, description = "The server has no adapters folder (--adapters), or its adapters come from an object store (`adapters_in_object_store`: publish there)", body = ErrorBody),
+        (status = 409, description = "The server has no adapters folder (--adapters), its adapters come from an object store (`adapters_in_object_store`: publish there), or they are the read-only adapters shipped with the default model (`shipped_adapters`)", body = ErrorBody),
         (status = 413, description = "Larger than --max-adapter-bytes", body = ErrorBody),
         (status = 415, description = "Body neither multipart nor JSON", body = ErrorBody),
         (status = 422, description = "Bad name, missing field, or the file was refused (`adapter_refused`, with why); nothing changed", body = ErrorBody),
@@ -251,7 +251,7 @@ async fn read_upload(request: Request, limit: usize) -> Result<(String, Vec<u8>)
         (status = 200, description = "File deleted and name forgotten; admitted requests keep their version", body = DeletedAdapter),
         (status = 401, description = "Missing or wrong bearer token, or no --api-key configured", body = ErrorBody),
         (status = 404, description = "No such adapter", body = ErrorBody),
-        (status = 409, description = "The server has no adapters folder (--adapters), or its adapters come from an object store (`adapters_in_object_store`)", body = ErrorBody),
+        (status = 409, description = "The server has no adapters folder (--adapters), its adapters come from an object store (`adapters_in_object_store`), or they are the read-only adapters shipped with the default model (`shipped_adapters`)", body = ErrorBody),
         (status = 422, description = "Not an adapter name", body = ErrorBody),
     ))]
 pub async fn delete_adapter(

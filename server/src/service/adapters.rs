@@ -16,12 +16,16 @@ impl Service {
         self.adapters.max_adapter_bytes()
     }
 
-    /// Adding needs a folder to add to (`--adapters`), and not an object store's cache.
+    /// Adding or removing needs a folder of our own (`--adapters`): not an object store's
+    /// cache, not the shipped adapters.
     pub fn check_adapters_folder(&self) -> Result<(), ServiceError> {
         if let Some(url) = self.adapters.store() {
             return Err(ServiceError::from_admin(AdapterError::InObjectStore(
                 url.to_string(),
             )));
+        }
+        if self.adapters.read_only() {
+            return Err(ServiceError::from_admin(AdapterError::Shipped));
         }
         match self.adapters.dir() {
             Some(_) => Ok(()),
@@ -51,11 +55,7 @@ impl Service {
 
     /// Deletes the file and forgets the name; returns whether it was the default.
     pub async fn remove_adapter(&self, name: String) -> Result<bool, ServiceError> {
-        if let Some(url) = self.adapters.store() {
-            return Err(ServiceError::from_admin(AdapterError::InObjectStore(
-                url.to_string(),
-            )));
-        }
+        self.check_adapters_folder()?;
         let registry = self.adapters.clone();
         blocking(move || registry.remove(&name)).await
     }

@@ -141,10 +141,25 @@ pub struct BinaryServer {
 
 impl BinaryServer {
     pub fn spawn(extra: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_rl4pix-server"))
-            .args(["--port", "0", "--model"])
-            .arg(fixture_model())
-            .args(extra)
+        let model = fixture_model();
+        let mut args = vec!["--model", model.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::spawn_in(&std::env::current_dir().unwrap(), &args)
+    }
+
+    /// The binary with `--port 0` and exactly `args`, run from `cwd`, with no `RL4PIX_*`
+    /// settings inherited from the environment.
+    pub fn spawn_in(cwd: &std::path::Path, args: &[&str]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_rl4pix-server"));
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("RL4PIX_") {
+                command.env_remove(key);
+            }
+        }
+        let mut child = command
+            .current_dir(cwd)
+            .args(["--port", "0"])
+            .args(args)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
