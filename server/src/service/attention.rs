@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::attention_cache::CachedEdit;
 
 use super::state::Service;
-use crate::error::ServiceError;
+use crate::error::{clipped, ServiceError};
 
 impl Service {
     /// The maps of a recent edit, or why there are none.
@@ -22,7 +22,7 @@ impl Service {
                 "edit_not_found",
                 format!(
                     "no attention maps for edit `{}`: unknown id, or evicted (the server keeps the last {} edits, --attention-cache)",
-                    edit_id.chars().take(64).collect::<String>(),
+                    clipped(edit_id),
                     self.attention.capacity()
                 ),
             )
@@ -52,7 +52,7 @@ impl Service {
                         "word_not_found",
                         format!(
                             "{:?} is not a word of the instruction; its words: {words:?}",
-                            word.chars().take(64).collect::<String>()
+                            clipped(word)
                         ),
                     )
                 })?,
