@@ -58,7 +58,7 @@ impl Service {
                 })?,
         };
         let (h, w) = (attention.height, attention.width);
-        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ServiceError> {
+        super::blocking("overlay", move || {
             let overlay = rl4pix_model::image_io::heatmap_overlay(&edit.image, &map, h, w, opacity)
                 .map_err(|e| ServiceError::internal(e.to_string()))?;
             let mut out = Cursor::new(Vec::new());
@@ -68,6 +68,5 @@ impl Service {
             Ok(out.into_inner())
         })
         .await
-        .map_err(|e| ServiceError::internal(format!("overlay task failed: {e}")))?
     }
 }
