@@ -60,6 +60,8 @@ pub struct DeletedAdapter {
     pub default_cleared: bool,
 }
 
+// The wire form of `adapters::AdapterInfo`, built by `From`: only `http/` derives OpenAPI
+// schemas.
 /// A row of `GET /adapters`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AdapterInfo {

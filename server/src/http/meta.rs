@@ -107,6 +107,7 @@ impl From<adapters::AdapterUsage> for AdapterUsage {
     }
 }
 
+// The wire form of `config::Limits`, built by `From`: only `http/` derives OpenAPI schemas.
 /// What a request may ask for; checked before any decoding or model work.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Limits {
