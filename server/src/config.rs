@@ -24,7 +24,9 @@ fn shipped_adapters_for(model: &std::path::Path) -> Option<PathBuf> {
     }
     let dir = model.parent()?.join("adapters");
     let name = rl4pix_model::SHIPPED_DEFAULT_ADAPTER;
-    dir.join(format!("{name}.safetensors")).is_file().then_some(dir)
+    dir.join(format!("{name}.safetensors"))
+        .is_file()
+        .then_some(dir)
 }
 
 /// Guidance scales above these are never useful and only make the sampler diverge.
