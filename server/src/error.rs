@@ -56,6 +56,11 @@ pub struct ServiceError {
     pub retry_after_s: Option<u64>,
 }
 
+/// A client's string as an error message quotes it: its first 64 characters.
+pub fn clipped(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
 impl ServiceError {
     /// Our own failures (`Internal`) can carry paths, panic messages or the model's folder:
     /// their details are logged here with an error id, and the message a client sees is the id.

@@ -26,6 +26,12 @@ const SECONDS_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
 
+/// A histogram of durations in seconds, on [`SECONDS_BUCKETS`].
+fn seconds_histogram(name: &str, help: &str) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(SECONDS_BUCKETS.to_vec()))
+        .expect("static metric definition")
+}
+
 impl Metrics {
     pub fn new(max_batch_size: usize) -> Self {
         let registry = Registry::new();
@@ -55,22 +61,14 @@ impl Metrics {
             HistogramOpts::new("rl4pix_batch_size", "Edits per model batch").buckets(batch_buckets),
         )
         .expect("static metric definition");
-        let queue_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "rl4pix_queue_duration_seconds",
-                "Time from admission to the start of the edit's batch",
-            )
-            .buckets(SECONDS_BUCKETS.to_vec()),
-        )
-        .expect("static metric definition");
-        let inference_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "rl4pix_inference_duration_seconds",
-                "Time the model spent on a batch",
-            )
-            .buckets(SECONDS_BUCKETS.to_vec()),
-        )
-        .expect("static metric definition");
+        let queue_seconds = seconds_histogram(
+            "rl4pix_queue_duration_seconds",
+            "Time from admission to the start of the edit's batch",
+        );
+        let inference_seconds = seconds_histogram(
+            "rl4pix_inference_duration_seconds",
+            "Time the model spent on a batch",
+        );
         let edits = IntCounterVec::new(
             Opts::new("rl4pix_edits_total", "Edits by outcome"),
             &["outcome"],

@@ -12,11 +12,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use common::*;
 use image::RgbImage;
 use rl4pix_model::adapter::LoraAdapter;
-use rl4pix_model::pipeline::InstructPix2Pix;
 use serde_json::Value;
 
 const KEY: &str = common::ADMIN_KEY;
@@ -24,46 +22,15 @@ const INSTRUCTION: &str = "make the red square blue";
 const STEPS: usize = 2;
 const SEED: u64 = 7;
 
-/// The model in-process, the fixture LoRA, and the one input every request edits.
-struct Reference {
-    model: InstructPix2Pix,
-    lora: LoraAdapter,
-    input: RgbImage,
+fn load_reference() -> Reference {
+    Reference::load(scene(40, 24, 1), INSTRUCTION, (STEPS, SEED))
 }
 
-impl Reference {
-    fn load() -> Self {
-        let model = InstructPix2Pix::load(&fixture_model(), &Device::Cpu).unwrap();
-        let lora = LoraAdapter::load(&fixture_adapter(), &model.lora_targets(), &Device::Cpu)
-            .expect("the fixture LoRA fits the fixture model");
-        Self {
-            model,
-            lora,
-            input: scene(40, 24, 1),
-        }
-    }
-
-    /// The fixture LoRA with its B matrices scaled by `scale`: a distinct version.
-    fn version(&self, name: &str, scale: f64, created: &str) -> LoraAdapter {
-        let mut adapter = self.lora.clone();
-        adapter.name = name.to_string();
-        adapter.metadata.created = Some(created.to_string());
-        for layer in adapter.layers.values_mut() {
-            layer.up = (&layer.up * scale).unwrap();
-        }
-        adapter
-    }
-
-    /// What the server must answer for this adapter (None: the base), run alone.
-    fn expected(&self, adapter: Option<&LoraAdapter>) -> RgbImage {
-        direct_edit(
-            &self.model,
-            &self.input,
-            INSTRUCTION,
-            (STEPS, SEED),
-            adapter,
-        )
-    }
+/// The fixture LoRA scaled by `scale`, named `name`: a distinct version.
+fn version(reference: &Reference, name: &str, scale: f64, created: &str) -> LoraAdapter {
+    let mut adapter = reference.scaled(scale, created);
+    adapter.name = name.to_string();
+    adapter
 }
 
 fn write_adapter(dir: &Path, name: &str, adapter: &LoraAdapter) {
@@ -72,37 +39,24 @@ fn write_adapter(dir: &Path, name: &str, adapter: &LoraAdapter) {
         .unwrap();
 }
 
-fn server_args(dir: &Path) -> rl4pix_server::Args {
-    let mut args = test_args();
-    args.adapters = Some(dir.to_path_buf());
-    args.api_key = Some(KEY.into());
-    args.adapter_debounce_ms = 50;
-    args.max_queue = 256;
-    args
-}
-
 async fn send_edit(http: &reqwest::Client, url: &str, adapter: Option<&str>) -> reqwest::Response {
     let mut fields = vec![("seed", SEED.to_string()), ("steps", STEPS.to_string())];
     if let Some(adapter) = adapter {
         fields.push(("adapter", adapter.to_string()));
     }
-    http.post(format!("{url}/edit"))
-        .multipart(edit_form(png(&scene(40, 24, 1)), INSTRUCTION, &fields))
-        .send()
-        .await
-        .unwrap()
+    post_edit(
+        http,
+        url,
+        edit_form(png(&scene(40, 24, 1)), INSTRUCTION, &fields),
+    )
+    .await
 }
 
 /// The served image and its `x-adapter` header; fails the test on any error.
 async fn edit_ok(http: &reqwest::Client, url: &str, adapter: Option<&str>) -> (RgbImage, String) {
     let r = send_edit(http, url, adapter).await;
     let status = r.status();
-    let served_adapter = r
-        .headers()
-        .get("x-adapter")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let served_adapter = header_or_empty(&r, "x-adapter");
     let bytes = r.bytes().await.unwrap();
     assert_eq!(
         status,
@@ -124,12 +78,19 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
     const MIN_REQUESTS: usize = 100;
     const UPLOADED_REQUESTS: usize = 8;
 
-    let reference = Reference::load();
+    let reference = load_reference();
     // Versions 0..=20 of `hot`, one uploaded adapter, and the base.
     let hot: Vec<LoraAdapter> = (0..=REPLACEMENTS)
-        .map(|k| reference.version("hot", 1.0 + 0.25 * k as f64, &format!("hot-v{k}")))
+        .map(|k| {
+            version(
+                &reference,
+                "hot",
+                1.0 + 0.25 * k as f64,
+                &format!("hot-v{k}"),
+            )
+        })
         .collect();
-    let uploaded = reference.version("up", -3.0, "up-v0");
+    let uploaded = version(&reference, "up", -3.0, "up-v0");
     let mut expected: Vec<RgbImage> = hot.iter().map(|a| reference.expected(Some(a))).collect();
     expected.push(reference.expected(Some(&uploaded)));
     expected.push(reference.expected(None));
@@ -146,14 +107,12 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
 
     let dir = tempfile::tempdir().unwrap();
     write_adapter(dir.path(), "hot", &hot[0]);
-    let mut args = server_args(dir.path());
+    let mut args = adapter_server_args(dir.path());
     // One edit per batch: the expected bytes are runs alone, and today a batch's UNet time
     // embedding goes through small-M matmuls whose rounding depends on the batch size (up to
     // 1 u8 level on a pixel now and then). Pinning and swapping are what this test checks.
     args.max_batch_size = 1;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::with_args(args).await;
 
     // `written`: the newest version put in the folder; `live`: the newest seen served by
     // GET /adapters. A request sent when `live` was k and answered when `written` was m ran
@@ -244,13 +203,7 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
         "file",
         reqwest::multipart::Part::bytes(uploaded.to_bytes().unwrap()).file_name("up.safetensors"),
     );
-    let r = http
-        .post(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = send(post_adapters(&http, &url, KEY).multipart(form)).await;
     assert_eq!(r.status(), 201);
     let info: Value = r.json().await.unwrap();
     assert_eq!(
@@ -288,12 +241,7 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let r = http
-        .delete(format!("{url}/adapters/up"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = delete_adapter(&http, &url, KEY, "up").await;
     assert_eq!(r.status(), 200);
     assert!(
         !dir.path().join("up.safetensors").exists(),
@@ -332,9 +280,9 @@ async fn replacing_and_deleting_adapters_under_load_never_changes_an_admitted_re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_serving() {
-    let reference = Reference::load();
-    let good = reference.version("mine", 1.0, "good");
-    let newer = reference.version("mine", 2.0, "newer");
+    let reference = load_reference();
+    let good = version(&reference, "mine", 1.0, "good");
+    let newer = version(&reference, "mine", 2.0, "newer");
     let (expected_good, expected_newer) = (
         reference.expected(Some(&good)),
         reference.expected(Some(&newer)),
@@ -342,9 +290,8 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
     assert_ne!(expected_good, expected_newer);
     let dir = tempfile::tempdir().unwrap();
     write_adapter(dir.path(), "mine", &good);
-    let server = start(server_args(dir.path())).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } =
+        TestServer::with_args(adapter_server_args(dir.path())).await;
     assert_eq!(edit_ok(&http, &url, Some("mine")).await.0, expected_good);
     let generation =
         adapter_entry(&list_adapters(&http, &url).await, "mine").unwrap()["generation"].clone();
@@ -406,13 +353,7 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
         "file",
         reqwest::multipart::Part::bytes(bytes[..bytes.len() / 2].to_vec()).file_name("x"),
     );
-    let r = http
-        .post(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = send(post_adapters(&http, &url, KEY).multipart(form)).await;
     assert_eq!(error_type(r, 422).await, "adapter_refused");
     assert_eq!(edit_ok(&http, &url, Some("mine")).await.0, expected_good);
 
@@ -431,8 +372,8 @@ async fn a_refused_file_is_listed_with_its_reason_and_the_good_version_keeps_ser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
-    let reference = Reference::load();
-    let adapter = reference.version("x", 1.0, "x");
+    let reference = load_reference();
+    let adapter = version(&reference, "x", 1.0, "x");
     let dir = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
     write_adapter(outside.path(), "secret", &adapter);
@@ -443,9 +384,8 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
         dir.path().join("incoming/link.safetensors"),
     )
     .unwrap();
-    let server = start(server_args(dir.path())).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } =
+        TestServer::with_args(adapter_server_args(dir.path())).await;
 
     let routes = || {
         [
@@ -477,10 +417,8 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
     );
 
     let add = |name: &str, path: String| {
-        http.post(format!("{url}/adapters"))
-            .bearer_auth(KEY)
-            .json(&serde_json::json!({"name": name, "path": path}))
-            .send()
+        let body = serde_json::json!({"name": name, "path": path});
+        send(post_adapters(&http, &url, KEY).json(&body))
     };
     let escapes = [
         "../secret.safetensors".to_string(),
@@ -493,19 +431,17 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
         "incoming/link.safetensors".into(),
     ];
     for path in escapes {
-        let r = add("x", path.clone()).await.unwrap();
+        let r = add("x", path.clone()).await;
         assert_eq!(
             error_type(r, 403).await,
             "path_outside_adapters_folder",
             "{path}"
         );
     }
-    let r = add("x", "incoming/nope.safetensors".into()).await.unwrap();
+    let r = add("x", "incoming/nope.safetensors".into()).await;
     assert_eq!(error_type(r, 404).await, "file_not_found");
     for bad_name in ["../x", "default", "none", ""] {
-        let r = add(bad_name, "incoming/run-42.safetensors".into())
-            .await
-            .unwrap();
+        let r = add(bad_name, "incoming/run-42.safetensors".into()).await;
         assert_eq!(
             error_type(r, 422).await,
             "invalid_parameter",
@@ -515,9 +451,7 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
     assert!(!dir.path().join("x.safetensors").exists());
 
     // A file inside the folder, added under a name; then made the default, then deleted.
-    let r = add("x", "incoming/run-42.safetensors".into())
-        .await
-        .unwrap();
+    let r = add("x", "incoming/run-42.safetensors".into()).await;
     assert_eq!(r.status(), 201);
     let info: Value = r.json().await.unwrap();
     assert_eq!(
@@ -545,14 +479,7 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
         edit_ok(&http, &url, Some("none")).await,
         (base.clone(), "none".into())
     );
-    let info: Value = http
-        .get(format!("{url}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&http, &format!("{url}/info")).await;
     assert_eq!(info["default_adapter"], "x");
     assert!(
         adapter_entry(&list_adapters(&http, &url).await, "x").unwrap()["default"]
@@ -560,43 +487,26 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
             .unwrap()
     );
 
-    let r = http
-        .delete(format!("{url}/adapters/x"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = delete_adapter(&http, &url, KEY, "x").await;
     assert_eq!(r.status(), 200);
     assert_eq!(r.json::<Value>().await.unwrap()["default_cleared"], true);
     assert!(!dir.path().join("x.safetensors").exists());
     assert_eq!(edit_ok(&http, &url, None).await, (base, "none".into()));
-    let r = http
-        .delete(format!("{url}/adapters/x"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = delete_adapter(&http, &url, KEY, "x").await;
     assert_eq!(error_type(r, 404).await, "adapter_not_found");
-    let r = http
-        .post(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .body("x")
-        .send()
-        .await
-        .unwrap();
+    let r = send(post_adapters(&http, &url, KEY).body("x")).await;
     assert_eq!(error_type(r, 415).await, "unsupported_media_type");
     server.shutdown().await.unwrap();
 
     // Without --api-key the admin routes are closed, and say how to open them.
-    let mut args = server_args(dir.path());
+    let mut args = adapter_server_args(dir.path());
     args.api_key = None;
     let server = start(args).await;
-    let r = http
-        .get(format!("{}/adapters", server.url()))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        http.get(format!("{}/adapters", server.url()))
+            .bearer_auth(KEY),
+    )
+    .await;
     assert_eq!(r.status(), 401);
     let body: Value = r.json().await.unwrap();
     assert!(
@@ -608,12 +518,12 @@ async fn admin_routes_need_the_key_and_never_reach_outside_the_folder() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_requested() {
-    let reference = Reference::load();
+    let reference = load_reference();
     let names = ["a", "b", "c"];
     let adapters: Vec<LoraAdapter> = names
         .iter()
         .enumerate()
-        .map(|(i, n)| reference.version(n, 1.0 + i as f64, n))
+        .map(|(i, n)| version(&reference, n, 1.0 + i as f64, n))
         .collect();
     let expected: Vec<RgbImage> = adapters
         .iter()
@@ -623,25 +533,13 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
     for (name, adapter) in names.iter().zip(&adapters) {
         write_adapter(dir.path(), name, adapter);
     }
-    let mut args = server_args(dir.path());
+    let mut args = adapter_server_args(dir.path());
     args.max_adapters = 2;
     // Plain least-recently-used: no protection of recently requested adapters here (that
     // policy is tested in hardening_adapters.rs).
     args.adapter_min_resident_s = 0.0;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
-    let statuses = |listed: &[Value]| -> Vec<String> {
-        names
-            .iter()
-            .map(|n| {
-                adapter_entry(listed, n).unwrap()["status"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
-    };
+    let TestServer { server, url, http } = TestServer::with_args(args).await;
+    let statuses = |listed: &[Value]| adapter_statuses(listed, &names);
 
     // Read in name order; the third pushed out the first.
     let listed = list_adapters(&http, &url).await;
@@ -663,14 +561,7 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
         ["unloaded", "loaded", "loaded"],
         "`a` was the least recently used"
     );
-    let info: Value = http
-        .get(format!("{url}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&http, &format!("{url}/info")).await;
     assert_eq!(info["adapter_memory"]["loaded"], 2);
     assert_eq!(
         info["adapters"],
@@ -683,7 +574,7 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
     server.shutdown().await.unwrap();
 
     // The byte bound: room for two and a half.
-    let mut args = server_args(dir.path());
+    let mut args = adapter_server_args(dir.path());
     args.max_adapter_bytes = memory * 5 / 2;
     let server = start(args).await;
     let url = server.url();
@@ -692,14 +583,7 @@ async fn the_least_recently_used_adapter_is_unloaded_and_read_again_when_request
         ["unloaded", "loaded", "loaded"]
     );
     assert_eq!(edit_ok(&http, &url, Some("a")).await.0, expected[0]);
-    let info: Value = http
-        .get(format!("{url}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&http, &format!("{url}/info")).await;
     assert_eq!(info["adapter_memory"]["loaded_bytes"], memory * 2);
     server.shutdown().await.unwrap();
 }

@@ -13,13 +13,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use candle_core::Device;
 use common::*;
-use image::RgbImage;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload};
 use rl4pix_model::adapter::LoraAdapter;
-use rl4pix_model::pipeline::InstructPix2Pix;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -127,54 +124,21 @@ fn moto_or_skip() -> Option<Moto> {
 }
 
 async fn create_bucket(http: &reqwest::Client, endpoint: &str) {
-    let r = http
-        .put(format!("{endpoint}/{BUCKET}"))
-        .send()
-        .await
-        .unwrap();
+    let r = send(http.put(format!("{endpoint}/{BUCKET}"))).await;
     assert!(r.status().is_success(), "create bucket: {}", r.status());
 }
 
-struct Reference {
-    model: InstructPix2Pix,
-    lora: LoraAdapter,
-    input: RgbImage,
+fn load_reference() -> Reference {
+    Reference::load(scene(40, 24, 2), INSTRUCTION, (STEPS, SEED))
 }
 
-impl Reference {
-    fn load() -> Self {
-        let model = InstructPix2Pix::load(&fixture_model(), &Device::Cpu).unwrap();
-        let lora =
-            LoraAdapter::load(&fixture_adapter(), &model.lora_targets(), &Device::Cpu).unwrap();
-        Self {
-            model,
-            lora,
-            input: scene(40, 24, 2),
-        }
-    }
-
-    /// The fixture LoRA scaled: a distinct version, told apart by its `created` stamp.
-    fn version_bytes(&self, scale: f64, created: &str) -> (LoraAdapter, Vec<u8>) {
-        let mut adapter = self.lora.clone();
-        adapter.metadata.created = Some(created.to_string());
-        for layer in adapter.layers.values_mut() {
-            layer.up = (&layer.up * scale).unwrap();
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("v.safetensors");
-        adapter.save(&path).unwrap();
-        (adapter, std::fs::read(&path).unwrap())
-    }
-
-    fn expected(&self, adapter: &LoraAdapter) -> RgbImage {
-        direct_edit(
-            &self.model,
-            &self.input,
-            INSTRUCTION,
-            (STEPS, SEED),
-            Some(adapter),
-        )
-    }
+/// A scaled fixture LoRA (told apart by its `created` stamp) and its file's bytes.
+fn version_bytes(reference: &Reference, scale: f64, created: &str) -> (LoraAdapter, Vec<u8>) {
+    let adapter = reference.scaled(scale, created);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v.safetensors");
+    adapter.save(&path).unwrap();
+    (adapter, std::fs::read(&path).unwrap())
 }
 
 async fn edit(http: &reqwest::Client, url: &str, adapter: &str) -> (u16, Vec<u8>) {
@@ -183,12 +147,12 @@ async fn edit(http: &reqwest::Client, url: &str, adapter: &str) -> (u16, Vec<u8>
         ("steps", STEPS.to_string()),
         ("adapter", adapter.to_string()),
     ];
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(png(&scene(40, 24, 2)), INSTRUCTION, &fields))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        http,
+        url,
+        edit_form(png(&scene(40, 24, 2)), INSTRUCTION, &fields),
+    )
+    .await;
     let status = r.status().as_u16();
     (status, r.bytes().await.unwrap().to_vec())
 }
@@ -231,9 +195,9 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
         async move { store.put(&key, PutPayload::from(bytes)).await.unwrap() }
     };
 
-    let reference = Reference::load();
-    let (v1, v1_bytes) = reference.version_bytes(1.0, "v1");
-    let (v2, v2_bytes) = reference.version_bytes(2.5, "v2");
+    let reference = load_reference();
+    let (v1, v1_bytes) = version_bytes(&reference, 1.0, "v1");
+    let (v2, v2_bytes) = version_bytes(&reference, 2.5, "v2");
     let limit = 4 * v1_bytes.len() as u64;
     put("style", v1_bytes.clone()).await;
     put("broken", b"not a safetensors file".to_vec()).await;
@@ -277,22 +241,15 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     );
     let (status, body) = edit(&http, &url, "style").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    assert_eq!(decode_png(&body), reference.expected(&v1));
+    assert_eq!(decode_png(&body), reference.expected(Some(&v1)));
     // Publishing goes through the store: this replica's admin routes do not write its cache.
-    let upload = http
-        .post(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .json(&serde_json::json!({"name": "other", "path": "style.safetensors"}))
-        .send()
-        .await
-        .unwrap();
+    let upload = send(
+        post_adapters(&http, &url, KEY)
+            .json(&serde_json::json!({"name": "other", "path": "style.safetensors"})),
+    )
+    .await;
     assert_eq!(error_type(upload, 409).await, "adapters_in_object_store");
-    let delete = http
-        .delete(format!("{url}/adapters/style"))
-        .bearer_auth(KEY)
-        .send()
-        .await
-        .unwrap();
+    let delete = delete_adapter(&http, &url, KEY, "style").await;
     assert_eq!(error_type(delete, 409).await, "adapters_in_object_store");
 
     // Published once: replaced in the store, swapped in by the next poll.
@@ -310,8 +267,8 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     );
     let (status, body) = edit(&http, &url, "style").await;
     assert_eq!(status, 200);
-    assert_eq!(decode_png(&body), reference.expected(&v2));
-    assert_ne!(reference.expected(&v2), reference.expected(&v1));
+    assert_eq!(decode_png(&body), reference.expected(Some(&v2)));
+    assert_ne!(reference.expected(Some(&v2)), reference.expected(Some(&v1)));
 
     // The store becomes unreachable: polls fail, nothing is refused or removed, v2 serves.
     gate.send_replace(false);
@@ -344,7 +301,7 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
     assert!(created_is(&listed, "style", "v2"), "{listed:?}");
     let (status, body) = edit(&http, &url, "style").await;
     assert_eq!(status, 200);
-    assert_eq!(decode_png(&body), reference.expected(&v2));
+    assert_eq!(decode_png(&body), reference.expected(Some(&v2)));
 
     // A good version again clears the refusal.
     put("style", v1_bytes.clone()).await;
@@ -370,8 +327,8 @@ async fn adapters_published_to_s3_are_validated_swapped_and_removed_like_files()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_url_is_an_object_store_too() {
-    let reference = Reference::load();
-    let (v1, v1_bytes) = reference.version_bytes(1.0, "file-v1");
+    let reference = load_reference();
+    let (v1, v1_bytes) = version_bytes(&reference, 1.0, "file-v1");
     let bucket = tempfile::tempdir().unwrap();
     std::fs::write(bucket.path().join("style.safetensors"), &v1_bytes).unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -379,15 +336,13 @@ async fn a_file_url_is_an_object_store_too() {
     std::fs::write(cache.path().join("stale.safetensors"), b"old").unwrap();
     let mut args = server_args(&format!("file://{}", bucket.path().display()), 1 << 30);
     args.adapter_cache = Some(cache.path().to_path_buf());
-    let server = start(args).await;
-    let http = client();
-    let url = server.url();
+    let TestServer { server, url, http } = TestServer::with_args(args).await;
     let listed = list_adapters(&http, &url).await;
     assert!(created_is(&listed, "style", "file-v1"), "{listed:?}");
     assert_eq!(listed.len(), 1, "{listed:?}");
     let (status, body) = edit(&http, &url, "style").await;
     assert_eq!(status, 200);
-    assert_eq!(decode_png(&body), reference.expected(&v1));
+    assert_eq!(decode_png(&body), reference.expected(Some(&v1)));
     assert!(cache.path().join("style.safetensors").is_file());
     assert!(!cache.path().join("stale.safetensors").exists());
     server.shutdown().await.unwrap();

@@ -19,36 +19,18 @@ async fn binary_serves_and_finishes_admitted_work_on_sigterm() {
     ]);
     let url = server.url.clone();
     let http = client();
-    assert_eq!(
-        http.get(format!("{url}/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    let info: serde_json::Value = http
-        .get(format!("{url}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(get(&http, &format!("{url}/ready")).await.status(), 200);
+    let info: serde_json::Value = get_json(&http, &format!("{url}/info")).await;
     assert_eq!(info["batching"]["max_queue"], 8);
     assert_eq!(info["batching"]["max_batch_size"], 4);
 
     let body = png(&scene(40, 24, 5));
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(
-            body.clone(),
-            "add a circle",
-            &[("seed", "11".into())],
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &http,
+        &url,
+        edit_form(body.clone(), "add a circle", &[("seed", "11".into())]),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let first = r.bytes().await.unwrap();
 
@@ -56,28 +38,22 @@ async fn binary_serves_and_finishes_admitted_work_on_sigterm() {
     let slow = tokio::spawn({
         let (http, url) = (http.clone(), url.clone());
         async move {
-            http.post(format!("{url}/edit"))
-                .multipart(edit_form(
+            post_edit(
+                &http,
+                &url,
+                edit_form(
                     body,
                     "add a circle",
                     &[("seed", "11".into()), ("steps", "40".into())],
-                ))
-                .send()
-                .await
-                .unwrap()
+                ),
+            )
+            .await
         }
     });
     // Wait until the worker has it (or at most 5 s).
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(5) {
-        let metrics = http
-            .get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = metrics(&http, &url).await;
         if metrics.contains("rl4pix_running_edits 1") {
             break;
         }
@@ -120,12 +96,7 @@ async fn edit_of_grid_7(
     if let Some(adapter) = adapter {
         fields.push(("adapter", adapter.to_string()));
     }
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(input, "make the square blue", &fields))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(http, url, edit_form(input, "make the square blue", &fields)).await;
     assert_eq!(r.status(), 200);
     let adapter = r.headers()["x-adapter"].to_str().unwrap().to_string();
     (adapter, r.bytes().await.unwrap().to_vec())
@@ -147,20 +118,13 @@ async fn no_flags_serve_the_rl_adapter_on_the_default_model() {
     assert_eq!(applied, "none");
     assert_ne!(tuned, base, "the adapter changes the edit");
 
-    let upload = http
-        .post(format!("{}/adapters", server.url))
-        .bearer_auth("k")
-        .json(&serde_json::json!({"name": "other", "path": "toy-rl.safetensors"}))
-        .send()
-        .await
-        .unwrap();
+    let upload = send(
+        post_adapters(&http, &server.url, "k")
+            .json(&serde_json::json!({"name": "other", "path": "toy-rl.safetensors"})),
+    )
+    .await;
     assert_eq!(error_type(upload, 409).await, "shipped_adapters");
-    let delete = http
-        .delete(format!("{}/adapters/toy-rl", server.url))
-        .bearer_auth("k")
-        .send()
-        .await
-        .unwrap();
+    let delete = delete_adapter(&http, &server.url, "k", "toy-rl").await;
     assert_eq!(error_type(delete, 409).await, "shipped_adapters");
     drop(server);
 

@@ -167,6 +167,12 @@ impl Browser {
             .await
     }
 
+    /// What the page's error box says.
+    async fn error_box(&self) -> Value {
+        self.js("return document.getElementById('error').textContent;")
+            .await
+    }
+
     /// Polls `expression` (a JavaScript expression) until it is truthy; returns its value.
     async fn wait_for(&self, expression: &str, limit: Duration) -> Value {
         let started = Instant::now();
@@ -179,10 +185,9 @@ impl Browser {
                 return value;
             }
             if started.elapsed() > limit {
-                let error = self.js("return document.getElementById('error').textContent;");
                 panic!(
                     "waited {limit:?} for `{expression}`; the page's error box says {:?}",
-                    error.await
+                    self.error_box().await
                 );
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -430,10 +435,9 @@ async fn the_page_edits_shows_progress_attention_and_errors_in_chromium() {
             }
         }
         if started.elapsed() > long {
-            let error = browser.js("return document.getElementById('error').textContent;");
             panic!(
                 "the progress bar never moved: {seen:?}; error box: {:?}",
-                error.await
+                browser.error_box().await
             );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -453,14 +457,7 @@ async fn the_page_edits_shows_progress_attention_and_errors_in_chromium() {
         .await;
     let last_step = seen.last().copied().unwrap();
     assert!(last_step < 100.0, "cancelled before the end: {seen:?}");
-    let info: Value = common::client()
-        .get(format!("{base}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = common::get_json(&common::client(), &format!("{base}/info")).await;
     assert_eq!(
         info["queue_depth"], 0,
         "nothing left queued after the cancel"

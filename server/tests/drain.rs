@@ -23,26 +23,14 @@ async fn sigterm_turns_readiness_red_while_edits_are_still_admitted_for_the_drai
     let mut server = BinaryServer::spawn(&["--shutdown-drain-s", "3"]);
     let http = client();
     let url = server.url.clone();
-    assert_eq!(
-        http.get(format!("{url}/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&http, &format!("{url}/ready")).await.status(), 200);
     assert_eq!(edit_status(&http, &url).await, 200);
 
     server.terminate();
     let signalled = Instant::now();
     // /ready goes red promptly...
     loop {
-        let status = http
-            .get(format!("{url}/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let status = get(&http, &format!("{url}/ready")).await.status();
         if status == 503 {
             break;
         }
@@ -54,14 +42,7 @@ async fn sigterm_turns_readiness_red_while_edits_are_still_admitted_for_the_drai
     }
     // ...while edits are still admitted and answered, and /health stays up.
     assert_eq!(edit_status(&http, &url).await, 200);
-    assert_eq!(
-        http.get(format!("{url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&http, &format!("{url}/health")).await.status(), 200);
     assert!(
         signalled.elapsed() < Duration::from_secs(3),
         "the checks took longer than the drain window; nothing was shown"

@@ -19,42 +19,42 @@ fn write_adapters(dir: &Path, names: &[&str]) {
     }
 }
 
-fn server_args(dir: &Path) -> rl4pix_server::Args {
-    let mut args = test_args();
-    args.adapters = Some(dir.to_path_buf());
-    args.api_key = Some(KEY.into());
-    args.adapter_debounce_ms = 50;
-    args.max_queue = 256;
-    args
-}
-
 async fn send_edit(http: &reqwest::Client, url: &str, adapter: &str) -> reqwest::Response {
     let fields = [
         ("seed", "7".to_string()),
         ("steps", "1".to_string()),
         ("adapter", adapter.to_string()),
     ];
-    http.post(format!("{url}/edit"))
-        .multipart(edit_form(png(&scene(24, 16, 1)), "make it blue", &fields))
-        .send()
-        .await
-        .unwrap()
+    post_edit(
+        http,
+        url,
+        edit_form(png(&scene(24, 16, 1)), "make it blue", &fields),
+    )
+    .await
 }
 
 async fn edit_status(http: &reqwest::Client, url: &str, adapter: &str) -> u16 {
     send_edit(http, url, adapter).await.status().as_u16()
 }
 
-fn statuses(listed: &[Value], names: &[&str]) -> Vec<String> {
-    names
-        .iter()
-        .map(|n| {
-            adapter_entry(listed, n).unwrap()["status"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect()
+const NAMES: [&str; 4] = ["a", "b", "c", "d"];
+
+/// A server on a folder of [`NAMES`] that holds two of them, reads at most two again a minute,
+/// and keeps adapters requested within `min_resident_s`.
+async fn four_adapters_two_held(min_resident_s: f64) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().unwrap();
+    write_adapters(dir.path(), &NAMES);
+    let mut args = adapter_server_args(dir.path());
+    args.max_adapters = 2;
+    args.adapter_reloads_per_min = 2;
+    args.adapter_min_resident_s = min_resident_s;
+    let server = TestServer::with_args(args).await;
+    (dir, server)
+}
+
+/// The status of each of [`NAMES`].
+async fn statuses(http: &reqwest::Client, url: &str) -> Vec<String> {
+    adapter_statuses(&list_adapters(http, url).await, &NAMES)
 }
 
 /// A 503 for a throttled reload: JSON error, Retry-After in whole seconds within `max_s`.
@@ -79,19 +79,10 @@ async fn assert_throttled(r: reqwest::Response, max_s: u64, mentions: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_through_adapter_names_cannot_unload_adapters_in_recent_use() {
-    let names = ["a", "b", "c", "d"];
-    let dir = tempfile::tempdir().unwrap();
-    write_adapters(dir.path(), &names);
-    let mut args = server_args(dir.path());
-    args.max_adapters = 2;
-    args.adapter_reloads_per_min = 2;
-    args.adapter_min_resident_s = 120.0;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let (_dir, TestServer { server, url, http }) = four_adapters_two_held(120.0).await;
     // Read in name order at start; the bound keeps the last two.
     assert_eq!(
-        statuses(&list_adapters(&http, &url).await, &names),
+        statuses(&http, &url).await,
         ["unloaded", "unloaded", "loaded", "loaded"]
     );
     // Real traffic uses `c`.
@@ -109,7 +100,7 @@ async fn a_rotation_through_adapter_names_cannot_unload_adapters_in_recent_use()
         assert_eq!(request.await.unwrap(), 200, "all share one reload");
     }
     assert_eq!(
-        statuses(&list_adapters(&http, &url).await, &names),
+        statuses(&http, &url).await,
         ["loaded", "unloaded", "loaded", "unloaded"]
     );
 
@@ -117,7 +108,7 @@ async fn a_rotation_through_adapter_names_cannot_unload_adapters_in_recent_use()
     // refused with Retry-After, nothing unloaded.
     assert_throttled(send_edit(&http, &url, "b").await, 121, "recent use").await;
     assert_eq!(
-        statuses(&list_adapters(&http, &url).await, &names),
+        statuses(&http, &url).await,
         ["loaded", "unloaded", "loaded", "unloaded"]
     );
     // The held ones still serve without any read.
@@ -128,21 +119,12 @@ async fn a_rotation_through_adapter_names_cannot_unload_adapters_in_recent_use()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reloads_caused_by_requests_are_rate_limited() {
-    let names = ["a", "b", "c", "d"];
-    let dir = tempfile::tempdir().unwrap();
-    write_adapters(dir.path(), &names);
-    let mut args = server_args(dir.path());
-    args.max_adapters = 2;
-    args.adapter_reloads_per_min = 2;
-    args.adapter_min_resident_s = 0.0;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let (_dir, TestServer { server, url, http }) = four_adapters_two_held(0.0).await;
     // Two reloads are within the rate (each unloads the least recently used).
     assert_eq!(edit_status(&http, &url, "a").await, 200);
     assert_eq!(edit_status(&http, &url, "b").await, 200);
     assert_eq!(
-        statuses(&list_adapters(&http, &url).await, &names),
+        statuses(&http, &url).await,
         ["loaded", "loaded", "unloaded", "unloaded"]
     );
     // The third is not: 503, Retry-After about when the bucket has one again (30 s at 2 a
@@ -154,7 +136,7 @@ async fn reloads_caused_by_requests_are_rate_limited() {
     )
     .await;
     assert_eq!(
-        statuses(&list_adapters(&http, &url).await, &names),
+        statuses(&http, &url).await,
         ["loaded", "loaded", "unloaded", "unloaded"]
     );
     // Held adapters are not reloads: they keep serving.
@@ -177,11 +159,9 @@ async fn a_multi_gigabyte_file_in_the_folder_is_refused_by_size_without_being_re
     // Sparse: 6 GiB to `stat`, nothing on disk; reading it whole would need 6 GiB of memory.
     let huge = std::fs::File::create(dir.path().join("huge.safetensors")).unwrap();
     huge.set_len(6 << 30).unwrap();
-    let mut args = server_args(dir.path());
+    let mut args = adapter_server_args(dir.path());
     args.max_adapter_bytes = 64 << 20;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::with_args(args).await;
     let listed = list_adapters(&http, &url).await;
     let entry = adapter_entry(&listed, "huge").expect("listed");
     assert_eq!(entry["status"], "refused");
@@ -221,9 +201,8 @@ async fn a_hard_link_into_the_folder_is_refused_and_uploads_never_follow_a_plant
     std::fs::write(&target, b"untouched").unwrap();
     std::os::unix::fs::symlink(&target, dir.path().join("up.safetensors")).unwrap();
 
-    let server = start(server_args(dir.path())).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } =
+        TestServer::with_args(adapter_server_args(dir.path())).await;
     let listed = list_adapters(&http, &url).await;
     let entry = adapter_entry(&listed, "linked").expect("listed");
     assert_eq!(entry["status"], "refused", "{entry}");
@@ -231,13 +210,11 @@ async fn a_hard_link_into_the_folder_is_refused_and_uploads_never_follow_a_plant
         entry["error"].as_str().unwrap().contains("hard links"),
         "{entry}"
     );
-    let r = http
-        .post(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .json(&serde_json::json!({"name": "x", "path": "incoming/linked.safetensors"}))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        post_adapters(&http, &url, KEY)
+            .json(&serde_json::json!({"name": "x", "path": "incoming/linked.safetensors"})),
+    )
+    .await;
     assert_eq!(error_type(r, 422).await, "adapter_refused");
     assert!(
         !dir.path().join("x.safetensors").exists(),
@@ -249,13 +226,7 @@ async fn a_hard_link_into_the_folder_is_refused_and_uploads_never_follow_a_plant
         reqwest::multipart::Part::bytes(std::fs::read(fixture_adapter()).unwrap())
             .file_name("up.safetensors"),
     );
-    let r = http
-        .post(format!("{url}/adapters"))
-        .bearer_auth(KEY)
-        .multipart(upload)
-        .send()
-        .await
-        .unwrap();
+    let r = send(post_adapters(&http, &url, KEY).multipart(upload)).await;
     assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
     assert_eq!(std::fs::read(&target).unwrap(), b"untouched");
     let written = std::fs::symlink_metadata(dir.path().join("up.safetensors")).unwrap();

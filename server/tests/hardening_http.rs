@@ -41,6 +41,11 @@ async fn raw(addr: std::net::SocketAddr, request: &str) -> String {
     String::from_utf8_lossy(&answer).into_owned()
 }
 
+/// A request with no body that asks the server to close the connection after answering.
+fn closing(method: &str, path: &str, host: &str) -> String {
+    format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+}
+
 fn status_of(answer: &str) -> u16 {
     answer
         .split(' ')
@@ -51,9 +56,7 @@ fn status_of(answer: &str) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_request_head_and_an_idle_kept_alive_connection_are_closed_in_time() {
-    let mut args = test_args();
-    args.header_timeout_s = 1.0;
-    let server = start(args).await;
+    let server = start_with(|args| args.header_timeout_s = 1.0).await;
 
     let mut half = TcpStream::connect(server.addr).await.unwrap();
     half.write_all(b"POST /edit HTTP/1.1\r\nHost: 127.0.0.1\r\n")
@@ -85,9 +88,7 @@ async fn a_half_sent_request_head_and_an_idle_kept_alive_connection_are_closed_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_slower_than_its_timeout_gets_408() {
-    let mut args = test_args();
-    args.body_timeout_s = 1.0;
-    let server = start(args).await;
+    let server = start_with(|args| args.body_timeout_s = 1.0).await;
     let mut stream = TcpStream::connect(server.addr).await.unwrap();
     stream
         .write_all(
@@ -109,20 +110,17 @@ async fn a_body_slower_than_its_timeout_gets_408() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_past_the_cap_are_refused_at_once_and_a_freed_slot_is_reused() {
-    let mut args = test_args();
-    args.max_connections = 2;
-    args.header_timeout_s = 60.0;
-    let server = start(args).await;
+    let server = start_with(|args| {
+        args.max_connections = 2;
+        args.header_timeout_s = 60.0;
+    })
+    .await;
     let first = TcpStream::connect(server.addr).await.unwrap();
     let _second = TcpStream::connect(server.addr).await.unwrap();
     // Both are accepted before the third arrives.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
-    let over = raw(
-        server.addr,
-        "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    )
-    .await;
+    let over = raw(server.addr, &closing("GET", "/health", "127.0.0.1")).await;
     assert!(
         over.is_empty() || status_of(&over) == 503,
         "over the cap: {over:?}"
@@ -131,11 +129,7 @@ async fn connections_past_the_cap_are_refused_at_once_and_a_freed_slot_is_reused
     drop(first);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let answer = raw(
-            server.addr,
-            "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-        )
-        .await;
+        let answer = raw(server.addr, &closing("GET", "/health", "127.0.0.1")).await;
         if !answer.is_empty() && status_of(&answer) == 200 {
             break;
         }
@@ -147,10 +141,11 @@ async fn connections_past_the_cap_are_refused_at_once_and_a_freed_slot_is_reused
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_ends_within_its_deadline_with_a_half_open_client_connected() {
-    let mut args = test_args();
-    args.header_timeout_s = 120.0;
-    args.shutdown_deadline_s = 1.0;
-    let server = start(args).await;
+    let server = start_with(|args| {
+        args.header_timeout_s = 120.0;
+        args.shutdown_deadline_s = 1.0;
+    })
+    .await;
     let mut half = TcpStream::connect(server.addr).await.unwrap();
     half.write_all(b"POST /edit HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         .await
@@ -176,11 +171,12 @@ async fn shutdown_ends_within_its_deadline_with_a_half_open_client_connected() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_an_admission_permit_a_20_mib_body_is_refused_unread() {
-    let mut args = test_args();
-    // Permits: the queue (1) and a running batch (1).
-    args.max_queue = 1;
-    args.max_batch_size = 1;
-    let server = start(args).await;
+    let server = start_with(|args| {
+        // Permits: the queue (1) and a running batch (1).
+        args.max_queue = 1;
+        args.max_batch_size = 1;
+    })
+    .await;
     let length = 20 * 1024 * 1024;
     let head = format!(
         "POST /edit HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
@@ -212,9 +208,7 @@ async fn without_an_admission_permit_a_20_mib_body_is_refused_unread() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edit_deadline_counts_from_the_request_head_not_from_the_decoded_body() {
-    let mut args = test_args();
-    args.request_timeout_s = 1.5;
-    let server = start(args).await;
+    let server = start_with(|args| args.request_timeout_s = 1.5).await;
     let body = serde_json::json!({
         "image": base64_png(&scene(24, 24, 1)),
         "instruction": "make it red",
@@ -244,54 +238,39 @@ fn base64_png(image: &image::RgbImage) -> String {
     base64::engine::general_purpose::STANDARD.encode(png(image))
 }
 
-fn header<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
-    response
-        .headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_answer_says_nosniff_and_user_images_are_never_stored() {
-    let server = start(test_args()).await;
-    let http = client();
-    let url = server.url();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     for path in ["/health", "/info", "/nowhere", "/jobs/unknown"] {
-        let r = http.get(format!("{url}{path}")).send().await.unwrap();
+        let r = get(&http, &format!("{url}{path}")).await;
         assert_eq!(header(&r, "x-content-type-options"), "nosniff", "{path}");
     }
-    let edited = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(png(&scene(24, 24, 2)), "make it red", &[]))
-        .send()
-        .await
-        .unwrap();
+    let edited = post_edit(
+        &http,
+        &url,
+        edit_form(png(&scene(24, 24, 2)), "make it red", &[]),
+    )
+    .await;
     assert_eq!(edited.status(), 200);
     assert_eq!(header(&edited, "cache-control"), "no-store");
     assert_eq!(header(&edited, "x-content-type-options"), "nosniff");
     let edit_id = header(&edited, "x-edit-id").to_string();
-    let overlay = http
-        .get(format!("{url}/attention/{edit_id}"))
-        .send()
-        .await
-        .unwrap();
+    let overlay = get(&http, &format!("{url}/attention/{edit_id}")).await;
     assert_eq!(overlay.status(), 200);
     assert_eq!(header(&overlay, "cache-control"), "no-store");
 
-    let accepted = http
-        .post(format!("{url}/edit"))
-        .header("prefer", "respond-async")
-        .multipart(edit_form(png(&scene(24, 24, 3)), "make it blue", &[]))
-        .send()
-        .await
-        .unwrap();
+    let accepted = post_edit_async(
+        &http,
+        &url,
+        edit_form(png(&scene(24, 24, 3)), "make it blue", &[]),
+    )
+    .await;
     assert_eq!(accepted.status(), 202);
     let job: serde_json::Value = accepted.json().await.unwrap();
     let result_url = format!("{url}{}", job["result_url"].as_str().unwrap());
     let started = Instant::now();
     let result = loop {
-        let r = http.get(&result_url).send().await.unwrap();
+        let r = get(&http, &result_url).await;
         if r.status() == 200 {
             break r;
         }
@@ -304,65 +283,65 @@ async fn every_answer_says_nosniff_and_user_images_are_never_stored() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_loopback_server_answers_only_loopback_host_names() {
-    let server = start(test_args()).await;
-    let get =
-        |host: &str| format!("GET /health HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let server = start_with(|_| {}).await;
+    let health_at = |host: &str| closing("GET", "/health", host);
     for ok in ["localhost:8080", "127.0.0.1", "[::1]:1"] {
-        assert_eq!(status_of(&raw(server.addr, &get(ok)).await), 200, "{ok}");
+        assert_eq!(
+            status_of(&raw(server.addr, &health_at(ok)).await),
+            200,
+            "{ok}"
+        );
     }
     // What a page on another site reaches after rebinding its name to 127.0.0.1.
-    let rebound = raw(server.addr, &get("attacker.example:8080")).await;
+    let rebound = raw(server.addr, &health_at("attacker.example:8080")).await;
     assert_eq!(status_of(&rebound), 421, "{rebound}");
     server.shutdown().await.unwrap();
 
-    let mut args = test_args();
-    args.allowed_hosts = Some(vec!["edit.example".into()]);
-    let server = start(args).await;
+    let server = start_with(|args| args.allowed_hosts = Some(vec!["edit.example".into()])).await;
     assert_eq!(
-        status_of(&raw(server.addr, &get("edit.example:443")).await),
+        status_of(&raw(server.addr, &health_at("edit.example:443")).await),
         200
     );
-    assert_eq!(status_of(&raw(server.addr, &get("localhost")).await), 421);
+    assert_eq!(
+        status_of(&raw(server.addr, &health_at("localhost")).await),
+        421
+    );
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bearer_keys_any_scheme_case_a_challenge_on_401_and_no_empty_key() {
-    let mut args = test_args();
-    args.api_key = Some(ADMIN_KEY.into());
-    args.openai_api_key = Some("open-sesame".into());
-    let server = start(args).await;
-    let http = client();
-    let url = server.url();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.api_key = Some(ADMIN_KEY.into());
+        args.openai_api_key = Some("open-sesame".into());
+    })
+    .await;
     for scheme in ["Bearer", "bearer", "BEARER"] {
-        let r = http
-            .put(format!("{url}/adapters/default"))
-            .header("authorization", format!("{scheme} {ADMIN_KEY}"))
-            .json(&serde_json::json!({"name": null}))
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            http.put(format!("{url}/adapters/default"))
+                .header("authorization", format!("{scheme} {ADMIN_KEY}"))
+                .json(&serde_json::json!({"name": null})),
+        )
+        .await;
         assert_ne!(r.status(), 401, "{scheme}");
-        let r = http
-            .get(format!("{url}/v1/models"))
-            .header("authorization", format!("{scheme} open-sesame"))
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            http.get(format!("{url}/v1/models"))
+                .header("authorization", format!("{scheme} open-sesame")),
+        )
+        .await;
         assert_eq!(r.status(), 200, "{scheme}");
     }
     for wrong in ["", "sesam", "sesame-and-more"] {
-        let r = http
-            .put(format!("{url}/adapters/default"))
-            .header("authorization", format!("Bearer {wrong}"))
-            .json(&serde_json::json!({"name": null}))
-            .send()
-            .await
-            .unwrap();
+        let r = send(
+            http.put(format!("{url}/adapters/default"))
+                .header("authorization", format!("Bearer {wrong}"))
+                .json(&serde_json::json!({"name": null})),
+        )
+        .await;
         assert_eq!(r.status(), 401, "{wrong:?}");
         assert!(header(&r, "www-authenticate").starts_with("Bearer"));
     }
-    let r = http.get(format!("{url}/v1/models")).send().await.unwrap();
+    let r = get(&http, &format!("{url}/v1/models")).await;
     assert_eq!(r.status(), 401);
     assert!(header(&r, "www-authenticate").starts_with("Bearer"));
     server.shutdown().await.unwrap();
@@ -389,39 +368,20 @@ fn request_series(metrics: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invented_methods_add_no_metric_series_and_405s_are_counted() {
-    let server = start(test_args()).await;
-    let http = client();
-    let url = server.url();
-    let metrics = || async {
-        http.get(format!("{url}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    };
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     // One of each kind first, so the series they need exist.
     for path in ["/nowhere", "/health", "/jobs/x"] {
-        let _ = raw(
-            server.addr,
-            &format!("INVENTED0 {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
-        )
-        .await;
+        let _ = raw(server.addr, &closing("INVENTED0", path, "127.0.0.1")).await;
     }
-    let _ = metrics().await;
-    let before = request_series(&metrics().await);
+    let _ = metrics(&http, &url).await;
+    let before = request_series(&metrics(&http, &url).await);
     for i in 1..=50 {
         for path in ["/nowhere", "/health", "/jobs/x"] {
-            let answer = raw(
-                server.addr,
-                &format!("M{i}X {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"),
-            )
-            .await;
+            let answer = raw(server.addr, &closing(&format!("M{i}X"), path, "127.0.0.1")).await;
             assert!(status_of(&answer) >= 400, "{answer}");
         }
     }
-    let after_text = metrics().await;
+    let after_text = metrics(&http, &url).await;
     let after = request_series(&after_text);
     let new: Vec<_> = after.iter().filter(|s| !before.contains(s)).collect();
     assert!(
@@ -430,9 +390,9 @@ async fn invented_methods_add_no_metric_series_and_405s_are_counted() {
     );
     assert!(!after_text.contains("M7X"), "a raw method became a label");
     // A known method on a route without it: counted, under the route's template.
-    let r = http.delete(format!("{url}/health")).send().await.unwrap();
+    let r = delete(&http, &format!("{url}/health")).await;
     assert_eq!(r.status(), 405);
-    let text = metrics().await;
+    let text = metrics(&http, &url).await;
     assert!(
         text.lines().any(|l| l.starts_with(
             "rl4pix_http_requests_total{method=\"DELETE\",route=\"/health\",status=\"405\"}"
@@ -507,12 +467,12 @@ async fn error_bodies_and_logs_keep_internals_and_job_ids_to_the_server() {
     let url = server.url();
     let root = repo_root().canonicalize().unwrap();
 
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(png(&scene(24, 24, 4)), "PANIC now", &[]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &http,
+        &url,
+        edit_form(png(&scene(24, 24, 4)), "PANIC now", &[]),
+    )
+    .await;
     assert_eq!(r.status(), 500);
     let body = r.text().await.unwrap();
     assert!(!body.contains("/srv/secret"), "{body}");
@@ -528,7 +488,7 @@ async fn error_bodies_and_logs_keep_internals_and_job_ids_to_the_server() {
         "the details are logged with the id"
     );
 
-    let info = http.get(format!("{url}/info")).send().await.unwrap();
+    let info = get(&http, &format!("{url}/info")).await;
     let info = info.text().await.unwrap();
     assert!(!info.contains("model_dir"), "{info}");
     assert!(!info.contains(&*root.to_string_lossy()), "{info}");
@@ -537,22 +497,17 @@ async fn error_bodies_and_logs_keep_internals_and_job_ids_to_the_server() {
     // An async job, cancelled while queued: its id must not reach the log.
     let hold = &server.service.faults().hold;
     hold.store(true, std::sync::atomic::Ordering::SeqCst);
-    let accepted: serde_json::Value = http
-        .post(format!("{url}/edit"))
-        .header("prefer", "respond-async")
-        .multipart(edit_form(png(&scene(24, 24, 5)), "make it red", &[]))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let accepted: serde_json::Value = post_edit_async(
+        &http,
+        &url,
+        edit_form(png(&scene(24, 24, 5)), "make it red", &[]),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
     let id = accepted["id"].as_str().unwrap().to_string();
-    let r = http
-        .delete(format!("{url}/jobs/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = delete(&http, &format!("{url}/jobs/{id}")).await;
     assert_eq!(r.status(), 200);
     let logged = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
     assert!(logged.contains("job cancelled"), "the cancel is logged");
@@ -563,26 +518,22 @@ async fn error_bodies_and_logs_keep_internals_and_job_ids_to_the_server() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_red() {
-    let mut args = test_args();
-    args.request_timeout_s = 120.0;
-    let server = start(args).await;
-    let http = client();
-    let url = server.url();
+    let TestServer { server, url, http } =
+        TestServer::start(|args| args.request_timeout_s = 120.0).await;
     let faults = server.service.faults();
     faults.hold.store(true, std::sync::atomic::Ordering::SeqCst);
 
     let mut job_ids = Vec::new();
     for variant in 0..2 {
-        let accepted: serde_json::Value = http
-            .post(format!("{url}/edit"))
-            .header("prefer", "respond-async")
-            .multipart(edit_form(png(&scene(24, 24, variant)), "make it red", &[]))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let accepted: serde_json::Value = post_edit_async(
+            &http,
+            &url,
+            edit_form(png(&scene(24, 24, variant)), "make it red", &[]),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
         job_ids.push(accepted["id"].as_str().unwrap().to_string());
     }
     let mut waiting = Vec::new();
@@ -590,12 +541,12 @@ async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_
         let http = http.clone();
         let url = url.clone();
         waiting.push(tokio::spawn(async move {
-            let r = http
-                .post(format!("{url}/edit"))
-                .multipart(edit_form(png(&scene(24, 24, variant)), "make it red", &[]))
-                .send()
-                .await
-                .unwrap();
+            let r = post_edit(
+                &http,
+                &url,
+                edit_form(png(&scene(24, 24, variant)), "make it red", &[]),
+            )
+            .await;
             let status = r.status().as_u16();
             (status, r.text().await.unwrap())
         }));
@@ -608,14 +559,7 @@ async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(
-        http.get(format!("{url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get(&http, &format!("{url}/health")).await.status(), 200);
 
     faults.kill.store(true, std::sync::atomic::Ordering::SeqCst);
     let killed = Instant::now();
@@ -634,28 +578,14 @@ async fn when_the_worker_dies_every_waiting_edit_fails_at_once_and_health_turns_
         assert_eq!(status["status"], "failed", "{status}");
         assert!(status.to_string().contains("worker stopped"), "{status}");
     }
-    assert_eq!(
-        http.get(format!("{url}/health"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    assert_eq!(
-        http.get(format!("{url}/ready"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        503
-    );
-    let refused = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(png(&scene(24, 24, 9)), "make it red", &[]))
-        .send()
-        .await
-        .unwrap();
+    assert_eq!(get(&http, &format!("{url}/health")).await.status(), 503);
+    assert_eq!(get(&http, &format!("{url}/ready")).await.status(), 503);
+    let refused = post_edit(
+        &http,
+        &url,
+        edit_form(png(&scene(24, 24, 9)), "make it red", &[]),
+    )
+    .await;
     assert_eq!(refused.status(), 503);
     // The worker is gone: shutting down must not wait for it (it was joined already).
     let _ = server.shutdown().await;
@@ -674,19 +604,17 @@ async fn an_edit_naming_a_refused_adapter_is_not_told_paths_or_link_targets() {
     let target = outside.path().join("private-weights.safetensors");
     std::fs::copy(fixture_adapter(), &target).unwrap();
     std::os::unix::fs::symlink(&target, folder.path().join("sneaky.safetensors")).unwrap();
-    let mut args = test_args();
-    args.adapters = Some(folder.path().to_path_buf());
-    let server = start(args).await;
-    let r = client()
-        .post(format!("{}/edit", server.url()))
-        .multipart(edit_form(
+    let server = start_with(|args| args.adapters = Some(folder.path().to_path_buf())).await;
+    let r = post_edit(
+        &client(),
+        &server.url(),
+        edit_form(
             png(&scene(24, 24, 6)),
             "make it red",
             &[("adapter", "sneaky".into())],
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(r.status(), 404);
     let body = r.text().await.unwrap();
     assert!(body.contains("was refused"), "{body}");

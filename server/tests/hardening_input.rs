@@ -72,31 +72,32 @@ fn jpeg_of(image: &RgbImage, exif: Option<Vec<u8>>) -> Vec<u8> {
     out
 }
 
-fn png_of(
-    pixels: &[u8],
-    dims: (u32, u32),
-    color: ExtendedColorType,
-    exif: Option<Vec<u8>>,
-) -> Vec<u8> {
-    let mut out = Vec::new();
-    encode_with(PngEncoder::new(&mut out), exif, pixels, dims, color);
-    out
+/// The lossless formats a test input is written in.
+#[derive(Clone, Copy)]
+enum Lossless {
+    Png,
+    WebP,
 }
 
-fn webp_of(
+/// `pixels` in `format`, carrying `exif` when given.
+fn lossless(
+    format: Lossless,
     pixels: &[u8],
     dims: (u32, u32),
     color: ExtendedColorType,
     exif: Option<Vec<u8>>,
 ) -> Vec<u8> {
     let mut out = Vec::new();
-    encode_with(
-        WebPEncoder::new_lossless(&mut out),
-        exif,
-        pixels,
-        dims,
-        color,
-    );
+    match format {
+        Lossless::Png => encode_with(PngEncoder::new(&mut out), exif, pixels, dims, color),
+        Lossless::WebP => encode_with(
+            WebPEncoder::new_lossless(&mut out),
+            exif,
+            pixels,
+            dims,
+            color,
+        ),
+    }
     out
 }
 
@@ -200,7 +201,13 @@ fn animated_webp(first: &RgbImage, second: &RgbImage) -> Vec<u8> {
     body.extend(riff_chunk(b"VP8X", &vp8x));
     body.extend(riff_chunk(b"ANIM", &[255, 255, 255, 255, 0, 0]));
     for frame in [first, second] {
-        let still = webp_of(frame.as_raw(), (w, h), ExtendedColorType::Rgb8, None);
+        let still = lossless(
+            Lossless::WebP,
+            frame.as_raw(),
+            (w, h),
+            ExtendedColorType::Rgb8,
+            None,
+        );
         // The still is RIFF(12 bytes) + its VP8L chunk.
         let vp8l = &still[12..];
         let mut anmf = Vec::new();
@@ -262,23 +269,16 @@ fn cmyk_jpeg() -> Vec<u8> {
 // --- HTTP helpers ---------------------------------------------------------------------------
 
 fn raw_form(bytes: Vec<u8>, fields: &[(&str, String)]) -> reqwest::multipart::Form {
-    let mut form = reqwest::multipart::Form::new()
-        .part(
-            "image",
-            reqwest::multipart::Part::bytes(bytes)
-                .file_name("in")
-                .mime_str("application/octet-stream")
-                .unwrap(),
-        )
-        .text("instruction", "make the red square blue")
-        .text("seed", "7");
+    let mut form = image_form(
+        bytes,
+        ("in", "application/octet-stream"),
+        "make the red square blue",
+    )
+    .text("seed", "7");
     if !fields.iter().any(|(name, _)| *name == "steps") {
         form = form.text("steps", "1");
     }
-    for (name, value) in fields {
-        form = form.text(name.to_string(), value.clone());
-    }
-    form
+    with_fields(form, fields)
 }
 
 /// Edits `bytes` and returns the image the server decoded them to.
@@ -288,12 +288,7 @@ async fn decoded_by_server(
     bytes: Vec<u8>,
     what: &str,
 ) -> RgbImage {
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(raw_form(bytes, &[]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(http, url, raw_form(bytes, &[])).await;
     let status = r.status();
     let edit_id = r
         .headers()
@@ -301,11 +296,7 @@ async fn decoded_by_server(
         .map(|v| v.to_str().unwrap().to_string());
     assert_eq!(status, 200, "{what}: {:?}", r.text().await);
     let edit_id = edit_id.unwrap();
-    let r = http
-        .get(format!("{url}/attention/{edit_id}?opacity=0"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(http, &format!("{url}/attention/{edit_id}?opacity=0")).await;
     assert_eq!(r.status(), 200, "{what}");
     decode_png(&r.bytes().await.unwrap())
 }
@@ -329,19 +320,12 @@ fn quadrant_colours(image: &RgbImage) -> [Rgb<u8>; 4] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn png_metadata_bombs_are_refused_before_they_inflate() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     // The bomb: 32x32 pixels, an iCCP chunk that inflates to 400 MiB.
     for (chunk, bomb) in metadata_bombs(400 << 20) {
         assert!(bomb.len() < 600 << 10, "{chunk}: {} bytes", bomb.len());
         let started = Instant::now();
-        let r = http
-            .post(format!("{url}/edit"))
-            .multipart(raw_form(bomb, &[]))
-            .send()
-            .await
-            .unwrap();
+        let r = post_edit(&http, &url, raw_form(bomb, &[])).await;
         let r_status = r.status();
         let body: Value = r.json().await.unwrap();
         assert_eq!(r_status, 413, "{chunk}: {body}");
@@ -363,9 +347,7 @@ async fn png_metadata_bombs_are_refused_before_they_inflate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exif_orientation_is_applied_for_jpeg_png_and_webp() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     let stored = quadrants(40, 24);
     // Orientation 6: the stored picture is shown turned 90° clockwise.
     let shown = image::imageops::rotate90(&stored);
@@ -375,11 +357,23 @@ async fn exif_orientation_is_applied_for_jpeg_png_and_webp() {
         ("JPEG", jpeg_of(&stored, exif())),
         (
             "PNG eXIf",
-            png_of(stored.as_raw(), dims, ExtendedColorType::Rgb8, exif()),
+            lossless(
+                Lossless::Png,
+                stored.as_raw(),
+                dims,
+                ExtendedColorType::Rgb8,
+                exif(),
+            ),
         ),
         (
             "WebP EXIF",
-            webp_of(stored.as_raw(), dims, ExtendedColorType::Rgb8, exif()),
+            lossless(
+                Lossless::WebP,
+                stored.as_raw(),
+                dims,
+                ExtendedColorType::Rgb8,
+                exif(),
+            ),
         ),
     ];
     for (what, bytes) in inputs {
@@ -398,9 +392,7 @@ async fn exif_orientation_is_applied_for_jpeg_png_and_webp() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparency_is_composited_over_white_at_every_depth() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     let (w, h) = (32u32, 16u32);
     // Left half transparent black, right half half-transparent blue.
     let rgba = RgbaImage::from_fn(w, h, |x, _| {
@@ -419,28 +411,29 @@ async fn transparency_is_composited_over_white_at_every_depth() {
     let gray_alpha: Vec<u8> = (0..w * h)
         .flat_map(|i| if i % w < w / 2 { [0u8, 0] } else { [100, 255] })
         .collect();
+    let encode = |format, pixels: &[u8], color| lossless(format, pixels, (w, h), color, None);
     let inputs = [
         (
             "RGBA PNG",
-            png_of(rgba.as_raw(), (w, h), ExtendedColorType::Rgba8, None),
+            encode(Lossless::Png, rgba.as_raw(), ExtendedColorType::Rgba8),
             Rgb([0, 0, 255]),
             Rgb([127, 127, 255]),
         ),
         (
             "16-bit RGBA PNG",
-            png_of(&rgba16, (w, h), ExtendedColorType::Rgba16, None),
+            encode(Lossless::Png, &rgba16, ExtendedColorType::Rgba16),
             Rgb([0, 0, 255]),
             Rgb([127, 127, 255]),
         ),
         (
             "RGBA WebP",
-            webp_of(rgba.as_raw(), (w, h), ExtendedColorType::Rgba8, None),
+            encode(Lossless::WebP, rgba.as_raw(), ExtendedColorType::Rgba8),
             Rgb([0, 0, 255]),
             Rgb([127, 127, 255]),
         ),
         (
             "grey+alpha PNG",
-            png_of(&gray_alpha, (w, h), ExtendedColorType::La8, None),
+            encode(Lossless::Png, &gray_alpha, ExtendedColorType::La8),
             Rgb([100, 100, 100]),
             Rgb([100, 100, 100]),
         ),
@@ -457,9 +450,7 @@ async fn transparency_is_composited_over_white_at_every_depth() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_bit_grey_jpeg_and_cmyk_inputs_decode() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     let picture = quadrants(32, 16);
     let rgb16: Vec<u8> = picture
         .as_raw()
@@ -469,7 +460,13 @@ async fn sixteen_bit_grey_jpeg_and_cmyk_inputs_decode() {
     let decoded = decoded_by_server(
         &http,
         &url,
-        png_of(&rgb16, (32, 16), ExtendedColorType::Rgb16, None),
+        lossless(
+            Lossless::Png,
+            &rgb16,
+            (32, 16),
+            ExtendedColorType::Rgb16,
+            None,
+        ),
         "16-bit PNG",
     )
     .await;
@@ -479,7 +476,13 @@ async fn sixteen_bit_grey_jpeg_and_cmyk_inputs_decode() {
     let decoded = decoded_by_server(
         &http,
         &url,
-        png_of(grey.as_raw(), (32, 16), ExtendedColorType::L8, None),
+        lossless(
+            Lossless::Png,
+            grey.as_raw(),
+            (32, 16),
+            ExtendedColorType::L8,
+            None,
+        ),
         "grey PNG",
     )
     .await;
@@ -493,19 +496,11 @@ async fn sixteen_bit_grey_jpeg_and_cmyk_inputs_decode() {
 
     // CMYK (every sample 128, no transform): the decoder converts it to RGB by the ink model;
     // a flat input stays one flat colour.
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(raw_form(cmyk_jpeg(), &[]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(&http, &url, raw_form(cmyk_jpeg(), &[])).await;
     assert_eq!(r.status(), 200, "CMYK JPEG");
     let id = r.headers()["x-edit-id"].to_str().unwrap().to_string();
-    let overlay = http
-        .get(format!("{url}/attention/{id}?opacity=0"))
-        .send()
+    let overlay = get(&http, &format!("{url}/attention/{id}?opacity=0"))
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
@@ -521,9 +516,7 @@ async fn sixteen_bit_grey_jpeg_and_cmyk_inputs_decode() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn animations_are_edited_from_their_first_frame() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     let first = quadrants(32, 16);
     let second = RgbImage::from_pixel(32, 16, Rgb([10, 10, 10]));
     for (what, bytes) in [
@@ -544,30 +537,21 @@ async fn animations_are_edited_from_their_first_frame() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rounded_working_area_is_checked_against_max_pixels() {
-    let mut args = test_args();
-    args.max_pixels = 4096;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| args.max_pixels = 4096).await;
     // 1x4096 has 4096 pixels, but the model's 2-pixel grid runs it at 2x4096.
     let thin = png(&RgbImage::from_pixel(1, 4096, Rgb([90, 90, 90])));
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(raw_form(thin, &[("working_size", "input".into())]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &http,
+        &url,
+        raw_form(thin, &[("working_size", "input".into())]),
+    )
+    .await;
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error_type"], "image_too_large", "{body}");
     assert!(body["error"].as_str().unwrap().contains("2x4096"), "{body}");
     // A picture on the grid at the limit passes.
     let square = png(&scene(64, 64, 3));
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(raw_form(square, &[]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(&http, &url, raw_form(square, &[])).await;
     assert_eq!(r.status(), 200);
     server.shutdown().await.unwrap();
 }
@@ -613,19 +597,18 @@ async fn refused_busy(r: reqwest::Response, flag: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_are_charged_steps_times_pixels_per_edit_per_client_and_in_all() {
-    let mut args = test_args();
-    args.max_batch_size = 1;
-    args.max_steps = 900;
-    args.api_key = Some(ADMIN_KEY.into());
-    args.openai_api_key = Some("second-key".into());
     let big = 40 * 24 * 900u64;
-    args.max_edit_cost = Some(big);
-    args.max_queued_cost = Some(3 * big);
-    // One client: one big edit and small ones.
-    args.max_client_share = 0.5;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_batch_size = 1;
+        args.max_steps = 900;
+        args.api_key = Some(ADMIN_KEY.into());
+        args.openai_api_key = Some("second-key".into());
+        args.max_edit_cost = Some(big);
+        args.max_queued_cost = Some(3 * big);
+        // One client: one big edit and small ones.
+        args.max_client_share = 0.5;
+    })
+    .await;
 
     // Over the per-edit limit: refused outright, whoever asks.
     let r = submit_async(&http, &url, None, (48, 24), 900).await;
@@ -656,11 +639,7 @@ async fn edits_are_charged_steps_times_pixels_per_edit_per_client_and_in_all() {
 
     // Cancelling gives the cost back: the address may queue a big edit again.
     for id in [&blocker, &keyed] {
-        let r = http
-            .delete(format!("{url}/jobs/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let r = delete(&http, &format!("{url}/jobs/{id}")).await;
         assert_eq!(r.status(), 200);
     }
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -674,54 +653,17 @@ async fn edits_are_charged_steps_times_pixels_per_edit_per_client_and_in_all() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     for id in [&again, &small] {
-        let _ = http
-            .delete(format!("{url}/jobs/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let _ = delete(&http, &format!("{url}/jobs/{id}")).await;
     }
     server.shutdown().await.unwrap();
 }
 
-async fn wait_done(http: &reqwest::Client, url: &str, id: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status: Value = http
-            .get(format!("{url}/jobs/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if status["status"] == "done" {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{status}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 /// Bytes one edit of a 64x64 picture holds in the attention cache: its input and its maps.
 async fn attention_entry_bytes() -> u64 {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(raw_form(png(&scene(64, 64, 9)), &[]))
-        .send()
-        .await
-        .unwrap();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
+    let r = post_edit(&http, &url, raw_form(png(&scene(64, 64, 9)), &[])).await;
     let id = r.headers()["x-edit-id"].to_str().unwrap().to_string();
-    let tokens: Value = http
-        .get(format!("{url}/attention/{id}/tokens"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tokens: Value = get_json(&http, &format!("{url}/attention/{id}/tokens")).await;
     server.shutdown().await.unwrap();
     let map = tokens["height"].as_u64().unwrap() * tokens["width"].as_u64().unwrap();
     let maps = 1 + tokens["words"].as_array().unwrap().len() as u64;
@@ -732,34 +674,23 @@ async fn attention_entry_bytes() -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_results_and_attention_maps_are_bounded_by_bytes() {
     let entry = attention_entry_bytes().await;
-    let mut args = test_args();
-    // Every result passes this alone: only the newest is kept.
-    args.max_job_bytes = 1;
-    // Room for one edit's attention entry, not two.
-    args.attention_cache_bytes = entry * 3 / 2;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        // Every result passes this alone: only the newest is kept.
+        args.max_job_bytes = 1;
+        // Room for one edit's attention entry, not two.
+        args.attention_cache_bytes = entry * 3 / 2;
+    })
+    .await;
 
     let mut ids = Vec::new();
     for variant in 0..3u32 {
-        let r = http
-            .post(format!("{url}/edit"))
-            .header("prefer", "respond-async")
-            .multipart(raw_form(png(&scene(64, 64, variant)), &[]))
-            .send()
-            .await
-            .unwrap();
+        let r = post_edit_async(&http, &url, raw_form(png(&scene(64, 64, variant)), &[])).await;
         let id = job_id(r).await;
-        wait_done(&http, &url, &id).await;
+        wait_for_status(&http, &url, &id, "done", Duration::from_secs(60)).await;
         ids.push(id);
     }
     for (i, id) in ids.iter().enumerate() {
-        let r = http
-            .get(format!("{url}/jobs/{id}/result"))
-            .send()
-            .await
-            .unwrap();
+        let r = get(&http, &format!("{url}/jobs/{id}/result")).await;
         if i == ids.len() - 1 {
             assert_eq!(r.status(), 200, "the newest result stays");
         } else {
@@ -767,11 +698,7 @@ async fn finished_results_and_attention_maps_are_bounded_by_bytes() {
         }
     }
     for (i, id) in ids.iter().enumerate() {
-        let r = http
-            .get(format!("{url}/attention/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let r = get(&http, &format!("{url}/attention/{id}")).await;
         let expected = if i == ids.len() - 1 { 200 } else { 404 };
         assert_eq!(r.status().as_u16(), expected, "attention of edit {i}");
     }

@@ -8,31 +8,16 @@ use base64::Engine;
 use common::*;
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("missing header {name}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edit_matches_the_model_and_serves_its_attention() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
     let input = scene(40, 24, 1);
     let instruction = "make the red square blue";
+    let edit = |fields: &[(&str, String)]| {
+        post_edit(&http, &url, edit_form(png(&input), instruction, fields))
+    };
 
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(
-            png(&input),
-            instruction,
-            &[("seed", "7".into()), ("steps", "4".into())],
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = edit(&[("seed", "7".into()), ("steps", "4".into())]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "image/png");
     assert_eq!(header(&r, "x-seed"), "7");
@@ -74,15 +59,14 @@ async fn edit_matches_the_model_and_serves_its_attention() {
 
     // JSON in, JSON out: the same image in base64.
     let b64 = base64::engine::general_purpose::STANDARD;
-    let r = http
-        .post(format!("{url}/edit"))
-        .header("accept", "application/json")
-        .json(&serde_json::json!({
-            "image": b64.encode(png(&input)), "instruction": instruction, "seed": 7, "steps": 4
-        }))
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        http.post(format!("{url}/edit"))
+            .header("accept", "application/json")
+            .json(&serde_json::json!({
+                "image": b64.encode(png(&input)), "instruction": instruction, "seed": 7, "steps": 4
+            })),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["seed"], 7);
@@ -94,32 +78,14 @@ async fn edit_matches_the_model_and_serves_its_attention() {
     assert_eq!(json_image, served);
 
     // Without a seed, a random one is drawn and echoed, and it reproduces the result.
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(
-            png(&input),
-            instruction,
-            &[("output_format", "webp".into())],
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = edit(&[("output_format", "webp".into())]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "image/webp");
     let seed: u64 = header(&r, "x-seed").parse().unwrap();
     let first = image::load_from_memory(&r.bytes().await.unwrap())
         .unwrap()
         .to_rgb8();
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(
-            png(&input),
-            instruction,
-            &[("seed", seed.to_string())],
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = edit(&[("seed", seed.to_string())]).await;
     assert_eq!(
         decode_png(&r.bytes().await.unwrap()),
         first,
@@ -127,41 +93,23 @@ async fn edit_matches_the_model_and_serves_its_attention() {
     );
 
     // Attention: overlay of the whole instruction, of one word, and the token table.
-    let r = http
-        .get(format!("{url}/attention/{edit_id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/attention/{edit_id}")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "image/png");
     let overlay = decode_png(&r.bytes().await.unwrap());
     assert_eq!(overlay.dimensions(), (40, 24));
     assert_ne!(overlay, input, "the heat map is drawn over the input");
-    let r = http
-        .get(format!("{url}/attention/{edit_id}?word=SQUARE"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/attention/{edit_id}?word=SQUARE")).await;
     assert_eq!(r.status(), 200);
     let word_overlay = decode_png(&r.bytes().await.unwrap());
     assert_ne!(
         word_overlay, overlay,
         "one word's map differs from the average"
     );
-    let r = http
-        .get(format!("{url}/attention/{edit_id}?word=zebra"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/attention/{edit_id}?word=zebra")).await;
     assert_eq!(error_type(r, 404).await, "word_not_found");
-    let tokens: serde_json::Value = http
-        .get(format!("{url}/attention/{edit_id}/tokens"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tokens: serde_json::Value =
+        get_json(&http, &format!("{url}/attention/{edit_id}/tokens")).await;
     let words: Vec<&str> = tokens["words"]
         .as_array()
         .unwrap()
@@ -181,30 +129,29 @@ async fn edit_matches_the_model_and_serves_its_attention() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_gives_the_same_bytes_alone_and_inside_a_batch_of_8() {
-    let mut args = test_args();
-    args.max_batch_size = 8;
-    // Long enough for eight concurrent requests to gather into one batch.
-    args.max_batch_wait_ms = 1500;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_batch_size = 8;
+        // Long enough for eight concurrent requests to gather into one batch.
+        args.max_batch_wait_ms = 1500;
+    })
+    .await;
     let request = |variant: u32, seed: u64, instruction: &'static str| {
         let http = http.clone();
         let url = url.clone();
         async move {
-            let r = http
-                .post(format!("{url}/edit"))
-                .multipart(edit_form(
+            let r = post_edit(
+                &http,
+                &url,
+                edit_form(
                     png(&scene(40, 24, variant)),
                     instruction,
                     &[
                         ("seed", seed.to_string()),
                         ("guidance_scale", (3.0 + seed as f64).to_string()),
                     ],
-                ))
-                .send()
-                .await
-                .unwrap();
+                ),
+            )
+            .await;
             assert_eq!(r.status(), 200);
             let batch: usize = header(&r, "x-batch-size").parse().unwrap();
             (batch, r.bytes().await.unwrap().to_vec())
@@ -245,11 +192,10 @@ async fn every_error_is_json_with_the_right_status_and_the_server_keeps_serving(
     args.api_key = Some("sesame".into());
     let adapters = fixture_adapter_dir();
     args.adapters = Some(adapters.path().to_path_buf());
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::with_args(args).await;
     let good = png(&scene(40, 24, 2));
     let edit = || http.post(format!("{url}/edit"));
+    let get_path = |path: &str| http.get(format!("{url}{path}"));
     let form = |fields: &[(&str, String)]| edit_form(good.clone(), "make it blue", fields);
     let raw_image_form = |bytes: Vec<u8>| {
         reqwest::multipart::Form::new()
@@ -451,39 +397,29 @@ async fn every_error_is_json_with_the_right_status_and_the_server_keeps_serving(
             404,
             "adapter_not_found",
         ),
-        (
-            "unknown route",
-            http.get(format!("{url}/nope")),
-            404,
-            "not_found",
-        ),
-        (
-            "wrong method",
-            http.get(format!("{url}/edit")),
-            405,
-            "method_not_allowed",
-        ),
+        ("unknown route", get_path("/nope"), 404, "not_found"),
+        ("wrong method", get_path("/edit"), 405, "method_not_allowed"),
         (
             "unknown edit",
-            http.get(format!("{url}/attention/0123")),
+            get_path("/attention/0123"),
             404,
             "edit_not_found",
         ),
         (
             "unknown edit tokens",
-            http.get(format!("{url}/attention/0123/tokens")),
+            get_path("/attention/0123/tokens"),
             404,
             "edit_not_found",
         ),
         (
             "admin without key",
-            http.get(format!("{url}/adapters")),
+            get_path("/adapters"),
             401,
             "unauthorized",
         ),
         (
             "admin wrong key",
-            http.get(format!("{url}/adapters")).bearer_auth("open"),
+            get_path("/adapters").bearer_auth("open"),
             401,
             "unauthorized",
         ),
@@ -502,51 +438,33 @@ async fn every_error_is_json_with_the_right_status_and_the_server_keeps_serving(
             started.elapsed() < Duration::from_secs(5),
             "{name}: answered slowly"
         );
-        let health = http.get(format!("{url}/health")).send().await.unwrap();
+        let health = get(&http, &format!("{url}/health")).await;
         assert_eq!(health.status(), 200, "{name}: not serving afterwards");
     }
 
     // Still edits, with and without the adapter, and they differ.
-    let plain = edit()
-        .multipart(form(&[("seed", "3".into())]))
-        .send()
-        .await
-        .unwrap();
+    let plain = send(edit().multipart(form(&[("seed", "3".into())]))).await;
     assert_eq!(plain.status(), 200);
-    let with_adapter = edit()
-        .multipart(form(&[
-            ("seed", "3".into()),
-            ("adapter", "sd1.lora".into()),
-        ]))
-        .send()
-        .await
-        .unwrap();
+    let with_adapter = send(edit().multipart(form(&[
+        ("seed", "3".into()),
+        ("adapter", "sd1.lora".into()),
+    ])))
+    .await;
     assert_eq!(with_adapter.status(), 200);
     assert_eq!(header(&with_adapter, "x-adapter"), "sd1.lora");
     assert_ne!(
         plain.bytes().await.unwrap(),
         with_adapter.bytes().await.unwrap()
     );
-    let listed: serde_json::Value = http
-        .get(format!("{url}/adapters"))
-        .bearer_auth("sesame")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: serde_json::Value =
+        send_json(http.get(format!("{url}/adapters")).bearer_auth("sesame")).await;
     assert_eq!(listed[0]["name"], "broken");
     assert_eq!(listed[0]["status"], "refused");
     assert!(listed[0]["error"].as_str().is_some_and(|e| !e.is_empty()));
     assert_eq!(listed[1]["name"], "sd1.lora");
     assert_eq!(listed[1]["status"], "loaded");
     assert_eq!(listed[1]["rank"], 4);
-    let r = edit()
-        .multipart(form(&[("adapter", "broken".into())]))
-        .send()
-        .await
-        .unwrap();
+    let r = send(edit().multipart(form(&[("adapter", "broken".into())]))).await;
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["error_type"], "adapter_not_found");
     assert!(
@@ -572,13 +490,12 @@ fn fixture_adapter_dir() -> tempfile::TempDir {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overload_is_answered_429_at_once_and_never_hangs() {
-    let mut args = test_args();
-    args.max_queue = 2;
-    args.max_batch_size = 1;
-    args.default_steps = 30;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_queue = 2;
+        args.max_batch_size = 1;
+        args.default_steps = 30;
+    })
+    .await;
     let body = png(&scene(40, 24, 3));
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -586,12 +503,12 @@ async fn overload_is_answered_429_at_once_and_never_hangs() {
         let (http, url, body) = (http.clone(), url.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
             let sent = Instant::now();
-            let r = http
-                .post(format!("{url}/edit"))
-                .multipart(edit_form(body, "add a star", &[("seed", i.to_string())]))
-                .send()
-                .await
-                .unwrap();
+            let r = post_edit(
+                &http,
+                &url,
+                edit_form(body, "add a star", &[("seed", i.to_string())]),
+            )
+            .await;
             let status = r.status().as_u16();
             let retry_after = r
                 .headers()
@@ -627,21 +544,14 @@ async fn overload_is_answered_429_at_once_and_never_hangs() {
     );
     assert!(ok >= 2, "the queued requests succeed, got {ok}");
     assert!(started.elapsed() < Duration::from_secs(60));
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(body, "add a star", &[("steps", "2".into())]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &http,
+        &url,
+        edit_form(body, "add a star", &[("steps", "2".into())]),
+    )
+    .await;
     assert_eq!(r.status(), 200, "serves again after the burst");
-    let metrics = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &url).await;
     assert!(
         metrics.contains(&format!(
             "rl4pix_edits_total{{outcome=\"rejected\"}} {refused}"
@@ -657,10 +567,11 @@ async fn overload_is_answered_429_at_once_and_never_hangs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_leaves_or_times_out_frees_its_slot() {
-    let mut args = test_args();
-    args.max_batch_size = 1;
-    args.max_steps = 900;
-    let server = start(args).await;
+    let server = start_with(|args| {
+        args.max_batch_size = 1;
+        args.max_steps = 900;
+    })
+    .await;
     let url = server.url();
     let body = png(&scene(40, 24, 4));
 
@@ -687,30 +598,19 @@ async fn a_client_that_leaves_or_times_out_frees_its_slot() {
     }
     let started = Instant::now();
     let http = client();
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(
-            body.clone(),
-            "add a star",
-            &[("steps", "2".into())],
-        ))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &http,
+        &url,
+        edit_form(body.clone(), "add a star", &[("steps", "2".into())]),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     assert!(
         started.elapsed() < Duration::from_secs(15),
         "the abandoned edit kept the worker busy: {:?}",
         started.elapsed()
     );
-    let metrics = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http, &url).await;
     assert!(
         metrics.contains("rl4pix_edits_total{outcome=\"cancelled\"} 1"),
         "{metrics}"
@@ -718,47 +618,32 @@ async fn a_client_that_leaves_or_times_out_frees_its_slot() {
     server.shutdown().await.unwrap();
 
     // A request past the server's own timeout gets 504 and its work is dropped.
-    let mut args = test_args();
-    args.max_steps = 900;
-    args.request_timeout_s = 0.5;
-    let server = start(args).await;
+    let server = start_with(|args| {
+        args.max_steps = 900;
+        args.request_timeout_s = 0.5;
+    })
+    .await;
     let url = server.url();
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(body, "add a star", &[("steps", "900".into())]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &http,
+        &url,
+        edit_form(body, "add a star", &[("steps", "900".into())]),
+    )
+    .await;
     assert_eq!(error_type(r, 504).await, "timeout");
-    let ready = http.get(format!("{url}/ready")).send().await.unwrap();
+    let ready = get(&http, &format!("{url}/ready")).await;
     assert_eq!(ready.status(), 200);
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn info_health_ready_docs_and_openapi() {
-    let server = start(test_args()).await;
-    let url = server.url();
-    let http = client();
-    let health: serde_json::Value = http
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let TestServer { server, url, http } = TestServer::start(|_| {}).await;
+    let health: serde_json::Value = get_json(&http, &format!("{url}/health")).await;
     assert_eq!(health["status"], "ok");
-    let ready = http.get(format!("{url}/ready")).send().await.unwrap();
+    let ready = get(&http, &format!("{url}/ready")).await;
     assert_eq!(ready.status(), 200);
-    let info: serde_json::Value = http
-        .get(format!("{url}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: serde_json::Value = get_json(&http, &format!("{url}/info")).await;
     assert_eq!(info["model"]["model"], "sd1");
     assert_eq!(info["model"]["device"], "cpu");
     assert_eq!(info["model"]["dtype"], "f32");
@@ -768,17 +653,10 @@ async fn info_health_ready_docs_and_openapi() {
     assert_eq!(info["model"]["default_image_guidance_scale"], 1.5);
     assert_eq!(info["limits"]["max_body_bytes"], 20 * 1024 * 1024);
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
-    let spec: serde_json::Value = http
-        .get(format!("{url}/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec: serde_json::Value = get_json(&http, &format!("{url}/openapi.json")).await;
     assert!(spec["openapi"].as_str().unwrap().starts_with("3.1"));
     assert!(spec["paths"]["/edit"]["post"].is_object());
-    let docs = http.get(format!("{url}/docs")).send().await.unwrap();
+    let docs = get(&http, &format!("{url}/docs")).await;
     assert_eq!(docs.status(), 200);
     let page = docs.text().await.unwrap();
     assert!(
@@ -812,12 +690,12 @@ async fn a_multipart_body_over_two_mib_is_read_under_the_configured_limit() {
     let url = server.url();
     let big = png_with_text_chunk(&scene(40, 24, 1), 3 << 20);
     assert!(big.len() > 3 << 20);
-    let r = client()
-        .post(format!("{url}/edit"))
-        .multipart(edit_form(big, "make it blue", &[("steps", "2".into())]))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(
+        &client(),
+        &url,
+        edit_form(big, "make it blue", &[("steps", "2".into())]),
+    )
+    .await;
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     server.shutdown().await.unwrap();
 }

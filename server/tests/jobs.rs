@@ -9,13 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_else(|| panic!("missing header {name}"))
-}
-
 fn form(variant: u32, seed: u64, steps: usize) -> reqwest::multipart::Form {
     edit_form(
         png(&scene(40, 24, variant)),
@@ -26,13 +19,12 @@ fn form(variant: u32, seed: u64, steps: usize) -> reqwest::multipart::Form {
 
 /// Submits an async edit; checks the 202 answer and returns the job id.
 async fn submit(http: &reqwest::Client, url: &str, form: reqwest::multipart::Form) -> String {
-    let r = http
-        .post(format!("{url}/edit"))
-        .header("prefer", "wait=5, respond-async")
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = send(
+        http.post(format!("{url}/edit"))
+            .header("prefer", "wait=5, respond-async")
+            .multipart(form),
+    )
+    .await;
     assert_eq!(r.status(), 202, "{:?}", r.text().await);
     assert_eq!(header(&r, "preference-applied"), "respond-async");
     let location = header(&r, "location").to_string();
@@ -45,46 +37,9 @@ async fn submit(http: &reqwest::Client, url: &str, form: reqwest::multipart::For
     id
 }
 
-async fn status(http: &reqwest::Client, url: &str, id: &str) -> Value {
-    let r = http.get(format!("{url}/jobs/{id}")).send().await.unwrap();
-    assert_eq!(r.status(), 200);
-    r.json().await.unwrap()
-}
-
-/// Polls the job until `done(status)` holds; panics after `limit`.
-async fn wait_for(
-    http: &reqwest::Client,
-    url: &str,
-    id: &str,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&Value) -> bool,
-) -> Value {
-    let started = Instant::now();
-    loop {
-        let s = status(http, url, id).await;
-        if done(&s) {
-            return s;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "job {id}: not {what} within {limit:?}; last status {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn is(status: &str) -> impl Fn(&Value) -> bool + '_ {
-    move |s: &Value| s["status"] == status
-}
-
 /// Reads a whole event stream: (event name, data) pairs, until the server ends it.
 async fn events(http: &reqwest::Client, url: &str, id: &str) -> Vec<(String, Value)> {
-    let mut r = http
-        .get(format!("{url}/jobs/{id}/events"))
-        .send()
-        .await
-        .unwrap();
+    let mut r = get(http, &format!("{url}/jobs/{id}/events")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "text/event-stream");
     let mut text = String::new();
@@ -107,23 +62,9 @@ async fn events(http: &reqwest::Client, url: &str, id: &str) -> Vec<(String, Val
         .collect()
 }
 
-async fn metrics(http: &reqwest::Client, url: &str) -> String {
-    http.get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_streams_its_progress_and_ends_with_the_synchronous_bytes() {
-    let mut args = test_args();
-    args.max_batch_size = 1;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| args.max_batch_size = 1).await;
 
     // The submitting connection closes at once; an async job does not depend on it.
     let submitter = client();
@@ -163,7 +104,7 @@ async fn a_job_streams_its_progress_and_ends_with_the_synchronous_bytes() {
         (Some(20), Some(20))
     );
 
-    let s = status(&http, &url, &id).await;
+    let s = job_status(&http, &url, &id).await;
     assert_eq!(s["status"], "done");
     assert_eq!(s["seed"], 7);
     for stamp in ["created_at", "started_at", "finished_at"] {
@@ -177,36 +118,23 @@ async fn a_job_streams_its_progress_and_ends_with_the_synchronous_bytes() {
     assert_eq!(late[0].0, "done");
 
     // The result: the same bytes and headers as the synchronous answer to the same request.
-    let r = http
-        .get(format!("{url}/jobs/{id}/result"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/jobs/{id}/result")).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "image/png");
     assert_eq!(header(&r, "x-edit-id"), id);
     assert_eq!(header(&r, "x-seed"), "7");
     let job_bytes = r.bytes().await.unwrap();
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(form(1, 7, 20))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(&http, &url, form(1, 7, 20)).await;
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "content-type"), "image/png");
     let sync_bytes = r.bytes().await.unwrap();
     assert_eq!(job_bytes, sync_bytes, "async and sync results differ");
     // Fetching again, as JSON, gives the same image.
-    let json: Value = http
-        .get(format!("{url}/jobs/{id}/result"))
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let json: Value = send_json(
+        http.get(format!("{url}/jobs/{id}/result"))
+            .header("accept", "application/json"),
+    )
+    .await;
     use base64::Engine;
     let b64 = base64::engine::general_purpose::STANDARD;
     assert_eq!(
@@ -216,13 +144,7 @@ async fn a_job_streams_its_progress_and_ends_with_the_synchronous_bytes() {
     assert_eq!(json["edit_id"], id.as_str());
 
     // Bad input is refused at once with its 4xx, as without the preference; no job is made.
-    let r = http
-        .post(format!("{url}/edit"))
-        .header("prefer", "respond-async")
-        .multipart(form(1, 7, 500))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit_async(&http, &url, form(1, 7, 500)).await;
     assert!(r.headers().get("location").is_none());
     assert_eq!(error_type(r, 422).await, "invalid_parameter");
 
@@ -234,11 +156,7 @@ async fn a_job_streams_its_progress_and_ends_with_the_synchronous_bytes() {
         (reqwest::Method::GET, format!("/jobs/{unknown}/result")),
         (reqwest::Method::DELETE, format!("/jobs/{unknown}")),
     ] {
-        let r = http
-            .request(method, format!("{url}{path}"))
-            .send()
-            .await
-            .unwrap();
+        let r = send(http.request(method, format!("{url}{path}"))).await;
         assert_eq!(error_type(r, 404).await, "job_not_found", "{path}");
     }
     let m = metrics(&http, &url).await;
@@ -248,25 +166,20 @@ async fn a_job_streams_its_progress_and_ends_with_the_synchronous_bytes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_job_cancelled_stops_within_a_step_and_the_worker_moves_on() {
-    let mut args = test_args();
-    args.max_batch_size = 1;
-    args.max_steps = 900;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_batch_size = 1;
+        args.max_steps = 900;
+    })
+    .await;
 
     // 900 steps would keep the worker busy for tens of seconds.
     let id = submit(&http, &url, form(2, 1, 900)).await;
-    let running = wait_for(&http, &url, &id, Duration::from_secs(30), "running", |s| {
+    let running = wait_for_job(&http, &url, &id, Duration::from_secs(30), "running", |s| {
         s["status"] == "running" && s["step"].as_u64() >= Some(1)
     })
     .await;
     assert_eq!(running["total_steps"], 900);
-    let r = http
-        .delete(format!("{url}/jobs/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = delete(&http, &format!("{url}/jobs/{id}")).await;
     assert_eq!(r.status(), 200);
     let at_cancel: Value = r.json().await.unwrap();
     assert_eq!(at_cancel["status"], "cancelled", "marked cancelled at once");
@@ -274,12 +187,7 @@ async fn a_running_job_cancelled_stops_within_a_step_and_the_worker_moves_on() {
 
     // The worker is free again: a short edit is answered long before 900 steps could run.
     let started = Instant::now();
-    let r = http
-        .post(format!("{url}/edit"))
-        .multipart(form(3, 2, 2))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit(&http, &url, form(3, 2, 2)).await;
     assert_eq!(r.status(), 200);
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -287,7 +195,7 @@ async fn a_running_job_cancelled_stops_within_a_step_and_the_worker_moves_on() {
         started.elapsed()
     );
     // Its batch stopped at the first step boundary after the cancel.
-    let after = status(&http, &url, &id).await;
+    let after = job_status(&http, &url, &id).await;
     assert_eq!(after["status"], "cancelled");
     let last_step = after["step"].as_u64().unwrap();
     assert!(
@@ -299,11 +207,7 @@ async fn a_running_job_cancelled_stops_within_a_step_and_the_worker_moves_on() {
     let stream = events(&http, &url, &id).await;
     assert_eq!(stream.len(), 1);
     assert_eq!(stream[0].0, "cancelled");
-    let r = http
-        .get(format!("{url}/jobs/{id}/result"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/jobs/{id}/result")).await;
     assert_eq!(error_type(r, 409).await, "job_cancelled");
     let m = metrics(&http, &url).await;
     assert!(
@@ -316,109 +220,70 @@ async fn a_running_job_cancelled_stops_within_a_step_and_the_worker_moves_on() {
     );
 
     // DELETE on a finished job forgets it.
-    let r = http
-        .delete(format!("{url}/jobs/{id}"))
-        .send()
-        .await
-        .unwrap();
+    let r = delete(&http, &format!("{url}/jobs/{id}")).await;
     assert_eq!(r.status(), 200);
-    let r = http.get(format!("{url}/jobs/{id}")).send().await.unwrap();
+    let r = get(&http, &format!("{url}/jobs/{id}")).await;
     assert_eq!(error_type(r, 404).await, "job_not_found");
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_job_cancelled_leaves_the_queue_and_frees_its_slot() {
-    let mut args = test_args();
-    args.max_batch_size = 1;
-    args.max_queue = 2;
-    args.max_steps = 900;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_batch_size = 1;
+        args.max_queue = 2;
+        args.max_steps = 900;
+    })
+    .await;
 
     let blocker = submit(&http, &url, form(1, 1, 900)).await;
-    wait_for(
-        &http,
-        &url,
-        &blocker,
-        Duration::from_secs(30),
-        "running",
-        is("running"),
-    )
-    .await;
+    wait_for_status(&http, &url, &blocker, "running", Duration::from_secs(30)).await;
     let first = submit(&http, &url, form(2, 2, 2)).await;
     let second = submit(&http, &url, form(3, 3, 2)).await;
-    assert_eq!(status(&http, &url, &first).await["position"], 0);
-    assert_eq!(status(&http, &url, &second).await["position"], 1);
+    assert_eq!(job_status(&http, &url, &first).await["position"], 0);
+    assert_eq!(job_status(&http, &url, &second).await["position"], 1);
 
     // The queue is full: an async request is refused at once, like a synchronous one.
-    let r = http
-        .post(format!("{url}/edit"))
-        .header("prefer", "respond-async")
-        .multipart(form(4, 4, 2))
-        .send()
-        .await
-        .unwrap();
+    let r = post_edit_async(&http, &url, form(4, 4, 2)).await;
     assert!(r.headers().get("retry-after").is_some());
     assert_eq!(error_type(r, 429).await, "overloaded");
 
-    let r = http
-        .delete(format!("{url}/jobs/{first}"))
-        .send()
-        .await
-        .unwrap();
+    let r = delete(&http, &format!("{url}/jobs/{first}")).await;
     let cancelled: Value = r.json().await.unwrap();
     assert_eq!(cancelled["status"], "cancelled");
     assert!(
         cancelled["started_at"].is_null() && cancelled["step"].is_null(),
         "it never ran: {cancelled}"
     );
-    let info: Value = http
-        .get(format!("{url}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = get_json(&http, &format!("{url}/info")).await;
     assert_eq!(info["queue_depth"], 1, "it left the queue at once");
-    assert_eq!(status(&http, &url, &second).await["position"], 0);
+    assert_eq!(job_status(&http, &url, &second).await["position"], 0);
     let third = submit(&http, &url, form(4, 4, 2)).await;
 
     // Cancelling the blocker lets the others run.
-    let r = http
-        .delete(format!("{url}/jobs/{blocker}"))
-        .send()
-        .await
-        .unwrap();
+    let r = delete(&http, &format!("{url}/jobs/{blocker}")).await;
     assert_eq!(r.status(), 200);
     for id in [&second, &third] {
-        wait_for(&http, &url, id, Duration::from_secs(30), "done", is("done")).await;
+        wait_for_status(&http, &url, id, "done", Duration::from_secs(30)).await;
     }
-    let r = http
-        .get(format!("{url}/jobs/{first}/result"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/jobs/{first}/result")).await;
     assert_eq!(error_type(r, 409).await, "job_cancelled");
-    assert_eq!(status(&http, &url, &first).await["status"], "cancelled");
+    assert_eq!(job_status(&http, &url, &first).await["status"], "cancelled");
     server.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_cancelled_inside_a_shared_batch_does_not_stop_the_others() {
-    let mut args = test_args();
-    args.max_batch_size = 2;
-    // Long enough for both jobs to gather into one batch.
-    args.max_batch_wait_ms = 1000;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_batch_size = 2;
+        // Long enough for both jobs to gather into one batch.
+        args.max_batch_wait_ms = 1000;
+    })
+    .await;
 
     let leaving = submit(&http, &url, form(1, 11, 30)).await;
     let staying = submit(&http, &url, form(2, 12, 30)).await;
-    wait_for(
+    wait_for_job(
         &http,
         &url,
         &leaving,
@@ -427,14 +292,10 @@ async fn a_job_cancelled_inside_a_shared_batch_does_not_stop_the_others() {
         |s| s["status"] == "running" && s["step"].as_u64() >= Some(1),
     )
     .await;
-    let r = http
-        .delete(format!("{url}/jobs/{leaving}"))
-        .send()
-        .await
-        .unwrap();
+    let r = delete(&http, &format!("{url}/jobs/{leaving}")).await;
     let cancelled: Value = r.json().await.unwrap();
     assert_eq!(cancelled["status"], "cancelled");
-    let done = wait_for(
+    let done = wait_for_job(
         &http,
         &url,
         &staying,
@@ -444,29 +305,21 @@ async fn a_job_cancelled_inside_a_shared_batch_does_not_stop_the_others() {
     )
     .await;
     assert_eq!(done["status"], "done", "{done}");
-    let r = http
-        .get(format!("{url}/jobs/{staying}/result"))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/jobs/{staying}/result")).await;
     assert_eq!(
         header(&r, "x-batch-size"),
         "2",
         "the two jobs shared a batch"
     );
     let shared = r.bytes().await.unwrap();
-    let alone = http
-        .post(format!("{url}/edit"))
-        .multipart(form(2, 12, 30))
-        .send()
+    let alone = post_edit(&http, &url, form(2, 12, 30))
         .await
-        .unwrap()
         .bytes()
         .await
         .unwrap();
     assert_eq!(shared, alone, "the cancel changed its batch-mate's result");
     // The cancelled job stays cancelled though its batch ran to the end.
-    let s = status(&http, &url, &leaving).await;
+    let s = job_status(&http, &url, &leaving).await;
     assert_eq!(s["status"], "cancelled");
     let m = metrics(&http, &url).await;
     assert!(
@@ -478,52 +331,31 @@ async fn a_job_cancelled_inside_a_shared_batch_does_not_stop_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_jobs_are_evicted_by_count_and_by_age() {
-    let mut args = test_args();
-    args.max_jobs = 2;
-    args.job_ttl_s = 2.0;
-    let server = start(args).await;
-    let url = server.url();
-    let http = client();
+    let TestServer { server, url, http } = TestServer::start(|args| {
+        args.max_jobs = 2;
+        args.job_ttl_s = 2.0;
+    })
+    .await;
 
     let mut ids = Vec::new();
     for variant in 0..3 {
         let id = submit(&http, &url, form(variant, 5, 2)).await;
-        wait_for(
-            &http,
-            &url,
-            &id,
-            Duration::from_secs(30),
-            "done",
-            is("done"),
-        )
-        .await;
+        wait_for_status(&http, &url, &id, "done", Duration::from_secs(30)).await;
         ids.push(id);
     }
-    let r = http
-        .get(format!("{url}/jobs/{}", ids[0]))
-        .send()
-        .await
-        .unwrap();
+    let r = get(&http, &format!("{url}/jobs/{}", ids[0])).await;
     assert_eq!(
         error_type(r, 404).await,
         "job_not_found",
         "the oldest finished job is evicted past --max-jobs"
     );
     for id in &ids[1..] {
-        let r = http
-            .get(format!("{url}/jobs/{id}/result"))
-            .send()
-            .await
-            .unwrap();
+        let r = get(&http, &format!("{url}/jobs/{id}/result")).await;
         assert_eq!(r.status(), 200);
     }
     tokio::time::sleep(Duration::from_millis(2100)).await;
     for id in &ids[1..] {
-        let r = http
-            .get(format!("{url}/jobs/{id}/result"))
-            .send()
-            .await
-            .unwrap();
+        let r = get(&http, &format!("{url}/jobs/{id}/result")).await;
         assert_eq!(
             error_type(r, 404).await,
             "job_not_found",

@@ -82,16 +82,16 @@ async fn the_sdks_recorded_request_edits_like_post_edit() {
     // The same edit through the native route gives the same pixels: one pipeline, two dialects.
     let input =
         std::fs::read(common::repo_root().join("model/assets/toy/grid/7-input.png")).unwrap();
-    let native = common::client()
-        .post(format!("{base}/edit"))
-        .multipart(common::edit_form(
+    let native = common::post_edit(
+        &common::client(),
+        &base,
+        common::edit_form(
             input.clone(),
             "colour the square orange",
             &[("seed", "7".into()), ("adapter", "none".into())],
-        ))
-        .send()
-        .await
-        .unwrap();
+        ),
+    )
+    .await;
     assert_eq!(native.status(), 200);
     let native = common::decode_png(&native.bytes().await.unwrap());
     assert!(
@@ -113,21 +113,18 @@ async fn the_sdks_recorded_request_edits_like_post_edit() {
             )
             .text("prompt", "colour the square orange")
     };
-    let two: Value = common::client()
-        .post(format!("{base}/v1/images/edits"))
-        .multipart(
-            form()
-                .text("n", "2")
-                .text("seed", "7")
-                .text("size", "64x48")
-                .text("steps", "4"),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let two: Value = common::send_json(
+        common::client()
+            .post(format!("{base}/v1/images/edits"))
+            .multipart(
+                form()
+                    .text("n", "2")
+                    .text("seed", "7")
+                    .text("size", "64x48")
+                    .text("steps", "4"),
+            ),
+    )
+    .await;
     assert_eq!(two["size"], "64x48", "{two}");
     let seeds: Vec<&Value> = two["data"]
         .as_array()
@@ -194,35 +191,28 @@ async fn the_sdks_recorded_request_edits_like_post_edit() {
         ),
     ];
     for (form, status, code, param) in cases {
-        let response = common::client()
-            .post(format!("{base}/v1/images/edits"))
-            .multipart(form)
-            .send()
-            .await
-            .unwrap();
+        let response = common::send(
+            common::client()
+                .post(format!("{base}/v1/images/edits"))
+                .multipart(form),
+        )
+        .await;
         assert_eq!(response.status().as_u16(), status);
         let body: Value = response.json().await.unwrap();
         let (kind, got_code, got_param) = openai_error(&body);
         assert_eq!(kind, "invalid_request_error", "{body}");
         assert_eq!((got_code, got_param), (code, param), "{body}");
     }
-    let not_multipart = common::client()
-        .post(format!("{base}/v1/images/edits"))
-        .json(&serde_json::json!({"prompt": "x"}))
-        .send()
-        .await
-        .unwrap();
+    let not_multipart = common::send(
+        common::client()
+            .post(format!("{base}/v1/images/edits"))
+            .json(&serde_json::json!({"prompt": "x"})),
+    )
+    .await;
     assert_eq!(not_multipart.status(), 415);
     openai_error(&not_multipart.json().await.unwrap());
 
-    let models: Value = common::client()
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = common::get_json(&common::client(), &format!("{base}/v1/models")).await;
     assert_eq!(models["object"], "list");
     assert_eq!(models["data"][0]["id"], "toy");
     server.shutdown().await.unwrap();
@@ -240,11 +230,7 @@ async fn with_an_openai_api_key_the_bearer_must_match() {
     assert_eq!(refused.status(), 401);
     let body: Value = refused.json().await.unwrap();
     assert_eq!(openai_error(&body).0, "authentication_error");
-    let models = common::client()
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap();
+    let models = common::get(&common::client(), &format!("{base}/v1/models")).await;
     assert_eq!(models.status(), 401, "no bearer at all");
 
     let accepted = replay(&base, Some("sk-right")).await;

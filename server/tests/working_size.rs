@@ -6,12 +6,12 @@ mod common;
 use image::RgbImage;
 
 async fn edit(base: &str, png: Vec<u8>, fields: &[(&str, String)]) -> reqwest::Response {
-    common::client()
-        .post(format!("{base}/edit"))
-        .multipart(common::edit_form(png, "colour the square orange", fields))
-        .send()
-        .await
-        .unwrap()
+    common::post_edit(
+        &common::client(),
+        base,
+        common::edit_form(png, "colour the square orange", fields),
+    )
+    .await
 }
 
 fn working_size(response: &reqwest::Response) -> String {
@@ -33,14 +33,8 @@ async fn the_default_model_runs_at_its_size_and_answers_at_the_inputs() {
     args.default_steps = 8;
     let server = common::start(args).await;
     let base = server.url();
-    let info: serde_json::Value = common::client()
-        .get(format!("{base}/info"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: serde_json::Value =
+        common::get_json(&common::client(), &format!("{base}/info")).await;
     assert_eq!(info["model"]["working_size"], 32);
     assert_eq!(info["limits"]["working_size"], "model");
 

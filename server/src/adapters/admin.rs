@@ -6,7 +6,7 @@ use std::sync::Weak;
 use super::error::AdapterError;
 use super::files::{read_checked, resolve_inside, write_atomically, ReadFailure};
 use super::names::{truncate_for_message, validate_name};
-use super::registry::{hold, AdapterRegistry, Failure, NameState, SyncOutcome, Version};
+use super::registry::{hold, AdapterRegistry, Failure, NameState, Version};
 use super::report::{AdapterInfo, AdapterUsage};
 
 impl AdapterRegistry {
@@ -46,21 +46,7 @@ impl AdapterRegistry {
         if dest.canonicalize().ok().as_deref() == Some(source.as_path()) {
             let lock = self.file_lock(name);
             let _files = hold(&lock);
-            match self.sync_locked(name, true) {
-                SyncOutcome::Unstable => {
-                    return Err(AdapterError::Unavailable {
-                        name: name.to_string(),
-                        reason: "its file is being written; retry in a moment".into(),
-                    })
-                }
-                SyncOutcome::Failed => {
-                    return Err(AdapterError::Unavailable {
-                        name: name.to_string(),
-                        reason: "reading it failed; retry in a moment".into(),
-                    })
-                }
-                _ => {}
-            }
+            self.read_now_locked(name, "reading it failed; retry in a moment")?;
             let state = self.lock();
             let ns = state.names.get(name).ok_or_else(|| state.not_found(name))?;
             if let Some(r) = &ns.refusal {

@@ -16,7 +16,7 @@ use super::files::{
     ADAPTER_EXTENSION,
 };
 use super::names::validate_name;
-use super::reload_limits::ReloadLimits;
+use super::reload_limits::{per_name, ReloadLimits};
 use crate::backend::{AdapterLoader, BackendError, LoadedAdapter};
 use crate::config::AdapterSettings;
 
@@ -222,12 +222,23 @@ impl AdapterRegistry {
 
     /// The lock of `name`'s file; hold it with [`hold`].
     pub(super) fn file_lock(&self, name: &str) -> Arc<Mutex<()>> {
-        self.file_locks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        per_name(&self.file_locks, name)
+    }
+
+    /// Reads `name`'s file again now (its file lock held by the caller). A read that cannot
+    /// finish is `Unavailable`: the file is being written, or reading it failed (`failed`).
+    pub(super) fn read_now_locked(&self, name: &str, failed: &str) -> Result<(), AdapterError> {
+        let unavailable = |reason: &str| {
+            Err(AdapterError::Unavailable {
+                name: name.to_string(),
+                reason: reason.into(),
+            })
+        };
+        match self.sync_locked(name, true) {
+            SyncOutcome::Unstable => unavailable("its file is being written; retry in a moment"),
+            SyncOutcome::Failed => unavailable(failed),
+            _ => Ok(()),
+        }
     }
 
     pub(super) fn path_of(&self, name: &str) -> Option<PathBuf> {

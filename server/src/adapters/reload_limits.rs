@@ -75,11 +75,15 @@ impl ReloadLimits {
     }
 
     pub(super) fn gate(&self, name: &str) -> Arc<Gate> {
-        self.gates
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(name.to_string())
-            .or_default()
-            .clone()
+        per_name(&self.gates, name)
     }
+}
+
+/// What `map` keeps for `name`, made on first use.
+pub(super) fn per_name<T: Default>(map: &Mutex<HashMap<String, Arc<T>>>, name: &str) -> Arc<T> {
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(name.to_string())
+        .or_default()
+        .clone()
 }

@@ -18,7 +18,14 @@ use std::time::{Duration, Instant};
 
 use super::error::AdapterError;
 use super::names::validate_name;
-use super::registry::{hold, protected_for, AdapterEntry, AdapterRegistry, SyncOutcome};
+use super::registry::{hold, protected_for, AdapterEntry, AdapterRegistry};
+
+/// What a request's adapter is before any read: the version to run with (None: the base), or
+/// the name of an unloaded one.
+enum Lookup {
+    Ready(Option<Arc<AdapterEntry>>),
+    Unloaded(String),
+}
 
 impl AdapterRegistry {
     /// The version a request runs with: `None` / `""` / `"default"`: the default adapter (or
@@ -29,12 +36,10 @@ impl AdapterRegistry {
         &self,
         requested: Option<&str>,
     ) -> Result<Option<Arc<AdapterEntry>>, AdapterError> {
-        let Some(name) = self.requested_name(requested)? else {
-            return Ok(None);
+        let name = match self.lookup(requested)? {
+            Lookup::Ready(entry) => return Ok(entry),
+            Lookup::Unloaded(name) => name,
         };
-        if let Some(entry) = self.try_hold(&name)? {
-            return Ok(Some(entry));
-        }
         self.admit_reload(&name)?;
         self.reload(&name).map(Some)
     }
@@ -45,12 +50,10 @@ impl AdapterRegistry {
         self: &Arc<Self>,
         requested: Option<&str>,
     ) -> Result<Option<Arc<AdapterEntry>>, AdapterError> {
-        let Some(name) = self.requested_name(requested)? else {
-            return Ok(None);
+        let name = match self.lookup(requested)? {
+            Lookup::Ready(entry) => return Ok(entry),
+            Lookup::Unloaded(name) => name,
         };
-        if let Some(entry) = self.try_hold(&name)? {
-            return Ok(Some(entry));
-        }
         let gate = self.reloads.gate(&name);
         let seen = gate.finished.load(Ordering::SeqCst);
         let mut last = gate.last.lock().await;
@@ -77,6 +80,17 @@ impl AdapterRegistry {
         *last = result.as_ref().err().cloned();
         gate.finished.fetch_add(1, Ordering::SeqCst);
         result.map(Some)
+    }
+
+    /// What a request's `adapter` field finds without reading a file.
+    fn lookup(&self, requested: Option<&str>) -> Result<Lookup, AdapterError> {
+        let Some(name) = self.requested_name(requested)? else {
+            return Ok(Lookup::Ready(None));
+        };
+        Ok(match self.try_hold(&name)? {
+            Some(entry) => Lookup::Ready(Some(entry)),
+            None => Lookup::Unloaded(name),
+        })
     }
 
     /// The name a request's `adapter` field means; None: the base model.
@@ -159,21 +173,10 @@ impl AdapterRegistry {
     fn reload(&self, name: &str) -> Result<Arc<AdapterEntry>, AdapterError> {
         let lock = self.file_lock(name);
         let _files = hold(&lock);
-        match self.sync_locked(name, true) {
-            SyncOutcome::Unstable => {
-                return Err(AdapterError::Unavailable {
-                    name: name.to_string(),
-                    reason: "its file is being written; retry in a moment".into(),
-                })
-            }
-            SyncOutcome::Failed => {
-                return Err(AdapterError::Unavailable {
-                    name: name.to_string(),
-                    reason: "reading it failed (tried again, in vain); retry in a moment".into(),
-                })
-            }
-            _ => {}
-        }
+        self.read_now_locked(
+            name,
+            "reading it failed (tried again, in vain); retry in a moment",
+        )?;
         self.try_hold(name)?.ok_or_else(|| {
             let state = self.lock();
             match state.names.get(name).and_then(|ns| ns.refusal.as_ref()) {

@@ -15,7 +15,7 @@ use super::body::{content_length, content_type, media_type, parse_json};
 use super::error::ErrorBody;
 use super::state::AppState;
 use crate::adapters;
-use crate::error::ServiceError;
+use crate::error::{clipped, ServiceError};
 
 /// JSON bodies of the admin routes are a name and a path at most.
 const MAX_ADMIN_JSON_BYTES: usize = 64 * 1024;
@@ -60,6 +60,8 @@ pub struct DeletedAdapter {
     pub default_cleared: bool,
 }
 
+// The wire form of `adapters::AdapterInfo`, built by `From`: only `http/` derives OpenAPI
+// schemas.
 /// A row of `GET /adapters`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AdapterInfo {
@@ -229,7 +231,7 @@ async fn read_upload(request: Request, limit: usize) -> Result<(String, Vec<u8>)
             other => {
                 return Err(ServiceError::invalid(format!(
                     "unknown form field `{}`; expected `name` and `file`",
-                    other.chars().take(64).collect::<String>()
+                    clipped(other)
                 )))
             }
         };

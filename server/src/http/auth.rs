@@ -42,14 +42,13 @@ pub fn keys_match(given: &str, expected: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use axum::http::{header, HeaderMap, HeaderValue};
+    use axum::http::{header, HeaderMap};
 
     use super::{bearer_token, check_admin};
+    use crate::http::one_header;
 
     fn authorization(value: &str) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
-        headers
+        one_header(header::AUTHORIZATION, value)
     }
 
     fn bearer(token: &str) -> HeaderMap {

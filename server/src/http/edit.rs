@@ -8,7 +8,6 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
 
 use super::body::{
     body_too_large, content_length, content_type, media_type, read_body, wants_json,
@@ -154,20 +153,7 @@ fn accepted(id: String) -> Response {
 /// and `GET /jobs/{id}/result` alike.
 pub fn edit_response(result: &EditResult, json: bool) -> Response {
     if json {
-        let body = EditJsonResponse {
-            edit_id: result.edit_id.clone(),
-            seed: result.seed,
-            adapter: result.adapter.clone(),
-            width: result.width,
-            height: result.height,
-            working_width: result.working_width,
-            working_height: result.working_height,
-            format: result.format.name().into(),
-            queue_ms: result.queue_ms,
-            inference_ms: result.inference_ms,
-            batch_size: result.batch_size,
-            image: base64::engine::general_purpose::STANDARD.encode(&result.bytes),
-        };
+        let body = EditJsonResponse::from(result);
         return axum::Json(body).into_response();
     }
     let mut response = (StatusCode::OK, result.bytes.clone()).into_response();

@@ -1,8 +1,11 @@
 //! The wire forms of `POST /edit`: its two request bodies, its JSON answer and the 202 answer
 //! of an async edit.
 
+use base64::Engine;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+
+use crate::edit::EditResult;
 
 /// `multipart/form-data` body of `POST /edit`.
 #[derive(ToSchema)]
@@ -79,6 +82,7 @@ where
         .ok_or_else(|| D::Error::custom(format!("expected a whole number in range, got {number}")))
 }
 
+// The wire form of `edit::EditResult`, built by `From`: only `http/` derives OpenAPI schemas.
 /// The answer to `POST /edit` with `Accept: application/json`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 #[schema(example = json!({"edit_id": "5f0c2a9e4b7d41c3a8e1f6d2b9c07a15", "seed": 42, "adapter": "none",
@@ -100,6 +104,25 @@ pub struct EditJsonResponse {
     pub batch_size: usize,
     /// The edited image, base64.
     pub image: String,
+}
+
+impl From<&EditResult> for EditJsonResponse {
+    fn from(result: &EditResult) -> Self {
+        Self {
+            edit_id: result.edit_id.clone(),
+            seed: result.seed,
+            adapter: result.adapter.clone(),
+            width: result.width,
+            height: result.height,
+            working_width: result.working_width,
+            working_height: result.working_height,
+            format: result.format.name().into(),
+            queue_ms: result.queue_ms,
+            inference_ms: result.inference_ms,
+            batch_size: result.batch_size,
+            image: base64::engine::general_purpose::STANDARD.encode(&result.bytes),
+        }
+    }
 }
 
 /// The 202 answer to `Prefer: respond-async`.

@@ -12,7 +12,7 @@ use crate::backend::BackendInfo;
 use crate::codec::OutputFormat;
 use crate::config::Limits;
 use crate::edit::EditSubmission;
-use crate::error::ServiceError;
+use crate::error::{clipped, ServiceError};
 use crate::working_size::SizeMode;
 
 /// Everything a request asked for, before any checking.
@@ -94,7 +94,7 @@ pub async fn parse_multipart_edit(
             other => {
                 return Err(ServiceError::invalid(format!(
                     "unknown form field `{}`; expected image, instruction, steps, guidance_scale, image_guidance_scale, seed, scheduler, adapter, output_format, working_size, keep_input",
-                    other.chars().take(64).collect::<String>()
+                    clipped(other)
                 )))
             }
         }

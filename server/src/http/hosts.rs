@@ -70,12 +70,9 @@ fn normalize_host(host: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
 
     fn host(value: &str) -> HeaderMap {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::HOST, HeaderValue::from_str(value).unwrap());
-        headers
+        crate::http::one_header(header::HOST, value)
     }
 
     #[test]

@@ -22,6 +22,7 @@ use super::state::AppState;
 use crate::error::ServiceError;
 use crate::jobs::{self, JobSnapshot};
 
+// The wire form of `jobs::JobState`, built by `From`: only `http/` derives OpenAPI schemas.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {

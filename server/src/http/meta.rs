@@ -107,6 +107,7 @@ impl From<adapters::AdapterUsage> for AdapterUsage {
     }
 }
 
+// The wire form of `config::Limits`, built by `From`: only `http/` derives OpenAPI schemas.
 /// What a request may ask for; checked before any decoding or model work.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Limits {
@@ -165,17 +166,12 @@ impl From<&config::BatchingConfig> for BatchingConfig {
 pub async fn health(
     State(state): State<Arc<AppState>>,
 ) -> Result<axum::Json<StatusBody>, ServiceError> {
-    if state.service.worker_runs() {
-        Ok(axum::Json(StatusBody {
-            status: "ok".into(),
-        }))
-    } else {
-        Err(ServiceError::new(
-            ErrorKind::Unavailable,
-            "unhealthy",
-            "the model worker stopped or failed its device check; restart the server",
-        ))
-    }
+    status_or_unavailable(
+        state.service.worker_runs(),
+        "ok",
+        "unhealthy",
+        "the model worker stopped or failed its device check; restart the server",
+    )
 }
 
 #[utoipa::path(get, path = "/ready", tag = "service",
@@ -186,16 +182,27 @@ pub async fn health(
 pub async fn ready(
     State(state): State<Arc<AppState>>,
 ) -> Result<axum::Json<StatusBody>, ServiceError> {
-    if state.service.accepts_traffic() {
+    status_or_unavailable(
+        state.service.accepts_traffic(),
+        "ready",
+        "not_ready",
+        "the worker is not running or the server is shutting down",
+    )
+}
+
+/// `{"status": status}` when `up`; otherwise a 503 with `code` and `message`.
+fn status_or_unavailable(
+    up: bool,
+    status: &str,
+    code: &'static str,
+    message: &'static str,
+) -> Result<axum::Json<StatusBody>, ServiceError> {
+    if up {
         Ok(axum::Json(StatusBody {
-            status: "ready".into(),
+            status: status.into(),
         }))
     } else {
-        Err(ServiceError::new(
-            ErrorKind::Unavailable,
-            "not_ready",
-            "the worker is not running or the server is shutting down",
-        ))
+        Err(ServiceError::new(ErrorKind::Unavailable, code, message))
     }
 }
 

@@ -26,3 +26,11 @@ pub mod ui;
 
 pub use routes::router;
 pub use state::AppState;
+
+/// Headers holding only `name: value`, for the guards' unit tests.
+#[cfg(test)]
+pub(crate) fn one_header(name: axum::http::HeaderName, value: &str) -> axum::http::HeaderMap {
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert(name, axum::http::HeaderValue::from_str(value).unwrap());
+    headers
+}

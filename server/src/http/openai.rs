@@ -23,7 +23,7 @@ use super::error::status_of;
 use super::state::AppState;
 use crate::budget::Client;
 use crate::edit::EditResult;
-use crate::error::ServiceError;
+use crate::error::{clipped, ServiceError};
 
 /// Images one request may ask for (OpenAI's own limit).
 pub(crate) const MAX_IMAGES: usize = 10;
@@ -242,7 +242,7 @@ async fn images_edits_inner(
     {
         return Err(ServiceError::unsupported_media(format!(
             "Content-Type {:?} is not accepted: send multipart/form-data",
-            content_type.chars().take(64).collect::<String>()
+            clipped(content_type)
         ))
         .into());
     }
@@ -404,7 +404,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
             other => {
                 return Err(ServiceError::invalid(format!(
                     "unknown form field `{}`; expected image, prompt, model, n, size, response_format, output_format (or rl4pix's seed, steps, guidance_scale, image_guidance_scale, scheduler, working_size, keep_input)",
-                    other.chars().take(64).collect::<String>()
+                    clipped(other)
                 ))
                 .into())
             }
@@ -463,7 +463,7 @@ fn resolve_model(state: &AppState, model: Option<String>) -> Result<Option<Strin
             "model_not_found",
             format!(
                 "model {:?} is neither the base model ({:?}) nor an adapter ({adapters:?}); GET /v1/models lists them",
-                model.chars().take(64).collect::<String>(),
+                clipped(&model),
                 state.service.info().model
             ),
         ),

@@ -66,11 +66,9 @@ impl Service {
     }
 }
 
+/// Registry work off the async workers, its errors as the admin routes report them.
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, AdapterError> + Send + 'static,
 ) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ServiceError::internal(format!("adapter task failed: {e}")))?
-        .map_err(ServiceError::from_admin)
+    super::blocking("adapter", move || f().map_err(ServiceError::from_admin)).await
 }

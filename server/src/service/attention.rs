@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::attention_cache::CachedEdit;
 
 use super::state::Service;
-use crate::error::ServiceError;
+use crate::error::{clipped, ServiceError};
 
 impl Service {
     /// The maps of a recent edit, or why there are none.
@@ -22,7 +22,7 @@ impl Service {
                 "edit_not_found",
                 format!(
                     "no attention maps for edit `{}`: unknown id, or evicted (the server keeps the last {} edits, --attention-cache)",
-                    edit_id.chars().take(64).collect::<String>(),
+                    clipped(edit_id),
                     self.attention.capacity()
                 ),
             )
@@ -52,13 +52,13 @@ impl Service {
                         "word_not_found",
                         format!(
                             "{:?} is not a word of the instruction; its words: {words:?}",
-                            word.chars().take(64).collect::<String>()
+                            clipped(word)
                         ),
                     )
                 })?,
         };
         let (h, w) = (attention.height, attention.width);
-        tokio::task::spawn_blocking(move || -> Result<Vec<u8>, ServiceError> {
+        super::blocking("overlay", move || {
             let overlay = rl4pix_model::image_io::heatmap_overlay(&edit.image, &map, h, w, opacity)
                 .map_err(|e| ServiceError::internal(e.to_string()))?;
             let mut out = Cursor::new(Vec::new());
@@ -68,6 +68,5 @@ impl Service {
             Ok(out.into_inner())
         })
         .await
-        .map_err(|e| ServiceError::internal(format!("overlay task failed: {e}")))?
     }
 }

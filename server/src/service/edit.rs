@@ -7,6 +7,7 @@ use std::sync::Arc;
 use image::RgbImage;
 use tokio::sync::oneshot;
 
+use super::blocking;
 use super::state::Service;
 use crate::adapters::AdapterEntry;
 use crate::attention_cache::CachedEdit;
@@ -119,7 +120,7 @@ impl Service {
             .await
             .map_err(|_| ServiceError::unavailable("the server is shutting down"))?;
         let bytes = submission.image.clone();
-        let header = blocking(move || codec::inspect(&bytes, max_pixels)).await?;
+        let header = blocking("image", move || codec::inspect(&bytes, max_pixels)).await?;
         let grid = self.planned_grid(header, submission.working_size)?;
         let cost = grid.0 as u64 * grid.1 as u64 * submission.params.steps as u64;
         let cost = self
@@ -131,7 +132,7 @@ impl Service {
             .map(|a| a.adapter.name.clone())
             .unwrap_or_else(|| "none".into());
         let bytes = submission.image;
-        let image = blocking(move || codec::decode(&bytes, header, max_pixels)).await?;
+        let image = blocking("image", move || codec::decode(&bytes, header, max_pixels)).await?;
         drop(decode_turn);
         let image = Arc::new(image);
         let rescaled = self.working_image(&image, submission.working_size, submission.keep_input);
@@ -373,16 +374,15 @@ impl Service {
         let model_output = output.image;
         let input = meta.image.clone();
         let rescaled = meta.rescaled;
-        let (image, encoded) = tokio::task::spawn_blocking(move || {
+        let (image, encoded) = blocking("encoding", move || {
             let image = match rescaled {
                 Some(r) => working_size::restore(&input, &r.shrunk, &model_output, r.keep_input),
                 None => model_output,
             };
             let encoded = codec::encode(&image, format)?;
-            Ok::<_, ServiceError>((image.dimensions(), encoded))
+            Ok((image.dimensions(), encoded))
         })
-        .await
-        .map_err(|e| ServiceError::internal(format!("encoding task failed: {e}")))??;
+        .await?;
         let (width, height) = image;
         if let Some(attention) = output.attention {
             self.attention.insert(
@@ -419,15 +419,6 @@ fn pin(entry: Arc<AdapterEntry>) -> PinnedAdapter {
         entry.adapter.resolved.clone(),
         entry,
     )
-}
-
-/// Runs CPU-bound image work on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
-) -> Result<T, ServiceError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| ServiceError::internal(format!("image task failed: {e}")))?
 }
 
 impl Service {

@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use super::state::Service;
 use crate::edit::EditResult;
-use crate::error::{ErrorKind, ServiceError};
+use crate::error::{clipped, ErrorKind, ServiceError};
 use crate::jobs::{Finished, JobRecord, JobSnapshot, JobState, Outcome, ProgressKey};
 use crate::queue::{Queue, Stage};
 
@@ -22,7 +22,7 @@ impl Service {
                 "job_not_found",
                 format!(
                     "no job `{}`: unknown id, or finished and evicted (kept {} s, at most {} finished jobs; --job-ttl-s, --max-jobs)",
-                    id.chars().take(64).collect::<String>(),
+                    clipped(id),
                     self.jobs.ttl().as_secs_f64(),
                     self.jobs.max_finished(),
                 ),

@@ -16,3 +16,16 @@ pub mod state;
 pub mod status;
 
 pub use state::{InputBounds, Service, ServiceParts};
+
+use crate::error::ServiceError;
+
+/// Runs blocking work (file IO, image work) off the async workers; a task that died is an
+/// internal error naming `what`.
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::internal(format!("{what} task failed: {e}")))?
+}

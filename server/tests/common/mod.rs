@@ -60,6 +60,18 @@ pub fn test_args() -> Args {
     args
 }
 
+/// [`test_args`] adjusted by `adjust`.
+pub fn args_with(adjust: impl FnOnce(&mut Args)) -> Args {
+    let mut args = test_args();
+    adjust(&mut args);
+    args
+}
+
+/// A server on [`test_args`] adjusted by `adjust`.
+pub async fn start_with(adjust: impl FnOnce(&mut Args)) -> RunningServer {
+    start(args_with(adjust)).await
+}
+
 pub async fn start(args: Args) -> RunningServer {
     rl4pix_server::start(&args)
         .await
@@ -73,20 +85,172 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// An in-process server with its base URL and a client for it; destructure it to keep the
+/// three names tests use (`let TestServer { server, url, http } = ...`).
+pub struct TestServer {
+    pub server: RunningServer,
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl TestServer {
+    /// [`test_args`] adjusted by `adjust`.
+    pub async fn start(adjust: impl FnOnce(&mut Args)) -> Self {
+        Self::with_args(args_with(adjust)).await
+    }
+
+    pub async fn with_args(args: Args) -> Self {
+        let server = start(args).await;
+        let url = server.url();
+        Self {
+            server,
+            url,
+            http: client(),
+        }
+    }
+}
+
+/// Sends a request; panics when no answer comes.
+pub async fn send(request: reqwest::RequestBuilder) -> reqwest::Response {
+    request.send().await.unwrap()
+}
+
+/// A header's value; panics when it is missing.
+pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_else(|| panic!("missing header {name}"))
+}
+
+/// A header's value, or "" when it is missing.
+pub fn header_or_empty(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// `POST {url}/edit` with a form.
+pub async fn post_edit(
+    http: &reqwest::Client,
+    url: &str,
+    form: reqwest::multipart::Form,
+) -> reqwest::Response {
+    send(http.post(format!("{url}/edit")).multipart(form)).await
+}
+
+/// `POST {url}/edit` with a form and `Prefer: respond-async`.
+pub async fn post_edit_async(
+    http: &reqwest::Client,
+    url: &str,
+    form: reqwest::multipart::Form,
+) -> reqwest::Response {
+    send(
+        http.post(format!("{url}/edit"))
+            .header("prefer", "respond-async")
+            .multipart(form),
+    )
+    .await
+}
+
+/// A GET of a full address.
+pub async fn get(http: &reqwest::Client, address: &str) -> reqwest::Response {
+    send(http.get(address)).await
+}
+
+/// A DELETE of a full address.
+pub async fn delete(http: &reqwest::Client, address: &str) -> reqwest::Response {
+    send(http.delete(address)).await
+}
+
+/// The text of `GET {url}/metrics`.
+pub async fn metrics(http: &reqwest::Client, url: &str) -> String {
+    get(http, &format!("{url}/metrics"))
+        .await
+        .text()
+        .await
+        .unwrap()
+}
+
+/// `GET {url}/jobs/{id}`: checks the 200 and returns the status JSON.
+pub async fn job_status(http: &reqwest::Client, url: &str, id: &str) -> serde_json::Value {
+    let r = get(http, &format!("{url}/jobs/{id}")).await;
+    assert_eq!(r.status(), 200);
+    r.json().await.unwrap()
+}
+
+/// Polls the job until `done(status)` holds; panics after `limit`.
+pub async fn wait_for_job(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let s = job_status(http, url, id).await;
+        if done(&s) {
+            return s;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "job {id}: not {what} within {limit:?}; last status {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls the job until its status is `status`; panics after `limit`.
+pub async fn wait_for_status(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    status: &str,
+    limit: Duration,
+) -> serde_json::Value {
+    wait_for_job(http, url, id, limit, status, is(status)).await
+}
+
+/// A job-status predicate: the status is `status`.
+pub fn is(status: &str) -> impl Fn(&serde_json::Value) -> bool + '_ {
+    move |s: &serde_json::Value| s["status"] == status
+}
+
 pub fn edit_form(
     image_png: Vec<u8>,
     instruction: &str,
     fields: &[(&str, String)],
 ) -> reqwest::multipart::Form {
-    let mut form = reqwest::multipart::Form::new()
-        .part(
-            "image",
-            reqwest::multipart::Part::bytes(image_png)
-                .file_name("in.png")
-                .mime_str("image/png")
-                .unwrap(),
-        )
-        .text("instruction", instruction.to_string());
+    with_fields(
+        image_form(image_png, ("in.png", "image/png"), instruction),
+        fields,
+    )
+}
+
+/// A form with the `image` part (named and typed by `(file_name, mime)`) and `instruction`.
+pub fn image_form(
+    bytes: Vec<u8>,
+    (file_name, mime): (&str, &str),
+    instruction: &str,
+) -> reqwest::multipart::Form {
+    let image = reqwest::multipart::Part::bytes(bytes)
+        .file_name(file_name.to_string())
+        .mime_str(mime)
+        .unwrap();
+    reqwest::multipart::Form::new()
+        .part("image", image)
+        .text("instruction", instruction.to_string())
+}
+
+/// `form` with `fields` added as text parts, in order.
+pub fn with_fields(
+    mut form: reqwest::multipart::Form,
+    fields: &[(&str, String)],
+) -> reqwest::multipart::Form {
     for (name, value) in fields {
         form = form.text(name.to_string(), value.clone());
     }
@@ -218,12 +382,7 @@ impl Drop for BinaryServer {
 /// Asserts the JSON error shape and returns `error_type`.
 pub async fn error_type(response: reqwest::Response, status: u16) -> String {
     assert_eq!(response.status().as_u16(), status, "unexpected status");
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let content_type = header_or_empty(&response, "content-type");
     assert!(
         content_type.starts_with("application/json"),
         "{content_type}"
@@ -241,12 +400,7 @@ pub const ADMIN_KEY: &str = "sesame";
 
 /// `GET /adapters` with the admin key.
 pub async fn list_adapters(http: &reqwest::Client, url: &str) -> Vec<serde_json::Value> {
-    let r = http
-        .get(format!("{url}/adapters"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
+    let r = send(http.get(format!("{url}/adapters")).bearer_auth(ADMIN_KEY)).await;
     assert_eq!(r.status(), 200);
     r.json().await.unwrap()
 }
@@ -281,7 +435,37 @@ pub async fn wait_for_adapters(
 
 /// A GET whose answer is JSON.
 pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
+    send_json(http.get(url)).await
+}
+
+/// The arguments the adapter tests start with: `dir` as the adapters folder, [`ADMIN_KEY`],
+/// a short debounce and a deep queue.
+pub fn adapter_server_args(dir: &std::path::Path) -> Args {
+    let mut args = test_args();
+    args.adapters = Some(dir.to_path_buf());
+    args.api_key = Some(ADMIN_KEY.into());
+    args.adapter_debounce_ms = 50;
+    args.max_queue = 256;
+    args
+}
+
+/// `DELETE {url}/adapters/{name}` with the bearer `key`.
+pub async fn delete_adapter(
+    http: &reqwest::Client,
+    url: &str,
+    key: &str,
+    name: &str,
+) -> reqwest::Response {
+    send(
+        http.delete(format!("{url}/adapters/{name}"))
+            .bearer_auth(key),
+    )
+    .await
+}
+
+/// `POST {url}/adapters` with the bearer `key`; the body is the caller's.
+pub fn post_adapters(http: &reqwest::Client, url: &str, key: &str) -> reqwest::RequestBuilder {
+    http.post(format!("{url}/adapters")).bearer_auth(key)
 }
 
 /// What the model answers for one request run alone in-process (None: the base), seeded like
@@ -312,4 +496,75 @@ pub fn direct_edit(
         .unwrap()
         .remove(0)
         .image
+}
+
+/// The fixture model in-process, the fixture LoRA, and the one edit the adapter tests send:
+/// what the images they are served are compared with.
+pub struct Reference {
+    pub model: rl4pix_model::pipeline::InstructPix2Pix,
+    pub lora: rl4pix_model::adapter::LoraAdapter,
+    pub input: RgbImage,
+    pub instruction: &'static str,
+    pub steps_seed: (usize, u64),
+}
+
+impl Reference {
+    pub fn load(input: RgbImage, instruction: &'static str, steps_seed: (usize, u64)) -> Self {
+        let device = candle_core::Device::Cpu;
+        let model =
+            rl4pix_model::pipeline::InstructPix2Pix::load(&fixture_model(), &device).unwrap();
+        let lora = rl4pix_model::adapter::LoraAdapter::load(
+            &fixture_adapter(),
+            &model.lora_targets(),
+            &device,
+        )
+        .expect("the fixture LoRA fits the fixture model");
+        Self {
+            model,
+            lora,
+            input,
+            instruction,
+            steps_seed,
+        }
+    }
+
+    /// The fixture LoRA with its B matrices scaled by `scale` and stamped `created`: a
+    /// distinct version.
+    pub fn scaled(&self, scale: f64, created: &str) -> rl4pix_model::adapter::LoraAdapter {
+        let mut adapter = self.lora.clone();
+        adapter.metadata.created = Some(created.to_string());
+        for layer in adapter.layers.values_mut() {
+            layer.up = (&layer.up * scale).unwrap();
+        }
+        adapter
+    }
+
+    /// What the server must answer for this adapter (None: the base), run alone.
+    pub fn expected(&self, adapter: Option<&rl4pix_model::adapter::LoraAdapter>) -> RgbImage {
+        direct_edit(
+            &self.model,
+            &self.input,
+            self.instruction,
+            self.steps_seed,
+            adapter,
+        )
+    }
+}
+
+/// The `status` of each of `names` in a `GET /adapters` listing.
+pub fn adapter_statuses(listed: &[serde_json::Value], names: &[&str]) -> Vec<String> {
+    names
+        .iter()
+        .map(|n| {
+            adapter_entry(listed, n).unwrap()["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Sends a request whose answer is JSON.
+pub async fn send_json(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
