@@ -46,3 +46,12 @@ schemathesis.openapi.format("image", IMAGES)
 schemathesis.openapi.format(
     "base64-image", IMAGES.map(lambda b: base64.b64encode(b).decode("ascii"))
 )
+
+
+# `Prefer: respond-async` turns `POST /edit` into a job (202 and the links to `/jobs/{id}`). The
+# header is free text in the document (RFC 7240: unknown preferences are ignored), so generated
+# values would almost never ask for it and stateful testing would not reach the job routes.
+@schemathesis.hook.apply_to(path="/edit", method="POST")
+def flatmap_headers(context, headers):
+    headers = dict(headers or {})
+    return st.sampled_from([headers, {**headers, "Prefer": "respond-async"}])

@@ -195,6 +195,24 @@ mod exact {
             "GetAttentionTokens": {"operationId": "tokens", "parameters": {"edit_id": "$response.header.x-edit-id"}},
         });
 
+        // Server-sent events: before OpenAPI 3.2's `itemSchema`, `schema` describes one event,
+        // as `{event, data}`; our data is the job's status as JSON text.
+        let events = &mut doc["paths"]["/jobs/{id}/events"]["get"]["responses"]["200"]["content"]
+            ["text/event-stream"];
+        assert!(events.is_object(), "the job events stream");
+        events["schema"] = json!({
+            "type": "object",
+            "required": ["event", "data"],
+            "properties": {
+                "event": {"type": "string", "enum": ["queued", "running", "done", "failed", "cancelled"]},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": {"$ref": "#/components/schemas/JobStatus"},
+                },
+            },
+        });
+
         for (path, name) in [
             ("/jobs/{id}", "id"),
             ("/jobs/{id}/events", "id"),
