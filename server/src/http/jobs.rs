@@ -114,7 +114,7 @@ pub fn rfc3339(time: SystemTime) -> String {
     params(("id" = String, Path, description = "From the 202 answer of `POST /edit`")),
     responses(
         (status = 200, description = "Where the job is: queued (with `position`), running (with `step` of `total_steps`), done, failed (with `error`) or cancelled", body = JobStatus),
-        (status = 404, description = "Unknown job, or finished and evicted", body = ErrorBody),
+        (status = 404, description = "Unknown job, deleted, or finished and evicted", body = ErrorBody),
     )
 )]
 pub async fn status(
@@ -133,7 +133,7 @@ pub async fn status(
     responses(
         (status = 200, description = "Server-sent events: the current state first, then one event per change (`queued` as the position changes, `running` per step; steps may be coalesced for a slow reader), then one final `done`, `failed` or `cancelled`, and the stream ends. Each event's data is the job's status JSON.",
             content_type = "text/event-stream", body = JobStatus),
-        (status = 404, description = "Unknown job, or finished and evicted", body = ErrorBody),
+        (status = 404, description = "Unknown job, deleted, or finished and evicted", body = ErrorBody),
     )
 )]
 pub async fn events(
@@ -161,8 +161,8 @@ pub async fn events(
     responses(
         (status = 200, description = "The edited image with the same bytes, content type and `x-*` headers as the synchronous answer (JSON with `Accept: application/json`)",
             content(("image/png"), ("image/jpeg"), ("image/webp"), (EditJsonResponse = "application/json"))),
-        (status = 404, description = "Unknown job, or finished and evicted", body = ErrorBody),
-        (status = 409, description = "Not done yet (`job_not_done`) or cancelled (`job_cancelled`)", body = ErrorBody),
+        (status = 404, description = "Unknown job, deleted, or finished and evicted", body = ErrorBody),
+        (status = 409, description = "Not done yet (`job_not_done`)", body = ErrorBody),
         (status = "4XX", description = "Failed: the error the synchronous request would have got", body = ErrorBody),
         (status = "5XX", description = "Failed: the error the synchronous request would have got", body = ErrorBody),
     )
@@ -183,8 +183,8 @@ pub async fn result(
     tag = "jobs",
     params(("id" = String, Path, description = "From the 202 answer of `POST /edit`")),
     responses(
-        (status = 200, description = "A queued job leaves the queue at once; a running one is `cancelled` at once and its batch stops at the next step unless other edits in it are still wanted (then its result is discarded). A job already finished is forgotten (404 afterwards). The body is the job's status after the call.", body = JobStatus),
-        (status = 404, description = "Unknown job, or finished and evicted", body = ErrorBody),
+        (status = 200, description = "Cancels the job if it has not finished (a queued job leaves the queue at once; a running one is `cancelled` at once and its batch stops at the next step unless other edits in it are still wanted, then its result is discarded) and forgets it: the job's routes answer 404 afterwards, and a client following its events gets a last `cancelled` event. The body is the job's last status.", body = JobStatus),
+        (status = 404, description = "Unknown job, deleted, or finished and evicted", body = ErrorBody),
     )
 )]
 pub async fn cancel(

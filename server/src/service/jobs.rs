@@ -21,7 +21,7 @@ impl Service {
             ServiceError::not_found(
                 "job_not_found",
                 format!(
-                    "no job `{}`: unknown id, or finished and evicted (kept {} s, at most {} finished jobs; --job-ttl-s, --max-jobs)",
+                    "no job `{}`: unknown id, deleted, or finished and evicted (kept {} s, at most {} finished jobs; --job-ttl-s, --max-jobs)",
                     clipped(id),
                     self.jobs.ttl().as_secs_f64(),
                     self.jobs.max_finished(),
@@ -71,6 +71,7 @@ impl Service {
         match &finished.outcome {
             Outcome::Done(result) => Ok(result.clone()),
             Outcome::Failed(error) => Err(error.clone()),
+            // Only `DELETE` cancels a job, and it forgets the job too: kept for completeness.
             Outcome::Cancelled => Err(ServiceError::new(
                 ErrorKind::Conflict,
                 "job_cancelled",
@@ -79,9 +80,10 @@ impl Service {
         }
     }
 
-    /// A queued job leaves the queue at once; a running one is cancelled at once and its batch
-    /// stops at the next step unless others in it are still wanted. A finished job is
-    /// forgotten. Returns the job as it is after the call.
+    /// `DELETE /jobs/{id}`: a queued job leaves the queue at once; a running one is cancelled at
+    /// once and its batch stops at the next step unless others in it are still wanted. Either
+    /// way the job is then forgotten (a deleted resource is gone, RFC 9110); followers of its
+    /// events still get the last one. Returns the job's last state.
     pub fn cancel_job(&self, id: &str) -> Result<JobSnapshot, ServiceError> {
         let record = self.job(id)?;
         if record.finished().is_some() {
@@ -96,6 +98,7 @@ impl Service {
         }
         // Loses only to an outcome that arrived first; the answer then shows that one.
         self.jobs.finish(&record, Outcome::Cancelled);
+        self.jobs.forget(id);
         Ok(record.snapshot(&self.queue))
     }
 }
