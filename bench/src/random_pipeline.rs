@@ -50,6 +50,21 @@ fn save(varmap: &VarMap, dtype: DType, file: &Path) -> Result<()> {
         .with_context(|| format!("writing {}", file.display()))
 }
 
+/// Builds a model with random f32 weights (`build`), writes them as `weights` in `dtype` and
+/// copies `config` beside them as `config.json`.
+fn write_random(
+    config: &Path,
+    weights: &Path,
+    dtype: DType,
+    build: impl FnOnce(VarBuilder) -> Result<()>,
+) -> Result<()> {
+    let varmap = VarMap::new();
+    build(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    let dir = weights.parent().context("weights file without a folder")?;
+    std::fs::copy(config, dir.join("config.json"))?;
+    save(&varmap, dtype, weights)
+}
+
 fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
     for entry in std::fs::read_dir(from).with_context(|| format!("reading {}", from.display()))? {
@@ -63,50 +78,31 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 pub fn run(args: &RandomPipelineArgs) -> Result<()> {
     let dtype = crate::unet_bench::parse_dtype(&args.dtype)?;
-    let device = Device::Cpu;
     let out = &args.out;
     for part in ["unet", "vae", "text_encoder"] {
         std::fs::create_dir_all(out.join(part))?;
     }
 
     let unet_config = UNetConfig::from_file(&args.unet_config)?;
-    let varmap = VarMap::new();
-    UNet2DConditionModel::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        unet_config,
-        &args.unet_config,
-    )?;
-    std::fs::copy(&args.unet_config, out.join("unet/config.json"))?;
-    save(
-        &varmap,
-        dtype,
-        &out.join("unet/diffusion_pytorch_model.safetensors"),
-    )?;
+    let unet_weights = out.join("unet/diffusion_pytorch_model.safetensors");
+    write_random(&args.unet_config, &unet_weights, dtype, |vb| {
+        UNet2DConditionModel::new(vb, unet_config, &args.unet_config)?;
+        Ok(())
+    })?;
 
     let vae_config = VaeConfig::from_file(&args.vae_config)?;
-    let varmap = VarMap::new();
-    AutoencoderKl::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &device),
-        vae_config,
-    )?;
-    std::fs::copy(&args.vae_config, out.join("vae/config.json"))?;
-    save(
-        &varmap,
-        dtype,
-        &out.join("vae/diffusion_pytorch_model.safetensors"),
-    )?;
+    let vae_weights = out.join("vae/diffusion_pytorch_model.safetensors");
+    write_random(&args.vae_config, &vae_weights, dtype, |vb| {
+        AutoencoderKl::new(vb, vae_config)?;
+        Ok(())
+    })?;
 
     let text_config = ClipTextConfig::from_file(&args.text_encoder_config)?;
-    let varmap = VarMap::new();
-    ClipTextTransformer::new(
-        VarBuilder::from_varmap(&varmap, DType::F32, &device).pp("text_model"),
-        &text_config,
-    )?;
-    std::fs::copy(
-        &args.text_encoder_config,
-        out.join("text_encoder/config.json"),
-    )?;
-    save(&varmap, dtype, &out.join("text_encoder/model.safetensors"))?;
+    let text_weights = out.join("text_encoder/model.safetensors");
+    write_random(&args.text_encoder_config, &text_weights, dtype, |vb| {
+        ClipTextTransformer::new(vb.pp("text_model"), &text_config)?;
+        Ok(())
+    })?;
 
     copy_dir(&args.like.join("scheduler"), &out.join("scheduler"))?;
     copy_dir(&args.like.join("tokenizer"), &out.join("tokenizer"))?;

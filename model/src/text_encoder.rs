@@ -474,6 +474,7 @@ impl ClipTextEncoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::test_util::max_abs_diff;
     use candle_core::IndexOp;
     use std::collections::HashMap;
 
@@ -611,15 +612,7 @@ mod tests {
         let b = Tensor::new(&[[1u32, 2, 3, 4, 5]], &Device::Cpu).unwrap();
         let ha = model.forward(&a).unwrap().i((0, ..3)).unwrap();
         let hb = model.forward(&b).unwrap().i((0, ..3)).unwrap();
-        let diff: f32 = (ha - hb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_abs_diff(&ha, &hb), 0.0);
         let too_long = Tensor::zeros((1, 7), DType::U32, &Device::Cpu).unwrap();
         assert!(model.forward(&too_long).is_err());
     }
@@ -637,14 +630,6 @@ mod tests {
         assert_eq!(pooled.dims(), &[2, 8]);
         let expected =
             Tensor::stack(&[hidden.i((0, 2)).unwrap(), hidden.i((1, 1)).unwrap()], 0).unwrap();
-        let diff: f32 = (pooled - expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
-        assert_eq!(diff, 0.0);
+        assert_eq!(max_abs_diff(&pooled, &expected), 0.0);
     }
 }

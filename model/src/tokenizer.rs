@@ -380,24 +380,16 @@ impl SpecialTokensConfig {
             }
         }
         if let Some(decoder) = json.get("added_tokens_decoder").and_then(Value::as_object) {
+            let bad_entry =
+                |what: String| crate::config::unsupported(file, "added_tokens_decoder", what);
             for (id, token) in decoder {
-                let id: u32 = id.parse().map_err(|_| {
-                    crate::config::unsupported(
-                        file,
-                        "added_tokens_decoder",
-                        format!("non-numeric id {id:?}"),
-                    )
-                })?;
+                let id: u32 = id
+                    .parse()
+                    .map_err(|_| bad_entry(format!("non-numeric id {id:?}")))?;
                 let content = token
                     .get("content")
                     .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        crate::config::unsupported(
-                            file,
-                            "added_tokens_decoder",
-                            format!("entry {id} has no `content`"),
-                        )
-                    })?;
+                    .ok_or_else(|| bad_entry(format!("entry {id} has no `content`")))?;
                 let normalized = token
                     .get("normalized")
                     .and_then(Value::as_bool)
@@ -583,6 +575,15 @@ fn parse_merges(
 mod tests {
     use super::*;
 
+    /// Each word of `prompt` with the token range it covers.
+    fn word_spans(prompt: &TokenizedPrompt) -> Vec<(&str, std::ops::Range<usize>)> {
+        prompt
+            .words
+            .iter()
+            .map(|w| (w.word.as_str(), w.tokens.clone()))
+            .collect()
+    }
+
     /// A tiny CLIP-style vocabulary: all byte symbols (plain and `</w>`), a few merges, specials.
     fn write_tiny_clip(dir: &Path, merges: &[(&str, &str)], extra_config: Option<Value>) {
         let mut byte_chars: Vec<char> = ByteLevel::alphabet().into_iter().collect();
@@ -646,11 +647,7 @@ mod tests {
         ];
         assert_eq!(prompt.ids, expected);
         assert_eq!(prompt.content, 1..4);
-        let words: Vec<_> = prompt
-            .words
-            .iter()
-            .map(|w| (w.word.as_str(), w.tokens.clone()))
-            .collect();
+        let words = word_spans(&prompt);
         assert_eq!(words, [("CAT", 1..2), ("at", 2..3), ("c", 3..4)]);
     }
 
@@ -668,11 +665,7 @@ mod tests {
         assert_eq!(prompt.ids[0], tok.bos_id());
         assert_eq!(prompt.ids[4], tok.eos_id());
         assert_eq!(prompt.content, 1..4);
-        let words: Vec<_> = prompt
-            .words
-            .iter()
-            .map(|w| (w.word.as_str(), w.tokens.clone()))
-            .collect();
+        let words = word_spans(&prompt);
         assert_eq!(words, [("ab", 1..3), ("c", 3..4)]);
         let empty = tok.encode_detailed("").unwrap();
         assert_eq!(empty.content, 1..1);

@@ -16,6 +16,49 @@ pub struct BlockConfig {
     pub transformer: Option<Transformer2DConfig>,
 }
 
+impl BlockConfig {
+    /// A block's `resnets.{i}`.
+    fn resnet(&self, vb: &VarBuilder, i: usize, in_channels: usize) -> Result<ResnetBlock2D> {
+        ResnetBlock2D::new(vb.pp("resnets").pp(i), in_channels, self.resnet)
+    }
+
+    /// Appends a block's `attentions.{i}` to `attentions` when the block has cross-attention.
+    fn push_attention(
+        &self,
+        vb: &VarBuilder,
+        i: usize,
+        channels: usize,
+        table: &mut ProjectionTable,
+        attentions: &mut Vec<Transformer2DModel>,
+    ) -> Result<()> {
+        if let Some(tcfg) = &self.transformer {
+            attentions.push(Transformer2DModel::new(
+                vb.pp("attentions").pp(i),
+                channels,
+                tcfg,
+                table,
+            )?);
+        }
+        Ok(())
+    }
+}
+
+/// A resnet, then the attention after it when the block has one.
+fn resnet_then_attention(
+    resnet: &ResnetBlock2D,
+    attention: Option<&Transformer2DModel>,
+    xs: &Tensor,
+    temb: &Tensor,
+    context: &Tensor,
+    ctx: ForwardCtx,
+) -> Result<Tensor> {
+    let xs = resnet.forward(xs, Some(temb))?;
+    match attention {
+        Some(attn) => attn.forward(&xs, context, ctx),
+        None => Ok(xs),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DownBlock {
     resnets: Vec<ResnetBlock2D>,
@@ -39,19 +82,8 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for i in 0..layers {
             let in_ch = if i == 0 { in_channels } else { out_channels };
-            resnets.push(ResnetBlock2D::new(
-                vb.pp("resnets").pp(i),
-                in_ch,
-                cfg.resnet,
-            )?);
-            if let Some(tcfg) = &cfg.transformer {
-                attentions.push(Transformer2DModel::new(
-                    vb.pp("attentions").pp(i),
-                    out_channels,
-                    tcfg,
-                    table,
-                )?);
-            }
+            resnets.push(cfg.resnet(&vb, i, in_ch)?);
+            cfg.push_attention(&vb, i, out_channels, table, &mut attentions)?;
         }
         let downsampler = if add_downsample {
             Some(Downsample2D::new(
@@ -81,10 +113,8 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
-                xs = attn.forward(&xs, context, ctx)?;
-            }
+            let attn = self.attentions.get(i);
+            xs = resnet_then_attention(resnet, attn, &xs, temb, context, ctx)?;
             skips.push(xs.clone());
         }
         if let Some(down) = &self.downsampler {
@@ -110,23 +140,12 @@ impl MidBlock {
         cfg: &BlockConfig,
         table: &mut ProjectionTable,
     ) -> Result<Self> {
-        let first = ResnetBlock2D::new(vb.pp("resnets").pp(0), channels, cfg.resnet)?;
+        let first = cfg.resnet(&vb, 0, channels)?;
         let mut attentions = Vec::with_capacity(layers);
         let mut resnets = Vec::with_capacity(layers);
         for i in 0..layers {
-            if let Some(tcfg) = &cfg.transformer {
-                attentions.push(Transformer2DModel::new(
-                    vb.pp("attentions").pp(i),
-                    channels,
-                    tcfg,
-                    table,
-                )?);
-            }
-            resnets.push(ResnetBlock2D::new(
-                vb.pp("resnets").pp(i + 1),
-                channels,
-                cfg.resnet,
-            )?);
+            cfg.push_attention(&vb, i, channels, table, &mut attentions)?;
+            resnets.push(cfg.resnet(&vb, i + 1, channels)?);
         }
         Ok(Self {
             first,
@@ -188,19 +207,8 @@ impl UpBlock {
             } else {
                 ch.out_channels
             };
-            resnets.push(ResnetBlock2D::new(
-                vb.pp("resnets").pp(i),
-                in_ch + skip_ch,
-                cfg.resnet,
-            )?);
-            if let Some(tcfg) = &cfg.transformer {
-                attentions.push(Transformer2DModel::new(
-                    vb.pp("attentions").pp(i),
-                    ch.out_channels,
-                    tcfg,
-                    table,
-                )?);
-            }
+            resnets.push(cfg.resnet(&vb, i, in_ch + skip_ch)?);
+            cfg.push_attention(&vb, i, ch.out_channels, table, &mut attentions)?;
         }
         let upsampler = if add_upsample {
             Some(Upsample2D::new(
@@ -235,10 +243,8 @@ impl UpBlock {
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip stack exhausted".into()))?;
             xs = Tensor::cat(&[&xs, &skip], 1)?;
-            xs = resnet.forward(&xs, Some(temb))?;
-            if let Some(attn) = self.attentions.get(i) {
-                xs = attn.forward(&xs, context, ctx)?;
-            }
+            let attn = self.attentions.get(i);
+            xs = resnet_then_attention(resnet, attn, &xs, temb, context, ctx)?;
         }
         if let Some(up) = &self.upsampler {
             let size = match skips.last() {

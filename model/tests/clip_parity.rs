@@ -3,30 +3,15 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rl4pix_model::clip::{cosine_similarity, ClipModel};
 use rl4pix_model::tokenizer::ClipTokenizer;
 
-/// Where the tensors live: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
+mod common;
+use common::{device, max_abs};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/clip")
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 fn expected() -> std::collections::HashMap<String, Tensor> {
@@ -38,17 +23,17 @@ fn image_and_text_embeddings_match_transformers() {
     let model = ClipModel::load(&fixtures().join("tiny"), &device()).unwrap();
     let expected = expected();
     let image = model.image_embeds(&expected["pixel_values"]).unwrap();
-    let image_diff = max_abs_diff(&image, &expected["image_embeds"]);
+    let image_diff = max_abs(&(&image - &expected["image_embeds"]).unwrap());
     assert!(image_diff < 1e-4, "image embeddings differ by {image_diff}");
     let ids = expected["input_ids"].to_dtype(DType::U32).unwrap();
     let text = model.text_embeds(&ids).unwrap();
-    let text_diff = max_abs_diff(&text, &expected["text_embeds"]);
+    let text_diff = max_abs(&(&text - &expected["text_embeds"]).unwrap());
     assert!(text_diff < 1e-4, "text embeddings differ by {text_diff}");
     eprintln!("max |diff|: image embeddings {image_diff:e}, text embeddings {text_diff:e}");
     // Cosines (what CLIP-T reports) agree too.
     let ours = cosine_similarity(&image, &text).unwrap();
     let theirs = cosine_similarity(&expected["image_embeds"], &expected["text_embeds"]).unwrap();
-    assert!(max_abs_diff(&ours, &theirs) < 1e-5);
+    assert!(max_abs(&(&ours - &theirs).unwrap()) < 1e-5);
 }
 
 #[test]

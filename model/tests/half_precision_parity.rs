@@ -9,15 +9,16 @@
 //! candle's CPU backend has no bf16 matrix product.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use rl4pix_model::image_io;
-use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
-use rl4pix_model::scheduler::SchedulerKind;
+use rl4pix_model::pipeline::{EditRequest, InstructPix2Pix};
 use rl4pix_model::text_encoder::ClipTextEncoder;
 use rl4pix_model::unet::UNet2DConditionModel;
 use rl4pix_model::vae::AutoencoderKl;
+
+mod common;
+use common::{device, fixture_params, pipelines_dir, rel_err};
 
 /// Largest relative error (max |a - b| / max |b|) of one UNet evaluation against f32 diffusers.
 const UNET_TOLERANCE: [(DType, f32); 2] = [(DType::F16, 5e-3), (DType::BF16, 4e-2)];
@@ -27,18 +28,6 @@ const TEXT_TOLERANCE: [(DType, f32); 2] = [(DType::F16, 5e-3), (DType::BF16, 4e-
 const VAE_TOLERANCE: [(DType, f32); 2] = [(DType::F16, 5e-3), (DType::BF16, 4e-2)];
 /// Largest difference of an 8-bit channel between a whole half-precision edit and diffusers' f32.
 const EDIT_TOLERANCE: [(DType, u8); 2] = [(DType::F16, 3), (DType::BF16, 12)];
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/pipelines"
-    ))
-}
-
-/// Where the models run: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
 
 /// The half dtypes the device can run, with their tolerances.
 fn runnable<T: Copy>(tolerances: [(DType, T); 2]) -> Vec<(DType, T)> {
@@ -51,31 +40,10 @@ fn runnable<T: Copy>(tolerances: [(DType, T); 2]) -> Vec<(DType, T)> {
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
-        fixtures().join(format!("{name}.reference.safetensors")),
+        pipelines_dir().join(format!("{name}.reference.safetensors")),
         &Device::Cpu,
     )
     .expect("reference fixture")
-}
-
-/// max |actual - expected| / max |expected|, in f32 on the CPU.
-fn rel_err(actual: &Tensor, expected: &Tensor) -> f32 {
-    assert_eq!(actual.dims(), expected.dims(), "shape");
-    let on_cpu = |t: &Tensor| {
-        t.to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-    };
-    let (a, b) = (on_cpu(actual), on_cpu(expected));
-    let max_abs = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max_abs(&(a - &b).unwrap()) / max_abs(&b).max(1e-12)
 }
 
 /// `t` as the model's input: on the device, in `dtype`.
@@ -87,7 +55,7 @@ fn check_unet(name: &str) {
     let r = reference(name);
     for (dtype, tolerance) in runnable(UNET_TOLERANCE) {
         let unet =
-            UNet2DConditionModel::load(&fixtures().join(name).join("unet"), dtype, &device())
+            UNet2DConditionModel::load(&pipelines_dir().join(name).join("unet"), dtype, &device())
                 .unwrap();
         let out = unet
             .forward(
@@ -116,7 +84,7 @@ fn check_text_encoder(name: &str) {
         .unwrap();
     for (dtype, tolerance) in runnable(TEXT_TOLERANCE) {
         let encoder = ClipTextEncoder::load(
-            &fixtures().join(name).join("text_encoder"),
+            &pipelines_dir().join(name).join("text_encoder"),
             dtype,
             &device(),
         )
@@ -138,7 +106,7 @@ fn check_vae(name: &str) {
     let r = reference(name);
     for (dtype, tolerance) in runnable(VAE_TOLERANCE) {
         let vae =
-            AutoencoderKl::load(&fixtures().join(name).join("vae"), dtype, &device()).unwrap();
+            AutoencoderKl::load(&pipelines_dir().join(name).join("vae"), dtype, &device()).unwrap();
         let mode = vae.encode_mode(&input(&r["vae.image"], dtype)).unwrap();
         let decoded = vae.decode(&input(&r["vae.decode_in"], dtype)).unwrap();
         for (what, out, want) in [
@@ -160,7 +128,7 @@ fn check_vae(name: &str) {
 /// The DDIM edit of `pipeline_parity` (given latents), in each half dtype, against the image
 /// diffusers made in f32.
 fn check_edit(name: &str) {
-    let dir = fixtures();
+    let dir = pipelines_dir();
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
     )
@@ -175,14 +143,7 @@ fn check_edit(name: &str) {
     .unwrap();
     let image = image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap();
     let expected = image_io::load_image(&dir.join(format!("{name}.pipeline.output.png"))).unwrap();
-    let params = EditParams {
-        steps: p["steps"].as_u64().unwrap() as usize,
-        guidance_scale: p["guidance_scale"].as_f64().unwrap(),
-        image_guidance_scale: p["image_guidance_scale"].as_f64().unwrap(),
-        scheduler: Some(SchedulerKind::Ddim),
-        eta: p["eta"].as_f64().unwrap(),
-        ..EditParams::default()
-    };
+    let params = fixture_params(p);
     for (dtype, tolerance) in runnable(EDIT_TOLERANCE) {
         let pipeline = InstructPix2Pix::load_with_dtype(&dir.join(name), &device(), dtype).unwrap();
         let request = EditRequest {

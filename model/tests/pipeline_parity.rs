@@ -2,24 +2,14 @@
 //! latents), with and without a LoRA saved by diffusers' `save_lora_weights`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use rl4pix_model::image_io;
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 use rl4pix_model::scheduler::SchedulerKind;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/pipelines"
-    ))
-}
-
-/// Where the pipeline runs: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
+mod common;
+use common::{device, fixture_params, pipelines_dir};
 
 struct Case {
     pipeline: InstructPix2Pix,
@@ -31,7 +21,7 @@ struct Case {
 }
 
 fn case(name: &str) -> Case {
-    let dir = fixtures();
+    let dir = pipelines_dir();
     let json: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
     )
@@ -47,14 +37,7 @@ fn case(name: &str) -> Case {
         input: image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap(),
         latents: latents.remove("latents").unwrap(),
         prompt: p["prompt"].as_str().unwrap().to_string(),
-        params: EditParams {
-            steps: p["steps"].as_u64().unwrap() as usize,
-            guidance_scale: p["guidance_scale"].as_f64().unwrap(),
-            image_guidance_scale: p["image_guidance_scale"].as_f64().unwrap(),
-            scheduler: Some(SchedulerKind::Ddim),
-            eta: p["eta"].as_f64().unwrap(),
-            ..EditParams::default()
-        },
+        params: fixture_params(p),
         reference: candle_core::safetensors::load(
             dir.join(format!("{name}.reference.safetensors")),
             &Device::Cpu,
@@ -97,7 +80,7 @@ fn check(name: &str) {
     let c = case(name);
     let base = c.run(&[]);
     let expected =
-        image_io::load_image(&fixtures().join(format!("{name}.pipeline.output.png"))).unwrap();
+        image_io::load_image(&pipelines_dir().join(format!("{name}.pipeline.output.png"))).unwrap();
     let diff = max_level_diff(&base, &expected);
     assert!(
         diff <= 2,
@@ -106,11 +89,12 @@ fn check(name: &str) {
 
     let adapter = c
         .pipeline
-        .load_adapter(&fixtures().join(format!("{name}.lora.safetensors")))
+        .load_adapter(&pipelines_dir().join(format!("{name}.lora.safetensors")))
         .unwrap();
     let with_lora = c.run(std::slice::from_ref(&adapter));
     let expected =
-        image_io::load_image(&fixtures().join(format!("{name}.pipeline.lora.output.png"))).unwrap();
+        image_io::load_image(&pipelines_dir().join(format!("{name}.pipeline.lora.output.png")))
+            .unwrap();
     let diff = max_level_diff(&with_lora, &expected);
     assert!(
         diff <= 2,
@@ -145,11 +129,11 @@ fn kohya_spelling_gives_the_same_edit() {
     let c = case("sd1");
     let peft = c
         .pipeline
-        .load_adapter(&fixtures().join("sd1.lora.safetensors"))
+        .load_adapter(&pipelines_dir().join("sd1.lora.safetensors"))
         .unwrap();
     let kohya = c
         .pipeline
-        .load_adapter(&fixtures().join("sd1.lora_kohya.safetensors"))
+        .load_adapter(&pipelines_dir().join("sd1.lora_kohya.safetensors"))
         .unwrap();
     assert_eq!(c.run(&[peft]), c.run(&[kohya]));
 }

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use rl4pix_model::scheduler::{
     DdimScheduler, EulerAncestralScheduler, Scheduler, SchedulerConfig, SchedulerKind,
 };
@@ -665,7 +665,5 @@ pub(super) const CASES: &[Case] = &[
 }
 use generated::CASES;
 
-/// Where the tensors live: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
+mod common;
+use common::device;

@@ -1,22 +1,14 @@
 //! The CLIP text encoder's last hidden state must match transformers' `CLIPTextModel` on the
 //! fixture pipelines (sd1: quick_gelu, sd2: gelu). References from `tests/make_model_fixtures.py`.
 
-use std::path::{Path, PathBuf};
-
 use anyhow::{Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use rl4pix_model::text_encoder::{ClipTextConfig, ClipTextEncoder};
 use rl4pix_model::tokenizer::ClipTokenizer;
 use rl4pix_model::ModelError;
 
-/// Where the tensors live: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
-
-fn pipelines() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join("tests/fixtures/pipelines")
-}
+mod common;
+use common::{device, pipelines_dir};
 
 /// max |a - b| / max |b|.
 fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f32> {
@@ -28,7 +20,7 @@ fn relative_error(actual: &Tensor, expected: &Tensor) -> Result<f32> {
 #[test]
 fn last_hidden_state_matches_transformers() -> Result<()> {
     for (name, hidden_act) in [("sd1", "quick_gelu"), ("sd2", "gelu")] {
-        let root = pipelines();
+        let root = pipelines_dir();
         let encoder =
             ClipTextEncoder::load(&root.join(name).join("text_encoder"), DType::F32, &device())?;
         assert_eq!(
@@ -87,7 +79,7 @@ fn last_hidden_state_matches_transformers() -> Result<()> {
 #[test]
 fn config_errors_name_file_and_key() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let source = pipelines().join("sd1/text_encoder");
+    let source = pipelines_dir().join("sd1/text_encoder");
     std::fs::copy(
         source.join("model.safetensors"),
         dir.path().join("model.safetensors"),

@@ -2,60 +2,28 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use rl4pix_model::attention::{CapturedAttention, ForwardCtx};
 use rl4pix_model::unet::UNet2DConditionModel;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/pipelines"
-    ))
-}
+mod common;
+use common::{device, pipelines_dir, rel_err};
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
-        fixtures().join(format!("{name}.reference.safetensors")),
+        pipelines_dir().join(format!("{name}.reference.safetensors")),
         &Device::Cpu,
     )
     .expect("reference fixture")
 }
 
-/// Where the models run: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
-
-/// max |a - b| / max |b|, compared on the CPU.
-fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shape");
-    let a = &a.to_device(&Device::Cpu).unwrap();
-    let b = &b.to_device(&Device::Cpu).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale.max(1e-12)
-}
-
 fn check_unet(name: &str, prefix: &str, check_attention: bool) {
     let r = reference(name);
     let dev = device();
-    let unet = UNet2DConditionModel::load(&fixtures().join(name).join("unet"), DType::F32, &dev)
-        .expect("load unet");
+    let unet =
+        UNet2DConditionModel::load(&pipelines_dir().join(name).join("unet"), DType::F32, &dev)
+            .expect("load unet");
     let sample = &r[&format!("{prefix}.sample")].to_device(&dev).unwrap();
     let timesteps = r[&format!("{prefix}.timesteps")]
         .to_dtype(DType::F32)
@@ -126,7 +94,7 @@ fn sd2_unet_handles_sizes_not_a_multiple_of_the_downsampling() {
 #[test]
 fn unsupported_config_value_names_the_key() {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("sd1").join("unet");
+    let src = pipelines_dir().join("sd1").join("unet");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     cfg["down_block_types"][1] = "SimpleCrossAttnDownBlock2D".into();
@@ -149,7 +117,7 @@ fn unsupported_config_value_names_the_key() {
 #[test]
 fn wrong_tensor_shape_names_the_tensor_and_both_shapes() {
     let dir = tempfile::tempdir().unwrap();
-    let src = fixtures().join("sd1").join("unet");
+    let src = pipelines_dir().join("sd1").join("unet");
     std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
     let mut tensors = candle_core::safetensors::load(
         src.join("diffusion_pytorch_model.safetensors"),

@@ -8,16 +8,10 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rl4pix_model::vae::{AutoencoderKl, VaeConfig};
 
+mod common;
+use common::{device, pipelines_dir};
+
 const MAX_RELATIVE_ERROR: f32 = 1e-4;
-
-fn pipelines_dir() -> PathBuf {
-    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join("tests/fixtures/pipelines")
-}
-
-/// Where the models run: `RL4PIX_DEVICE` (e.g. `cuda:0`), the CPU when unset.
-fn device() -> Device {
-    rl4pix_model::device::device_from_env().expect("RL4PIX_DEVICE")
-}
 
 /// The reference tensors, on the device the model runs on.
 fn load_reference(name: &str) -> HashMap<String, Tensor> {

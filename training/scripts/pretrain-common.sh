@@ -24,3 +24,11 @@ start_flags() {
   if [ "$(latest_step "$1")" -gt 0 ]; then echo --resume "$1"; else shift; echo "$@"; fi
 }
 stamp() { echo "[$(date -u +%H:%M:%S)] $*"; }
+# Stage 1 of both recipes: the VAE (16-32-64 channels, 32x32x3 -> 8x8x4) in vae/, unless done.
+base_vae() {
+  if [ ! -f vae/vae/config.json ]; then
+    stamp "vae"
+    "$BIN" pretrain-vae --out vae --seed 1 --steps 900 --batch 16 --lr 1e-3 --warmup 50 \
+      --channels 16,32,64 --norm-groups 8 --checkpoint-every 150 --eval-every 150 $(start_flags vae)
+  fi
+}

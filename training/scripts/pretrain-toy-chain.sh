@@ -20,11 +20,7 @@ source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/pretrain-common.sh"
 UNET=(--batch 64 --channels 64,128,128 --attention 1,1,0 --checkpoint-every 100 --eval-every 250 --log-every 10)
 
 # 1. VAE (16-32-64 channels, 32x32x3 -> 8x8x4).
-if [ ! -f vae/vae/config.json ]; then
-  stamp "vae"
-  "$BIN" pretrain-vae --out vae --seed 1 --steps 900 --batch 16 --lr 1e-3 --warmup 50 \
-    --channels 16,32,64 --norm-groups 8 --checkpoint-every 150 --eval-every 150 $(start_flags vae)
-fi
+base_vae
 
 # 2. Beside the UNet: decoder-only fine-tuning (latent space unchanged, so the UNet trains on the
 #    first VAE's encoder meanwhile) in two runs as they happened: 500 steps (seed 3), then from

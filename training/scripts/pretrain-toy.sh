@@ -25,11 +25,7 @@ stamp "start"
 CLIP=$!
 
 # 1. VAE (16-32-64 channels, 32x32x3 -> 8x8x4).
-if [ ! -f vae/vae/config.json ]; then
-  stamp "vae"
-  "$BIN" pretrain-vae --out vae --seed 1 --steps 900 --batch 16 --lr 1e-3 --warmup 50 \
-    --channels 16,32,64 --norm-groups 8 --checkpoint-every 150 --eval-every 150 $(start_flags vae)
-fi
+base_vae
 
 # 2. Beside the UNet: the decoder fine-tuned alone (the encoder, so the latent space the UNet
 #    learns, stays as it is): sharper reconstructions for the exported model.

@@ -30,6 +30,16 @@ impl Default for AdamWParams {
     }
 }
 
+impl AdamWParams {
+    /// The defaults with learning rate `lr`.
+    pub fn with_lr(lr: f64) -> Self {
+        Self {
+            lr,
+            ..Self::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {
     /// The gradients' global norm is NaN or infinite; nothing was updated. `step` is the

@@ -49,6 +49,40 @@ fn prompts(dir: &Path, pipeline: &InstructPix2Pix) -> Vec<PromptItem> {
 }
 
 /// Seconds-scale settings: 2 samples of 3 steps per epoch, both trained in one minibatch.
+/// The guidance every sampling test uses.
+const GUIDANCE: Guidance = Guidance {
+    text: 5.0,
+    image: 1.5,
+};
+
+/// Sets every LoRA layer's B to random values of standard deviation `std`, so the adapter takes
+/// part in the forward pass.
+fn randomize_up(lora: &TrainableLora, std: f32) {
+    for layer in &lora.layers {
+        let b = Tensor::randn(0f32, std, layer.up.dims(), &Device::Cpu).unwrap();
+        layer.up.set(&b).unwrap();
+    }
+}
+
+/// The tiny pipeline, a scratch folder and the prompts of a small synthetic data set in it.
+fn setup() -> (InstructPix2Pix, tempfile::TempDir, Vec<PromptItem>) {
+    let pipeline = sd1();
+    let tmp = tempfile::tempdir().unwrap();
+    let prompts = prompts(tmp.path(), &pipeline);
+    (pipeline, tmp, prompts)
+}
+
+/// A trainer of [`tiny_config`] with `sets` applied.
+fn tiny_trainer<'a>(
+    pipeline: &'a InstructPix2Pix,
+    logdir: &Path,
+    sets: &[&str],
+    prompts: Vec<PromptItem>,
+) -> Trainer<'a> {
+    let config = tiny_config(logdir).with_sets(sets).unwrap();
+    Trainer::new(pipeline, config, prompts).unwrap()
+}
+
 fn tiny_config(logdir: &Path) -> DdpoConfig {
     DdpoConfig::paper()
         .with_sets(&[
@@ -86,9 +120,7 @@ fn lora_values(trainer: &Trainer) -> Vec<(String, Vec<f32>)> {
 
 #[test]
 fn recomputed_log_prob_equals_the_sampled_one() {
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, _tmp, prompts) = setup();
     let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 4, 1.0).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -97,14 +129,8 @@ fn recomputed_log_prob_equals_the_sampled_one() {
         .collect();
     let lora = TrainableLora::new(&pipeline, 2, 2.0, &targets, &mut rng).unwrap();
     // A non-zero B so the adapter takes part in both passes.
-    for layer in &lora.layers {
-        let b = Tensor::randn(0f32, 0.05, layer.up.dims(), &Device::Cpu).unwrap();
-        layer.up.set(&b).unwrap();
-    }
-    let guidance = Guidance {
-        text: 5.0,
-        image: 1.5,
-    };
+    randomize_up(&lora, 0.05);
+    let guidance = GUIDANCE;
     let indices = [0, 1, 2];
     let batch = sample_batch(
         &pipeline,
@@ -160,21 +186,11 @@ fn recomputed_log_prob_equals_the_sampled_one() {
 
 #[test]
 fn gradients_reach_only_the_lora_and_base_weights_stay() {
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, tmp, prompts) = setup();
     let size = prompts[0].source.dimensions();
     let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 3, 1.0).unwrap();
     let base_out = |p: &InstructPix2Pix| {
-        let reqs = requests(
-            &prompts,
-            &[0],
-            Guidance {
-                text: 5.0,
-                image: 1.5,
-            },
-            &scheduler,
-        );
+        let reqs = requests(&prompts, &[0], GUIDANCE, &scheduler);
         let cond = p.condition(&reqs, size).unwrap();
         let x = Tensor::ones((1, 4, 8, 8), candle_core::DType::F32, &Device::Cpu).unwrap();
         p.guided_noise_pred(&cond, &x, &[500.0], ForwardCtx::plain())
@@ -187,10 +203,12 @@ fn gradients_reach_only_the_lora_and_base_weights_stay() {
     let before = base_out(&pipeline);
     let fingerprint = pipeline.unet.fingerprint().to_string();
 
-    let config = tiny_config(&tmp.path().join("run"))
-        .with_sets(&["num_epochs=1"])
-        .unwrap();
-    let mut trainer = Trainer::new(&pipeline, config, prompts.clone()).unwrap();
+    let mut trainer = tiny_trainer(
+        &pipeline,
+        &tmp.path().join("run"),
+        &["num_epochs=1"],
+        prompts.clone(),
+    );
     let initial = lora_values(&trainer);
     assert!(initial
         .iter()
@@ -198,10 +216,7 @@ fn gradients_reach_only_the_lora_and_base_weights_stay() {
         .all(|(_, v)| v.iter().all(|&x| x == 0.0)));
 
     // One PPO term by hand: B gets a non-zero gradient, A none yet (B = 0 blocks it).
-    let guidance = Guidance {
-        text: 5.0,
-        image: 1.5,
-    };
+    let guidance = GUIDANCE;
     let batch = sample_batch(
         &pipeline,
         &scheduler,
@@ -296,31 +311,20 @@ fn assert_same_logs(a: &[EpochLog], b: &[EpochLog]) {
 
 #[test]
 fn four_epochs_equal_two_plus_resume_plus_two() {
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, tmp, prompts) = setup();
 
     let straight_dir = tmp.path().join("straight");
-    let config = tiny_config(&straight_dir)
-        .with_sets(&["num_epochs=4"])
-        .unwrap();
-    let mut straight = Trainer::new(&pipeline, config, prompts.clone()).unwrap();
+    let mut straight = tiny_trainer(&pipeline, &straight_dir, &["num_epochs=4"], prompts.clone());
     straight.run(false).unwrap();
 
     let split_dir = tmp.path().join("split");
-    let first = tiny_config(&split_dir)
-        .with_sets(&["num_epochs=2"])
-        .unwrap();
-    let mut part = Trainer::new(&pipeline, first, prompts.clone()).unwrap();
+    let mut part = tiny_trainer(&pipeline, &split_dir, &["num_epochs=2"], prompts.clone());
     part.run(false).unwrap();
     let checkpoint = part.last_checkpoint().unwrap().to_path_buf();
     assert!(checkpoint.ends_with("epoch-000002"));
     drop(part);
 
-    let second = tiny_config(&split_dir)
-        .with_sets(&["num_epochs=4"])
-        .unwrap();
-    let mut resumed = Trainer::new(&pipeline, second, prompts).unwrap();
+    let mut resumed = tiny_trainer(&pipeline, &split_dir, &["num_epochs=4"], prompts);
     resumed.resume(&checkpoint).unwrap();
     assert_eq!(resumed.epochs_completed(), 2);
     resumed.run(false).unwrap();
@@ -342,15 +346,15 @@ fn four_epochs_equal_two_plus_resume_plus_two() {
 
 #[test]
 fn non_finite_values_stop_the_run_and_keep_the_last_good_checkpoint() {
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, tmp, prompts) = setup();
     let run = tmp.path().join("run");
     // A learning rate no model survives: the weights blow up after the first update.
-    let config = tiny_config(&run)
-        .with_sets(&["num_epochs=4", "train.learning_rate=1e30", "lora.alpha=1e6"])
-        .unwrap();
-    let mut trainer = Trainer::new(&pipeline, config, prompts).unwrap();
+    let mut trainer = tiny_trainer(
+        &pipeline,
+        &run,
+        &["num_epochs=4", "train.learning_rate=1e30", "lora.alpha=1e6"],
+        prompts,
+    );
     let err = trainer.run(false).unwrap_err();
     let message = err.to_string();
     let DdpoError::NonFinite {
@@ -377,13 +381,13 @@ fn non_finite_values_stop_the_run_and_keep_the_last_good_checkpoint() {
 
 #[test]
 fn the_adapter_loads_back_with_its_metadata() {
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
-    let config = tiny_config(&tmp.path().join("run"))
-        .with_sets(&["num_epochs=1"])
-        .unwrap();
-    let mut trainer = Trainer::new(&pipeline, config, prompts).unwrap();
+    let (pipeline, tmp, prompts) = setup();
+    let mut trainer = tiny_trainer(
+        &pipeline,
+        &tmp.path().join("run"),
+        &["num_epochs=1"],
+        prompts,
+    );
     trainer.run(false).unwrap();
     let path = tmp.path().join("rl.safetensors");
     trainer.adapter("rl").unwrap().save(&path).unwrap();
@@ -466,9 +470,7 @@ fn a_ppo_step_moves_the_policy_towards_the_advantage() {
     use rl4pix_training::ddpo::optim::{AdamW, AdamWParams};
     use rl4pix_training::ddpo::ppo::ppo_loss;
 
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, _tmp, prompts) = setup();
     let size = prompts[0].source.dimensions();
     let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 3, 1.0).unwrap();
     let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -483,10 +485,7 @@ fn a_ppo_step_moves_the_policy_towards_the_advantage() {
         &mut ChaCha8Rng::seed_from_u64(1),
     )
     .unwrap();
-    let guidance = Guidance {
-        text: 5.0,
-        image: 1.5,
-    };
+    let guidance = GUIDANCE;
     let indices = [0, 1];
     let batch = sample_batch(
         &pipeline,
@@ -612,21 +611,13 @@ fn group_sampling_trains_only_the_kept_steps_and_logs_their_gradients() {
 /// policy's own map moves with a LoRA on the attention keys.
 #[test]
 fn base_attention_ignores_the_adapter_and_policy_attention_does_not() {
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, _tmp, prompts) = setup();
     let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 1, 1.0).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let zero = TrainableLora::new(&pipeline, 4, 4.0, &["to_k".to_string()], &mut rng).unwrap();
     let moved = TrainableLora::new(&pipeline, 4, 4.0, &["to_k".to_string()], &mut rng).unwrap();
-    for layer in &moved.layers {
-        let b = Tensor::randn(0f32, 0.5, layer.up.dims(), &Device::Cpu).unwrap();
-        layer.up.set(&b).unwrap();
-    }
-    let guidance = Guidance {
-        text: 5.0,
-        image: 1.5,
-    };
+    randomize_up(&moved, 0.5);
+    let guidance = GUIDANCE;
     let attention = |lora: &TrainableLora, source| {
         sample_batch(
             &pipeline,
@@ -678,17 +669,12 @@ fn base_attention_ignores_the_adapter_and_policy_attention_does_not() {
 #[test]
 fn kl_to_base_is_zero_at_the_base_and_grows_with_the_adapter() {
     use rl4pix_training::ddpo::sampler::{base_prediction, kl_to_base, policy_prediction};
-    let pipeline = sd1();
-    let tmp = tempfile::tempdir().unwrap();
-    let prompts = prompts(tmp.path(), &pipeline);
+    let (pipeline, _tmp, prompts) = setup();
     let scheduler = DdimScheduler::new(&pipeline.scheduler_config, 3, 1.0).unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     let targets: Vec<String> = ["to_q", "to_v"].iter().map(|s| s.to_string()).collect();
     let lora = TrainableLora::new(&pipeline, 4, 4.0, &targets, &mut rng).unwrap();
-    let guidance = Guidance {
-        text: 5.0,
-        image: 1.5,
-    };
+    let guidance = GUIDANCE;
     let indices = [0, 1];
     let size = prompts[0].source.dimensions();
     let cond = pipeline
@@ -711,10 +697,7 @@ fn kl_to_base_is_zero_at_the_base_and_grows_with_the_adapter() {
     };
     let at_base = kl(&lora).to_vec1::<f32>().unwrap();
     assert!(at_base.iter().all(|v| v.abs() < 1e-6), "{at_base:?}");
-    for layer in &lora.layers {
-        let b = Tensor::randn(0f32, 0.05, layer.up.dims(), &Device::Cpu).unwrap();
-        layer.up.set(&b).unwrap();
-    }
+    randomize_up(&lora, 0.05);
     let moved = kl(&lora);
     let values = moved.to_vec1::<f32>().unwrap();
     assert!(values.iter().all(|v| *v > 0.0), "{values:?}");

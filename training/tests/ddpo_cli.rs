@@ -80,29 +80,14 @@ fn trains_and_writes_a_loadable_adapter_then_resumes() {
     assert_clean_failure(&o, &["logdir", "--resume"]);
 
     // One more epoch, resumed from the run folder's latest checkpoint.
-    let o = Command::new(env!("CARGO_BIN_EXE_rl4pix-train"))
-        .args(["ddpo", "--model"])
-        .arg(fixtures().join("pipelines/sd1"))
-        .arg("--dataset")
-        .arg(fixtures().join("magicbrush"))
-        .arg("--out")
-        .arg(&out)
-        .arg("--resume")
-        .arg(&logdir)
-        .arg("--set")
-        .arg(format!("logdir={}", logdir.display()))
-        .args([
-            "--set",
-            "num_epochs=3",
-            "--set",
-            "sample.num_steps=3",
-            "--set",
-            "sample.batch_size=2",
-            "--set",
-            "train.batch_size=2",
-        ])
-        .output()
-        .unwrap();
+    // (The later `--set num_epochs` wins.)
+    let resume = [
+        "--resume",
+        logdir.to_str().unwrap(),
+        "--set",
+        "num_epochs=3",
+    ];
+    let o = ddpo(&fixtures().join("magicbrush"), &out, &logdir, &resume);
     assert!(o.status.success(), "{}", stderr(&o));
     let log = std::fs::read_to_string(logdir.join("ddpo.jsonl")).unwrap();
     assert_eq!(log.lines().count(), 3);

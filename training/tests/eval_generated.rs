@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use rl4pix_training::commands::eval::{run, Baseline, EvalArgs};
+use rl4pix_training::commands::SamplerArgs;
 use rl4pix_training::eval::EvalReport;
 use serde_json::Value;
 
@@ -24,10 +25,7 @@ fn args(dataset: PathBuf, generated: PathBuf, out: &Path) -> EvalArgs {
         markdown: Some(out.join("report.md")),
         limit: None,
         steps: None,
-        scheduler: None,
-        eta: 0.0,
-        guidance_scale: None,
-        image_guidance_scale: None,
+        sampler: SamplerArgs::default(),
         seed: 0,
         out: out.join("unused"),
     }

@@ -9,7 +9,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::gemm::{par_for, sgemm, MatMut, MatRef, SharedMut};
 use super::vecmath::{dispatch, exp, softmax_row, MulAdd, LANES};
-use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
+use super::{apply_contiguous3, cpu_tensor, forward_like_first, uninit_vec, with_all_data};
 
 #[derive(Debug, Clone, Copy)]
 struct Dims {
@@ -345,24 +345,6 @@ fn backward_task_impl<F: MulAdd>(
 
 dispatch!(fn backward_task(dims: Dims, scale: f32, q: &[f32], k: &[f32], v: &[f32], grad: &[f32], dq: SharedMut, dk: SharedMut, dv: SharedMut, task: usize) => backward_task_impl);
 
-#[allow(clippy::too_many_arguments)]
-fn backward_kernel(
-    dims: Dims,
-    scale: f32,
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    grad: &[f32],
-    dq: SharedMut,
-    dk: SharedMut,
-    dv: SharedMut,
-) {
-    let work = 3 * dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim;
-    par_for(dims.batch * dims.heads, work, |task| {
-        backward_task(dims, scale, q, k, v, grad, dq, dk, dv, task)
-    });
-}
-
 struct FusedAttention {
     heads: usize,
     scale: f32,
@@ -383,14 +365,9 @@ impl CustomOp3 for FusedAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = Dims::of(ql.shape(), kl.shape(), vl.shape(), self.heads)?;
-        let (q, k, v) = (
-            cpu_storage_slice(qs, ql)?,
-            cpu_storage_slice(ks, kl)?,
-            cpu_storage_slice(vs, vl)?,
-        );
-        let mut out = uninit_vec(q.len());
-        forward_kernel(dims, self.scale, q, k, v, SharedMut::new(&mut out), None);
-        Ok((CpuStorage::F32(out), ql.shape().clone()))
+        forward_like_first((qs, ql), (ks, kl), (vs, vl), |q, k, v, out| {
+            forward_kernel(dims, self.scale, q, k, v, out, None)
+        })
     }
 
     fn bwd(
@@ -405,25 +382,18 @@ impl CustomOp3 for FusedAttention {
         let mut dq = uninit_vec(q.elem_count());
         let mut dk = uninit_vec(k.elem_count());
         let mut dv = uninit_vec(v.elem_count());
-        with_data(q, |qd| {
-            with_data(k, |kd| {
-                with_data(v, |vd| {
-                    with_data(grad, |gd| {
-                        backward_kernel(
-                            dims,
-                            self.scale,
-                            qd,
-                            kd,
-                            vd,
-                            gd,
-                            SharedMut::new(&mut dq),
-                            SharedMut::new(&mut dk),
-                            SharedMut::new(&mut dv),
-                        );
-                        Ok(())
-                    })
-                })
-            })
+        with_all_data([q, k, v, grad], |[qd, kd, vd, gd]| {
+            let shared = (
+                SharedMut::new(&mut dq),
+                SharedMut::new(&mut dk),
+                SharedMut::new(&mut dv),
+            );
+            let work = 3 * dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim;
+            par_for(dims.batch * dims.heads, work, |task| {
+                let (dq, dk, dv) = shared;
+                backward_task(dims, self.scale, qd, kd, vd, gd, dq, dk, dv, task)
+            });
+            Ok(())
         })?;
         Ok((
             Some(cpu_tensor(dq, q.dims())?),
@@ -436,14 +406,11 @@ impl CustomOp3 for FusedAttention {
 /// softmax(scale * q_h k_h^T) v_h for every head h, merged back to `(B, N, heads * d)`.
 /// Differentiable with respect to q, k and v. CPU f32 only (see [`super::fast_path`]).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
-    q.contiguous()?.apply_op3(
-        &k.contiguous()?,
-        &v.contiguous()?,
-        FusedAttention {
-            heads,
-            scale: scale as f32,
-        },
-    )
+    let op = FusedAttention {
+        heads,
+        scale: scale as f32,
+    };
+    apply_contiguous3(q, k, v, op)
 }
 
 /// The same output as [`attention`] (bit for bit), plus the probabilities averaged over heads,
@@ -458,21 +425,11 @@ pub fn attention_with_probs(
     let dims = Dims::of(q.shape(), k.shape(), v.shape(), heads)?;
     let mut out = uninit_vec(q.elem_count());
     let mut probs = uninit_vec(dims.batch * dims.q_len * dims.kv_len);
-    with_data(q, |qd| {
-        with_data(k, |kd| {
-            with_data(v, |vd| {
-                forward_kernel(
-                    dims,
-                    scale as f32,
-                    qd,
-                    kd,
-                    vd,
-                    SharedMut::new(&mut out),
-                    Some(SharedMut::new(&mut probs)),
-                );
-                Ok(())
-            })
-        })
+    with_all_data([q, k, v], |[qd, kd, vd]| {
+        let probs_out = Some(SharedMut::new(&mut probs));
+        let out = SharedMut::new(&mut out);
+        forward_kernel(dims, scale as f32, qd, kd, vd, out, probs_out);
+        Ok(())
     })?;
     Ok((
         cpu_tensor(out, q.dims())?,

@@ -11,10 +11,11 @@
 //! strided ones scatter `W^T . dY` back per image. Weight and bias gradients are computed only
 //! for tensors that track gradients, so a frozen base costs nothing there.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::gemm::{num_threads, par_for, sgemm, MatMut, MatRef, SharedMut};
+use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
 
 #[derive(Debug, Clone, Copy)]
@@ -468,13 +469,10 @@ struct Conv2dOp {
     pad: usize,
 }
 
-impl Conv2dOp {
-    fn run(
-        &self,
-        xs: (&CpuStorage, &Layout),
-        ws: (&CpuStorage, &Layout),
-        bias: Option<(&CpuStorage, &Layout)>,
-    ) -> Result<(CpuStorage, Shape)> {
+impl WeightedKernel for Conv2dOp {
+    const NAMES: (&'static str, &'static str) = ("rl4pix-conv2d", "rl4pix-conv2d-bias");
+
+    fn forward(&self, xs: Input, ws: Input, bias: Option<Input>) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(xs.1.shape(), ws.1.shape(), self.stride, self.pad)?;
         let x = cpu_storage_slice(xs.0, xs.1)?;
         let w = cpu_storage_slice(ws.0, ws.1)?;
@@ -505,7 +503,7 @@ impl Conv2dOp {
         weight: &Tensor,
         bias: Option<&Tensor>,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Grads3> {
         let g = Geom::new(x.shape(), weight.shape(), self.stride, self.pad)?;
         with_data(grad, |gr| {
             let dx = if x.track_op() {
@@ -525,11 +523,7 @@ impl Conv2dOp {
                     let per_sample = bias_grad_per_sample(&g, gr);
                     let db = if bias.elem_count() == g.c_out {
                         let mut total = vec![0f32; g.c_out];
-                        for row in per_sample.chunks_exact(g.c_out) {
-                            for (t, v) in total.iter_mut().zip(row) {
-                                *t += v;
-                            }
-                        }
+                        add_rows(&mut total, &per_sample);
                         total
                     } else {
                         per_sample
@@ -540,65 +534,6 @@ impl Conv2dOp {
             };
             Ok((dx, dw, db))
         })
-    }
-}
-
-struct Conv2dNoBias(Conv2dOp);
-struct Conv2dBias(Conv2dOp);
-
-impl CustomOp2 for Conv2dNoBias {
-    fn name(&self) -> &'static str {
-        "rl4pix-conv2d"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.0.run((xs, xl), (ws, wl), None)
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = self.0.grads(x, weight, None, grad)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for Conv2dBias {
-    fn name(&self) -> &'static str {
-        "rl4pix-conv2d-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.0.run((xs, xl), (ws, wl), Some((bs, bl)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        self.0.grads(x, weight, Some(bias), grad)
     }
 }
 
@@ -615,11 +550,7 @@ pub fn conv2d(
         stride,
         pad: padding,
     };
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    match bias {
-        None => x.apply_op2(&weight, Conv2dNoBias(op)),
-        Some(b) => x.apply_op3(&weight, &b.contiguous()?, Conv2dBias(op)),
-    }
+    weighted::apply(op, x, weight, bias)
 }
 
 #[cfg(test)]

@@ -6,9 +6,10 @@
 //! strides, with no permuted copy on either side. The backward pass computes the
 //! weight and bias gradients only when they track gradients (a frozen base under LoRA).
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, Result, Shape, Tensor};
 
 use super::gemm::{num_threads, par_for, sgemm, MatMut, MatRef, SharedMut};
+use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
 
 /// Where the channel axis is: last (`(B, S, C)`, one token per row) or second (`(B, C, S)`).
@@ -134,236 +135,174 @@ fn for_samples(batch: usize, work: usize, f: impl Fn(usize, bool) + Sync + Send)
     }
 }
 
-fn forward(
-    p: Proj,
-    xs: (&CpuStorage, &Layout),
-    ws: (&CpuStorage, &Layout),
-    bias: Option<(&CpuStorage, &Layout)>,
-) -> Result<(CpuStorage, Shape)> {
-    let (d, out_dims) = p.dims(xs.1.shape(), ws.1.shape())?;
-    let x = cpu_storage_slice(xs.0, xs.1)?;
-    let w = cpu_storage_slice(ws.0, ws.1)?;
-    let bias = match bias {
-        Some((s, l)) => {
-            let b = cpu_storage_slice(s, l)?;
-            if b.len() != d.out_f {
-                candle_core::bail!("linear: bias {:?} for {} outputs", l.shape(), d.out_f);
-            }
-            Some(b)
-        }
-        None => None,
-    };
-    let mut out = uninit_vec(d.batch * d.positions * d.out_f);
-    let shared = SharedMut::new(&mut out);
-    // Tasks are fixed blocks of one sample's rows and output columns, sized by the layer alone,
-    // never by the batch or the thread count: gemm rounds a little differently for different
-    // block shapes, and a request's result must not depend on what it was batched with.
-    let row_blocks = d.positions.div_ceil(ROW_BLOCK).max(1);
-    let col_blocks = d.out_f.div_ceil(COL_BLOCK).max(1);
-    par_for(d.batch * row_blocks * col_blocks, d.work(), |t| {
-        let b = t / (row_blocks * col_blocks);
-        let r0 = (t / col_blocks % row_blocks) * ROW_BLOCK;
-        let c0 = (t % col_blocks) * COL_BLOCK;
-        let rows = ROW_BLOCK.min(d.positions - r0);
-        let cols = COL_BLOCK.min(d.out_f - c0);
-        let x_blk = view(x, p.input, b, d.positions, d.in_f);
-        let x_blk = MatRef {
-            ptr: unsafe { x_blk.ptr.offset(r0 as isize * x_blk.rs) },
-            ..x_blk
-        };
-        let out_blk = view_mut(shared, p.output, b, d.positions, d.out_f);
-        let out_blk = MatMut {
-            ptr: unsafe {
-                out_blk
-                    .ptr
-                    .offset(r0 as isize * out_blk.rs + c0 as isize * out_blk.cs)
-            },
-            ..out_blk
-        };
-        // SAFETY: the views are in bounds by the shape checks; this task alone writes rows
-        // r0..r0 + rows and columns c0..c0 + cols of sample b.
-        unsafe {
-            sgemm(
-                rows,
-                cols,
-                d.in_f,
-                out_blk,
-                false,
-                x_blk,
-                MatRef::rows_t(w, c0 * d.in_f, d.in_f),
-                1.0,
-                false,
-            );
-            // The bias goes on after the product, while the block is in cache (accumulating
-            // the product onto it would, again, round by block shape).
-            if let Some(bias) = bias {
-                let bias = &bias[c0..c0 + cols];
-                match p.output {
-                    Channels::Last => {
-                        for i in 0..rows {
-                            let row = shared.slice((b * d.positions + r0 + i) * d.out_f + c0, cols);
-                            for (y, &v) in row.iter_mut().zip(bias) {
-                                *y += v;
-                            }
-                        }
-                    }
-                    Channels::First => {
-                        for (j, &v) in bias.iter().enumerate() {
-                            let plane =
-                                shared.slice((b * d.out_f + c0 + j) * d.positions + r0, rows);
-                            for y in plane {
-                                *y += v;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    });
-    Ok((CpuStorage::F32(out), Shape::from(out_dims)))
-}
+impl WeightedKernel for Proj {
+    const NAMES: (&'static str, &'static str) = ("rl4pix-linear", "rl4pix-linear-bias");
 
-fn grads(
-    p: Proj,
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    grad: &Tensor,
-) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-    let (d, _) = p.dims(x.shape(), weight.shape())?;
-    with_data(grad, |g| {
-        let dx = if x.track_op() {
-            let mut dx = uninit_vec(x.elem_count());
-            let shared = SharedMut::new(&mut dx);
-            with_data(weight, |w| {
-                for_samples(d.batch, d.work(), |b, parallel| unsafe {
-                    sgemm(
-                        d.positions,
-                        d.in_f,
-                        d.out_f,
-                        view_mut(shared, p.input, b, d.positions, d.in_f),
-                        false,
-                        view(g, p.output, b, d.positions, d.out_f),
-                        MatRef::rows(w, 0, d.in_f),
-                        1.0,
-                        parallel,
-                    )
-                });
-                Ok(())
-            })?;
-            Some(cpu_tensor(dx, x.dims())?)
-        } else {
-            None
-        };
-        let dw = if weight.track_op() {
-            let mut dw = uninit_vec(d.out_f * d.in_f);
-            with_data(x, |xd| {
-                for b in 0..d.batch {
-                    unsafe {
-                        sgemm(
-                            d.out_f,
-                            d.in_f,
-                            d.positions,
-                            MatMut::rows(&mut dw, 0, d.in_f),
-                            b > 0,
-                            view(g, p.output, b, d.positions, d.out_f).t(),
-                            view(xd, p.input, b, d.positions, d.in_f),
-                            1.0,
-                            true,
-                        )
-                    };
+    fn forward(&self, xs: Input, ws: Input, bias: Option<Input>) -> Result<(CpuStorage, Shape)> {
+        let p = *self;
+        let (d, out_dims) = p.dims(xs.1.shape(), ws.1.shape())?;
+        let x = cpu_storage_slice(xs.0, xs.1)?;
+        let w = cpu_storage_slice(ws.0, ws.1)?;
+        let bias = match bias {
+            Some((s, l)) => {
+                let b = cpu_storage_slice(s, l)?;
+                if b.len() != d.out_f {
+                    candle_core::bail!("linear: bias {:?} for {} outputs", l.shape(), d.out_f);
                 }
-                Ok(())
-            })?;
-            Some(cpu_tensor(dw, weight.dims())?)
-        } else {
-            None
+                Some(b)
+            }
+            None => None,
         };
-        let db = match bias {
-            Some(bias) if bias.track_op() => {
-                let mut total = vec![0f32; d.out_f];
-                let sample_len = d.positions * d.out_f;
-                for sample in g.chunks_exact(sample_len) {
+        let mut out = uninit_vec(d.batch * d.positions * d.out_f);
+        let shared = SharedMut::new(&mut out);
+        // Tasks are fixed blocks of one sample's rows and output columns, sized by the layer alone,
+        // never by the batch or the thread count: gemm rounds a little differently for different
+        // block shapes, and a request's result must not depend on what it was batched with.
+        let row_blocks = d.positions.div_ceil(ROW_BLOCK).max(1);
+        let col_blocks = d.out_f.div_ceil(COL_BLOCK).max(1);
+        par_for(d.batch * row_blocks * col_blocks, d.work(), |t| {
+            let b = t / (row_blocks * col_blocks);
+            let r0 = (t / col_blocks % row_blocks) * ROW_BLOCK;
+            let c0 = (t % col_blocks) * COL_BLOCK;
+            let rows = ROW_BLOCK.min(d.positions - r0);
+            let cols = COL_BLOCK.min(d.out_f - c0);
+            let x_blk = view(x, p.input, b, d.positions, d.in_f);
+            let x_blk = MatRef {
+                ptr: unsafe { x_blk.ptr.offset(r0 as isize * x_blk.rs) },
+                ..x_blk
+            };
+            let out_blk = view_mut(shared, p.output, b, d.positions, d.out_f);
+            let out_blk = MatMut {
+                ptr: unsafe {
+                    out_blk
+                        .ptr
+                        .offset(r0 as isize * out_blk.rs + c0 as isize * out_blk.cs)
+                },
+                ..out_blk
+            };
+            // SAFETY: the views are in bounds by the shape checks; this task alone writes rows
+            // r0..r0 + rows and columns c0..c0 + cols of sample b.
+            unsafe {
+                sgemm(
+                    rows,
+                    cols,
+                    d.in_f,
+                    out_blk,
+                    false,
+                    x_blk,
+                    MatRef::rows_t(w, c0 * d.in_f, d.in_f),
+                    1.0,
+                    false,
+                );
+                // The bias goes on after the product, while the block is in cache (accumulating
+                // the product onto it would, again, round by block shape).
+                if let Some(bias) = bias {
+                    let bias = &bias[c0..c0 + cols];
                     match p.output {
                         Channels::Last => {
-                            for row in sample.chunks_exact(d.out_f) {
-                                for (t, v) in total.iter_mut().zip(row) {
-                                    *t += v;
+                            for i in 0..rows {
+                                let row =
+                                    shared.slice((b * d.positions + r0 + i) * d.out_f + c0, cols);
+                                for (y, &v) in row.iter_mut().zip(bias) {
+                                    *y += v;
                                 }
                             }
                         }
                         Channels::First => {
-                            for (t, plane) in total.iter_mut().zip(sample.chunks_exact(d.positions))
-                            {
-                                *t += super::vecmath::sum(plane);
+                            for (j, &v) in bias.iter().enumerate() {
+                                let plane =
+                                    shared.slice((b * d.out_f + c0 + j) * d.positions + r0, rows);
+                                for y in plane {
+                                    *y += v;
+                                }
                             }
                         }
                     }
                 }
-                Some(cpu_tensor(total, bias.dims())?)
             }
-            _ => None,
-        };
-        Ok((dx, dw, db))
-    })
-}
-
-struct LinearOp(Proj);
-struct LinearBiasOp(Proj);
-
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "rl4pix-linear"
+        });
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
 
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        forward(self.0, (xs, xl), (ws, wl), None)
-    }
-
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _res: &Tensor,
+        bias: Option<&Tensor>,
         grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw, _) = grads(self.0, x, weight, None, grad)?;
-        Ok((dx, dw))
-    }
-}
-
-impl CustomOp3 for LinearBiasOp {
-    fn name(&self) -> &'static str {
-        "rl4pix-linear-bias"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        forward(self.0, (xs, xl), (ws, wl), Some((bs, bl)))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        weight: &Tensor,
-        bias: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        grads(self.0, x, weight, Some(bias), grad)
+    ) -> Result<Grads3> {
+        let p = *self;
+        let (d, _) = p.dims(x.shape(), weight.shape())?;
+        with_data(grad, |g| {
+            let dx = if x.track_op() {
+                let mut dx = uninit_vec(x.elem_count());
+                let shared = SharedMut::new(&mut dx);
+                with_data(weight, |w| {
+                    for_samples(d.batch, d.work(), |b, parallel| unsafe {
+                        sgemm(
+                            d.positions,
+                            d.in_f,
+                            d.out_f,
+                            view_mut(shared, p.input, b, d.positions, d.in_f),
+                            false,
+                            view(g, p.output, b, d.positions, d.out_f),
+                            MatRef::rows(w, 0, d.in_f),
+                            1.0,
+                            parallel,
+                        )
+                    });
+                    Ok(())
+                })?;
+                Some(cpu_tensor(dx, x.dims())?)
+            } else {
+                None
+            };
+            let dw = if weight.track_op() {
+                let mut dw = uninit_vec(d.out_f * d.in_f);
+                with_data(x, |xd| {
+                    for b in 0..d.batch {
+                        unsafe {
+                            sgemm(
+                                d.out_f,
+                                d.in_f,
+                                d.positions,
+                                MatMut::rows(&mut dw, 0, d.in_f),
+                                b > 0,
+                                view(g, p.output, b, d.positions, d.out_f).t(),
+                                view(xd, p.input, b, d.positions, d.in_f),
+                                1.0,
+                                true,
+                            )
+                        };
+                    }
+                    Ok(())
+                })?;
+                Some(cpu_tensor(dw, weight.dims())?)
+            } else {
+                None
+            };
+            let db = match bias {
+                Some(bias) if bias.track_op() => {
+                    let mut total = vec![0f32; d.out_f];
+                    let sample_len = d.positions * d.out_f;
+                    for sample in g.chunks_exact(sample_len) {
+                        match p.output {
+                            Channels::Last => add_rows(&mut total, sample),
+                            Channels::First => {
+                                for (t, plane) in
+                                    total.iter_mut().zip(sample.chunks_exact(d.positions))
+                                {
+                                    *t += super::vecmath::sum(plane);
+                                }
+                            }
+                        }
+                    }
+                    Some(cpu_tensor(total, bias.dims())?)
+                }
+                _ => None,
+            };
+            Ok((dx, dw, db))
+        })
     }
 }
 
@@ -376,12 +315,7 @@ pub fn project(
     input: Channels,
     output: Channels,
 ) -> Result<Tensor> {
-    let p = Proj { input, output };
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    match bias {
-        None => x.apply_op2(&weight, LinearOp(p)),
-        Some(b) => x.apply_op3(&weight, &b.contiguous()?, LinearBiasOp(p)),
-    }
+    weighted::apply(Proj { input, output }, x, weight, bias)
 }
 
 /// `x W^T + b` for `x` (..., in), `weight` (out, in), `bias` (out).

@@ -32,10 +32,13 @@ pub mod modules;
 pub mod norm;
 pub mod residual;
 #[cfg(test)]
-mod test_util;
+pub(crate) mod test_util;
 pub mod vecmath;
+mod weighted;
 
-use candle_core::{DType, Device, Layout, Result, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+
+use gemm::SharedMut;
 
 /// Whether the fused CPU kernels handle these tensors (f32 on the CPU, kernels enabled). This is
 /// the one place the model chooses between the fused kernels and the composed candle ops.
@@ -100,6 +103,53 @@ pub(crate) fn with_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> R
     let t = t.contiguous()?;
     let (storage, layout) = t.storage_and_layout();
     f(cpu_slice(&storage, layout)?)
+}
+
+/// Runs `f` on the contiguous f32 data of every tensor in `ts`, in order (each made contiguous
+/// first if needed).
+pub(crate) fn with_all_data<const N: usize, R>(
+    ts: [&Tensor; N],
+    f: impl FnOnce([&[f32]; N]) -> Result<R>,
+) -> Result<R> {
+    let ts = ts
+        .into_iter()
+        .map(Tensor::contiguous)
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = ts.iter().map(Tensor::storage_and_layout).collect();
+    let data = guards
+        .iter()
+        .map(|(storage, layout)| cpu_slice(storage, layout))
+        .collect::<Result<Vec<_>>>()?;
+    f(data.try_into().expect("one slice per tensor"))
+}
+
+/// The forward of an op whose output has the shape of its first input: the three inputs' data
+/// and a fresh output buffer, which `fill` writes completely.
+pub(crate) fn forward_like_first(
+    (xs, xl): weighted::Input,
+    (ys, yl): weighted::Input,
+    (zs, zl): weighted::Input,
+    fill: impl FnOnce(&[f32], &[f32], &[f32], SharedMut),
+) -> Result<(CpuStorage, Shape)> {
+    let (x, y, z) = (
+        cpu_storage_slice(xs, xl)?,
+        cpu_storage_slice(ys, yl)?,
+        cpu_storage_slice(zs, zl)?,
+    );
+    let mut out = uninit_vec(x.len());
+    fill(x, y, z, SharedMut::new(&mut out));
+    Ok((CpuStorage::F32(out), xl.shape().clone()))
+}
+
+/// Applies a three-input op to contiguous copies of its inputs.
+pub(crate) fn apply_contiguous3(
+    x: &Tensor,
+    y: &Tensor,
+    z: &Tensor,
+    op: impl CustomOp3 + Send + Sync + 'static,
+) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op3(&y.contiguous()?, &z.contiguous()?, op)
 }
 
 /// A fresh f32 buffer whose every element the caller overwrites.

@@ -6,7 +6,7 @@ use rayon::prelude::*;
 
 use super::gemm::{num_threads, par_for, SharedMut};
 use super::vecmath::{dispatch, silu, silu_grad, sum, sum_sq_dev, MulAdd};
-use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
+use super::{apply_contiguous3, cpu_tensor, forward_like_first, uninit_vec, with_all_data};
 
 /// (batch, channels, elements per channel) of an NC... tensor.
 fn ncs(shape: &Shape) -> Result<(usize, usize, usize)> {
@@ -203,17 +203,11 @@ impl CustomOp3 for GroupNormOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (batch, dims) = self.dims(xl.shape(), gl.shape(), bl.shape())?;
-        let (x, gamma, beta) = (
-            cpu_storage_slice(xs, xl)?,
-            cpu_storage_slice(gs, gl)?,
-            cpu_storage_slice(bs, bl)?,
-        );
-        let mut out = uninit_vec(x.len());
-        let shared = SharedMut::new(&mut out);
-        par_for(batch * dims.groups, 4 * x.len(), |task| {
-            group_norm_task(dims, self.eps, self.with_silu, x, gamma, beta, shared, task)
-        });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        forward_like_first((xs, xl), (gs, gl), (bs, bl), |x, gamma, beta, out| {
+            par_for(batch * dims.groups, 4 * x.len(), |task| {
+                group_norm_task(dims, self.eps, self.with_silu, x, gamma, beta, out, task)
+            });
+        })
     }
 
     fn bwd(
@@ -229,29 +223,23 @@ impl CustomOp3 for GroupNormOp {
         let mut dx = uninit_vec(x.elem_count());
         // Per sample: [sum dz * xhat (dgamma) ; sum dz (dbeta)] for every channel.
         let mut sums = uninit_vec(batch * 2 * c);
-        with_data(x, |xd| {
-            with_data(gamma, |gd| {
-                with_data(beta, |bd| {
-                    with_data(grad, |gr| {
-                        let (dxs, ss) = (SharedMut::new(&mut dx), SharedMut::new(&mut sums));
-                        par_for(batch * dims.groups, 8 * xd.len(), |task| {
-                            group_norm_bwd_task(
-                                dims,
-                                self.eps,
-                                self.with_silu,
-                                xd,
-                                gd,
-                                bd,
-                                gr,
-                                dxs,
-                                ss,
-                                task,
-                            )
-                        });
-                        Ok(())
-                    })
-                })
-            })
+        with_all_data([x, gamma, beta, grad], |[xd, gd, bd, gr]| {
+            let (dxs, ss) = (SharedMut::new(&mut dx), SharedMut::new(&mut sums));
+            par_for(batch * dims.groups, 8 * xd.len(), |task| {
+                group_norm_bwd_task(
+                    dims,
+                    self.eps,
+                    self.with_silu,
+                    xd,
+                    gd,
+                    bd,
+                    gr,
+                    dxs,
+                    ss,
+                    task,
+                )
+            });
+            Ok(())
         })?;
         let (dgamma, dbeta) = affine_grads(&sums, c, gamma, beta)?;
         Ok((Some(cpu_tensor(dx, x.dims())?), dgamma, dbeta))
@@ -297,15 +285,12 @@ pub fn group_norm(
     eps: f64,
     with_silu: bool,
 ) -> Result<Tensor> {
-    xs.contiguous()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        GroupNormOp {
-            groups,
-            eps: eps as f32,
-            with_silu,
-        },
-    )
+    let op = GroupNormOp {
+        groups,
+        eps: eps as f32,
+        with_silu,
+    };
+    apply_contiguous3(xs, gamma, beta, op)
 }
 
 #[inline(always)]
@@ -413,20 +398,14 @@ impl CustomOp3 for LayerNormOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, width) = Self::dims(xl.shape(), gl.shape(), bl.shape())?;
-        let (x, gamma, beta) = (
-            cpu_storage_slice(xs, xl)?,
-            cpu_storage_slice(gs, gl)?,
-            cpu_storage_slice(bs, bl)?,
-        );
-        let mut out = uninit_vec(x.len());
-        let shared = SharedMut::new(&mut out);
-        let block = row_block(rows);
-        par_for(rows.div_ceil(block), 2 * x.len(), |t| {
-            let first = t * block;
-            let n = block.min(rows - first);
-            layer_norm_rows(width, self.eps, x, gamma, beta, shared, first, n);
-        });
-        Ok((CpuStorage::F32(out), xl.shape().clone()))
+        forward_like_first((xs, xl), (gs, gl), (bs, bl), |x, gamma, beta, out| {
+            let block = row_block(rows);
+            par_for(rows.div_ceil(block), 2 * x.len(), |t| {
+                let first = t * block;
+                let n = block.min(rows - first);
+                layer_norm_rows(width, self.eps, x, gamma, beta, out, first, n);
+            });
+        })
     }
 
     fn bwd(
@@ -442,23 +421,17 @@ impl CustomOp3 for LayerNormOp {
         let tasks = rows.div_ceil(block);
         let mut dx = uninit_vec(x.elem_count());
         let mut partials = vec![0f32; tasks * 2 * width];
-        with_data(x, |xd| {
-            with_data(gamma, |gd| {
-                with_data(grad, |gr| {
-                    let shared = SharedMut::new(&mut dx);
-                    partials
-                        .par_chunks_mut(2 * width)
-                        .enumerate()
-                        .for_each(|(t, partial)| {
-                            let first = t * block;
-                            let n = block.min(rows - first);
-                            layer_norm_bwd_rows(
-                                width, self.eps, xd, gd, gr, shared, partial, first, n,
-                            );
-                        });
-                    Ok(())
-                })
-            })
+        with_all_data([x, gamma, grad], |[xd, gd, gr]| {
+            let shared = SharedMut::new(&mut dx);
+            partials
+                .par_chunks_mut(2 * width)
+                .enumerate()
+                .for_each(|(t, partial)| {
+                    let first = t * block;
+                    let n = block.min(rows - first);
+                    layer_norm_bwd_rows(width, self.eps, xd, gd, gr, shared, partial, first, n);
+                });
+            Ok(())
         })?;
         let (dgamma, dbeta) = affine_grads(&partials, width, gamma, beta)?;
         Ok((Some(cpu_tensor(dx, x.dims())?), dgamma, dbeta))
@@ -467,11 +440,7 @@ impl CustomOp3 for LayerNormOp {
 
 /// LayerNorm over the last dimension with weight and bias.
 pub fn layer_norm(xs: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f64) -> Result<Tensor> {
-    xs.contiguous()?.apply_op3(
-        &gamma.contiguous()?,
-        &beta.contiguous()?,
-        LayerNormOp { eps: eps as f32 },
-    )
+    apply_contiguous3(xs, gamma, beta, LayerNormOp { eps: eps as f32 })
 }
 
 #[cfg(test)]

@@ -7,8 +7,9 @@ use anyhow::Context;
 use candle_core::Device;
 use rl4pix_model::pipeline::InstructPix2Pix;
 
+use super::DdpoOverrides;
 use crate::ddpo::prompts::load_prompts;
-use crate::ddpo::{DdpoConfig, Trainer};
+use crate::ddpo::Trainer;
 
 #[derive(clap::Args, Debug)]
 pub struct DdpoArgs {
@@ -27,12 +28,8 @@ pub struct DdpoArgs {
     /// (our recipe: group sampling, the model's own guidance, L_att from the frozen base).
     #[arg(long, default_value = "paper")]
     pub preset: String,
-    /// TOML file of config keys (e.g. `[train]\nlearning_rate = 2e-4`), applied over the preset.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// `key=value` override, repeatable, applied last (e.g. `--set sample.num_steps=10`).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub overrides: DdpoOverrides,
     /// Continue from a checkpoint folder (or a run folder: its latest checkpoint); overrides
     /// `resume_from`.
     #[arg(long)]
@@ -47,12 +44,8 @@ pub struct DdpoArgs {
 }
 
 pub fn run(args: DdpoArgs) -> anyhow::Result<()> {
-    if let Some(threads) = args.threads {
-        anyhow::ensure!(threads > 0, "--threads must be at least 1");
-        // Read once, when candle's and gemm's thread pools start: before any tensor exists.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    let config = DdpoConfig::build(&args.preset, args.config.as_deref(), &args.sets)?;
+    super::set_tensor_threads(args.threads)?;
+    let config = args.overrides.build(&args.preset)?;
     if args.print_config {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());

@@ -9,6 +9,8 @@ use rl4pix_model::image_io;
 use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 use rl4pix_model::scheduler::SchedulerKind;
 
+use super::SamplerArgs;
+
 #[derive(clap::Args, Debug)]
 pub struct EditArgs {
     /// Model folder in the diffusers layout (default: the embedded default model).
@@ -26,19 +28,8 @@ pub struct EditArgs {
     /// Denoising steps.
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// ddim or euler-ancestral (default: the model's own scheduler).
-    #[arg(long, value_parser = parse_scheduler)]
-    pub scheduler: Option<SchedulerKind>,
-    /// DDIM's eta (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// Text guidance scale (default: the model's own, `model_index.json` → `rl4pix.sampling`,
-    /// else 7.5).
-    #[arg(long)]
-    pub guidance_scale: Option<f64>,
-    /// Image guidance scale (default: the model's own, else 1.5).
-    #[arg(long)]
-    pub image_guidance_scale: Option<f64>,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Seed of the initial and per-step noise.
     #[arg(long, default_value_t = 0, conflicts_with = "init_latents")]
     pub seed: u64,
@@ -92,10 +83,10 @@ pub fn run(args: EditArgs) -> anyhow::Result<()> {
     let params = EditParams {
         steps: args.steps,
         seed: args.seed,
-        scheduler: args.scheduler,
-        eta: args.eta,
+        scheduler: args.sampler.scheduler,
+        eta: args.sampler.eta,
         capture_attention: args.attention_out.is_some(),
-        ..pipeline.params_with_guidance(args.guidance_scale, args.image_guidance_scale)
+        ..args.sampler.guidance.params(&pipeline)
     };
     let request = EditRequest {
         image: &image,

@@ -7,8 +7,8 @@ use anyhow::Context;
 use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rl4pix_model::pipeline::InstructPix2Pix;
-use rl4pix_model::scheduler::SchedulerKind;
 
+use super::SamplerArgs;
 use crate::data::Dataset;
 pub use crate::eval::Baseline;
 use crate::eval::{
@@ -53,19 +53,8 @@ pub struct EvalArgs {
     /// Denoising steps when running the model (default: the pipeline's).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// ddim or euler-ancestral (default: the model's own scheduler).
-    #[arg(long, value_parser = crate::commands::edit::parse_scheduler)]
-    pub scheduler: Option<SchedulerKind>,
-    /// DDIM's eta (0 = deterministic).
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-    /// Text guidance scale (default: the model's own, `model_index.json` → `rl4pix.sampling`,
-    /// else 7.5).
-    #[arg(long)]
-    pub guidance_scale: Option<f64>,
-    /// Image guidance scale (default: the model's own, else 1.5).
-    #[arg(long)]
-    pub image_guidance_scale: Option<f64>,
+    #[command(flatten)]
+    pub sampler: SamplerArgs,
     /// Base seed when running the model; each turn's seed derives from it and the turn.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -155,10 +144,10 @@ fn load_model_images(args: &EvalArgs, device: &Device) -> anyhow::Result<ModelIm
     };
     let sampler = SamplerSettings {
         steps: args.steps,
-        scheduler: args.scheduler,
-        eta: args.eta,
-        guidance_scale: args.guidance_scale,
-        image_guidance_scale: args.image_guidance_scale,
+        scheduler: args.sampler.scheduler,
+        eta: args.sampler.eta,
+        guidance_scale: args.sampler.guidance.guidance_scale,
+        image_guidance_scale: args.sampler.guidance.image_guidance_scale,
         seed: args.seed,
     };
     ModelImages::new(model, adapters, &sampler, args.out.clone()).map_err(|e| {

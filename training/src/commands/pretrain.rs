@@ -8,9 +8,9 @@ use anyhow::Context;
 use candle_core::{DType, Device};
 use rl4pix_model::scheduler::SchedulerKind;
 
+use super::{CadenceArgs, GuidanceArgs};
 use crate::pretrain::export::{export_model, ExportOptions};
 use crate::pretrain::unet::{train, UnetRun, UnetTrainConfig};
-use crate::pretrain::Cadence;
 
 #[derive(clap::Args, Debug)]
 pub struct PretrainArgs {
@@ -70,12 +70,8 @@ pub struct PretrainArgs {
     /// run keeps the one it began with.
     #[arg(long)]
     pub init_from: Option<PathBuf>,
-    #[arg(long, default_value_t = 250)]
-    pub checkpoint_every: usize,
-    #[arg(long, default_value_t = 10)]
-    pub log_every: usize,
-    #[arg(long, default_value_t = 250)]
-    pub eval_every: usize,
+    #[command(flatten)]
+    pub cadence: CadenceArgs,
     /// End this invocation after step N (checkpointed) without ending the run: the learning-rate
     /// schedule still spans --steps and `--resume` carries on (no export until the run ends).
     #[arg(long)]
@@ -115,11 +111,7 @@ impl PretrainArgs {
                 ..UnetTrainConfig::default()
             },
             resume: self.resume.clone(),
-            cadence: Cadence {
-                checkpoint_every: self.checkpoint_every,
-                log_every: self.log_every,
-                eval_every: self.eval_every,
-            },
+            cadence: self.cadence.into(),
             stop_after: self.stop_after,
             data_parallel: self.data_parallel as usize,
             device: Device::Cpu,
@@ -243,12 +235,8 @@ pub struct ToyGridArgs {
     pub per_kind: usize,
     #[arg(long, default_value_t = 20)]
     pub steps: usize,
-    /// Default: the model's own (`model_index.json` → `rl4pix.sampling`), else 7.5.
-    #[arg(long)]
-    pub guidance_scale: Option<f64>,
-    /// Default: the model's own, else 1.5.
-    #[arg(long)]
-    pub image_guidance_scale: Option<f64>,
+    #[command(flatten)]
+    pub guidance: GuidanceArgs,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Upscaling of the 32x32 images in the picture.
@@ -268,7 +256,7 @@ pub fn run_grid(args: ToyGridArgs) -> anyhow::Result<()> {
         params: rl4pix_model::pipeline::EditParams {
             steps: args.steps,
             seed: args.seed,
-            ..model.params_with_guidance(args.guidance_scale, args.image_guidance_scale)
+            ..args.guidance.params(&model)
         },
         scale: args.scale,
         out_dir: &args.out,

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use candle_core::Device;
 
+use super::CadenceArgs;
 use crate::pretrain::clip::{train, ClipRun, ClipTrainConfig};
-use crate::pretrain::Cadence;
 
 #[derive(clap::Args, Debug)]
 pub struct PretrainClipArgs {
@@ -49,12 +49,8 @@ pub struct PretrainClipArgs {
     /// Near-miss descriptions per pair (one attribute off, false of the image) added as negatives.
     #[arg(long, default_value_t = 1)]
     pub hard_negatives: usize,
-    #[arg(long, default_value_t = 250)]
-    pub checkpoint_every: usize,
-    #[arg(long, default_value_t = 10)]
-    pub log_every: usize,
-    #[arg(long, default_value_t = 250)]
-    pub eval_every: usize,
+    #[command(flatten)]
+    pub cadence: CadenceArgs,
 }
 
 pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
@@ -96,11 +92,7 @@ pub fn run(args: PretrainClipArgs) -> anyhow::Result<()> {
             ..ClipTrainConfig::default()
         },
         resume: args.resume,
-        cadence: Cadence {
-            checkpoint_every: args.checkpoint_every,
-            log_every: args.log_every,
-            eval_every: args.eval_every,
-        },
+        cadence: args.cadence.into(),
         device: Device::Cpu,
     };
     let summary = train(&run).context("pretrain-clip")?;

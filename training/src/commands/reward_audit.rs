@@ -9,9 +9,9 @@ use anyhow::Context;
 use candle_core::Device;
 use rl4pix_model::pipeline::InstructPix2Pix;
 
+use super::DdpoOverrides;
 use crate::ddpo::audit::audit;
 use crate::ddpo::prompts::load_prompts;
-use crate::ddpo::DdpoConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct RewardAuditArgs {
@@ -30,10 +30,8 @@ pub struct RewardAuditArgs {
     /// DDPO configuration whose sampler and reward weights are audited (as `ddpo` reads it).
     #[arg(long, default_value = "group")]
     pub preset: String,
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub overrides: DdpoOverrides,
     /// Base of the samples' seeds.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -49,13 +47,10 @@ pub struct RewardAuditArgs {
 }
 
 pub fn run(args: RewardAuditArgs) -> anyhow::Result<()> {
-    if let Some(threads) = args.threads {
-        anyhow::ensure!(threads > 0, "--threads must be at least 1");
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
+    super::set_tensor_threads(args.threads)?;
     anyhow::ensure!(args.turns > 0, "--turns must be at least 1");
     anyhow::ensure!(args.samples >= 2, "--samples must be at least 2");
-    let config = DdpoConfig::build(&args.preset, args.config.as_deref(), &args.sets)?;
+    let config = args.overrides.build(&args.preset)?;
     let model_dir = crate::commands::edit::resolve_model_dir(args.model)?;
     let pipeline = InstructPix2Pix::load(&model_dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", model_dir.display()))?;

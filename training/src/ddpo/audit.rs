@@ -15,7 +15,7 @@ use rl4pix_model::scheduler::ddim::DdimScheduler;
 use serde::Serialize;
 
 use super::config::{DdpoConfig, RewardConfig};
-use super::reward::{reward, RewardTerms};
+use super::reward::RewardTerms;
 use super::sampler::{sample_batch, AttentionSource, Guidance, PromptItem};
 use super::stat_tracker::mean_std;
 use super::{DdpoError, Result};
@@ -247,15 +247,7 @@ pub fn audit(
         )?;
         for (i, &p) in indices.iter().enumerate() {
             let prompt = &prompts[p];
-            let terms = reward(
-                &config.reward,
-                &prompt.mask,
-                &t.attention[i],
-                t.grid,
-                &prompt.source,
-                &t.images[i],
-                Some(&prompt.target),
-            );
+            let terms = prompt.reward(&config.reward, &t.attention[i], t.grid, &t.images[i]);
             per_turn[p].push((terms, SampleMetrics::of(&t.images[i], prompt)?));
         }
         done += chunk.len();

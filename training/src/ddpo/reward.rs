@@ -198,6 +198,22 @@ mod tests {
     use super::*;
     use image::{Luma, Rgb};
 
+    /// The default weights but for L_att's, alpha, tau and the localization weight.
+    fn weights(
+        attention_weight: f64,
+        alpha: f64,
+        tau: f64,
+        localization_weight: f64,
+    ) -> RewardConfig {
+        RewardConfig {
+            attention_weight,
+            alpha,
+            tau,
+            localization_weight,
+            ..RewardConfig::default_weights()
+        }
+    }
+
     fn mask_from(rows: &[&[f32]]) -> Mask {
         Mask::from_fn(rows[0].len() as u32, rows.len() as u32, |x, y| {
             Luma([rows[y as usize][x as usize]])
@@ -226,13 +242,7 @@ mod tests {
     fn attention_term_is_the_cosine_with_the_downsampled_mask() {
         let m = mask_from(&[&[1.0, 1.0, 0.0, 0.0], &[1.0, 1.0, 0.0, 0.0]]);
         let img = RgbImage::new(4, 2);
-        let config = RewardConfig {
-            attention_weight: 1.0,
-            alpha: 0.0,
-            tau: 0.0,
-            localization_weight: 0.0,
-            ..RewardConfig::default_weights()
-        };
+        let config = weights(1.0, 0.0, 0.0, 0.0);
         // a_gt = [1, 0] on a 1x2 grid.
         let r = reward(&config, &m, &[1.0, 0.0], (1, 2), &img, &img, None);
         assert!((r.attention - 1.0).abs() < 1e-12);
@@ -255,13 +265,7 @@ mod tests {
         out.put_pixel(0, 0, Rgb([255, 255, 255])); // MAE = 3 / 12 = 0.25
         assert_eq!(clip_term(&src, &out, 0.1), (0.25, 0.25));
         assert_eq!(clip_term(&src, &out, 0.25), (0.25, 0.0));
-        let config = RewardConfig {
-            attention_weight: 2.0,
-            alpha: -1.0,
-            tau: 0.1,
-            localization_weight: 0.0,
-            ..RewardConfig::default_weights()
-        };
+        let config = weights(2.0, -1.0, 0.1, 0.0);
         let m = mask_from(&[&[1.0, 0.0], &[0.0, 0.0]]);
         let r = reward(&config, &m, &[1.0, 0.0, 0.0, 0.0], (2, 2), &src, &out, None);
         assert!((r.reward - (2.0 * 1.0 - 0.25)).abs() < 1e-12, "{r:?}");
@@ -277,13 +281,7 @@ mod tests {
         outside.put_pixel(1, 1, Rgb([200, 10, 10]));
         assert!((localization_term(&m, &src, &inside) - 1.0).abs() < 1e-6);
         assert!(localization_term(&m, &src, &outside).abs() < 1e-12);
-        let config = RewardConfig {
-            attention_weight: 0.0,
-            alpha: 0.0,
-            tau: 0.0,
-            localization_weight: 0.5,
-            ..RewardConfig::default_weights()
-        };
+        let config = weights(0.0, 0.0, 0.0, 0.5);
         let r = reward(&config, &m, &[0.0; 4], (2, 2), &src, &inside, None);
         assert!((r.reward - 0.5).abs() < 1e-6);
     }

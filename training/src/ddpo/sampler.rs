@@ -17,6 +17,8 @@ use rl4pix_model::pipeline::{
 };
 use rl4pix_model::scheduler::ddim::DdimScheduler;
 
+use super::config::RewardConfig;
+use super::reward::{reward, RewardTerms};
 use super::{DdpoError, Result};
 use crate::data::Mask;
 
@@ -31,6 +33,28 @@ pub struct PromptItem {
     /// The ground-truth edit at the working size: read only by the oracle ablation's reward and
     /// by validation, never by the paper's reward or ours.
     pub target: RgbImage,
+}
+
+impl PromptItem {
+    /// The reward of `output`, sampled for this prompt with cross-attention `attention_map` on a
+    /// `grid` of latent cells.
+    pub fn reward(
+        &self,
+        config: &RewardConfig,
+        attention_map: &[f32],
+        grid: (usize, usize),
+        output: &RgbImage,
+    ) -> RewardTerms {
+        reward(
+            config,
+            &self.mask,
+            attention_map,
+            grid,
+            &self.source,
+            output,
+            Some(&self.target),
+        )
+    }
 }
 
 /// Whose cross-attention the attention term reads.

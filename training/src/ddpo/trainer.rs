@@ -22,7 +22,7 @@ use super::config::DdpoConfig;
 use super::lora::TrainableLora;
 use super::optim::{AdamW, AdamWParams};
 use super::ppo::ppo_loss;
-use super::reward::{reward, RewardTerms};
+use super::reward::RewardTerms;
 use super::sampler::{
     base_prediction, kl_to_base, policy_prediction, requests, sample_batch, AttentionSource,
     Guidance, PromptItem, Trajectories,
@@ -365,15 +365,11 @@ impl<'a> Trainer<'a> {
         // 2. Rewards.
         let terms: Vec<RewardTerms> = (0..samples.len())
             .map(|i| {
-                let prompt = &self.prompts[samples.prompts[i]];
-                reward(
+                self.prompts[samples.prompts[i]].reward(
                     &cfg.reward,
-                    &prompt.mask,
                     &samples.attention[i],
                     samples.grid,
-                    &prompt.source,
                     &samples.images[i],
-                    Some(&prompt.target),
                 )
             })
             .collect();

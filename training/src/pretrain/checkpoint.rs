@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use super::{io_error, read_json, write_json, PretrainError, Result};
 
 const STATE_FILE: &str = "state.json";
+/// The trained variables' file in a checkpoint.
+pub const WEIGHTS_FILE: &str = "weights.safetensors";
 /// How many checkpoints a run keeps; older ones are deleted.
 const KEEP: usize = 3;
 
@@ -39,6 +41,12 @@ impl Checkpoint {
             path: path.clone(),
             message: format!("cannot read tensors: {e}"),
         })
+    }
+
+    /// Sets every variable of `varmap` from this checkpoint's weights.
+    pub fn load_weights(&self, varmap: &candle_nn::VarMap, device: &Device) -> Result<()> {
+        let weights = self.tensors(WEIGHTS_FILE, device)?;
+        load_varmap(varmap, &weights, &self.dir.join(WEIGHTS_FILE))
     }
 }
 

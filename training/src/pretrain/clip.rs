@@ -390,29 +390,15 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let model = TrainClip::new(vb, config, &text_cfg)?;
-    let mut optimizer = AdamW::new(
-        named_vars(&varmap),
-        AdamWParams {
-            lr: config.lr,
-            weight_decay: 0.1,
-            ..AdamWParams::default()
-        },
-    )?;
+    let params = AdamWParams {
+        weight_decay: 0.1,
+        ..AdamWParams::with_lr(config.lr)
+    };
+    let mut optimizer = AdamW::new(named_vars(&varmap), params)?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let config_json = serde_json::to_value(config)
-        .map_err(|e| PretrainError::Config(format!("clip config: {e}")))?;
-    let mut start_step = 0;
-    if let Some(resume) = &run.resume {
-        let ckpt = checkpoint::resolve_same_run(resume, &config_json)?;
-        let weights = ckpt.tensors("weights.safetensors", device)?;
-        checkpoint::load_varmap(&varmap, &weights, &ckpt.dir.join("weights.safetensors"))?;
-        optimizer.load_state(
-            &ckpt.tensors("optimizer.safetensors", device)?,
-            ckpt.state.step,
-        )?;
-        rng.set_word_pos(ckpt.state.rng_word_pos);
-        start_step = ckpt.state.step;
-    }
+    let config_json = super::config_json("clip", config)?;
+    let mut state = TrainState::new(&varmap, &mut optimizer, None, &mut rng);
+    state.resume_from("clip", run.resume.as_deref(), &config_json, device)?;
     let spec = LoopSpec::cosine(
         &run.run_dir,
         "clip",
@@ -423,13 +409,7 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
     );
     let summary = super::train_loop(
         &spec,
-        TrainState {
-            varmap: &varmap,
-            optimizer: &mut optimizer,
-            ema: None,
-            rng: &mut rng,
-            start_step,
-        },
+        state,
         |rng| {
             let batch = pairs(&world, rng, config.batch, config.hard_negatives);
             let images: Vec<&RgbImage> =
@@ -495,7 +475,7 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
         final_loss: summary.final_loss,
         top1_of_8: top1,
         top1_of_8_distinguishable: top1_distinguishable,
-        steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
+        steps_per_second: summary.steps_per_second(),
         model_dir,
     };
     write_json(&run.run_dir.join("clip.summary.json"), &out)?;

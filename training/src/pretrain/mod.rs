@@ -144,6 +144,64 @@ pub struct TrainState<'a> {
     pub start_step: usize,
 }
 
+impl<'a> TrainState<'a> {
+    /// A fresh run's state: from step 0.
+    pub fn new(
+        varmap: &'a candle_nn::VarMap,
+        optimizer: &'a mut crate::optim::AdamW,
+        ema: Option<&'a mut crate::optim::Ema>,
+        rng: &'a mut rand_chacha::ChaCha8Rng,
+    ) -> Self {
+        Self {
+            varmap,
+            optimizer,
+            ema,
+            rng,
+            start_step: 0,
+        }
+    }
+
+    /// Takes a run up again from the checkpoint at `resume` (nothing to do without one), which
+    /// must be of the run configured as `config`: weights, optimizer moments, EMA weights and
+    /// RNG position; the loop goes on from the checkpoint's step.
+    pub fn resume_from(
+        &mut self,
+        label: &str,
+        resume: Option<&std::path::Path>,
+        config: &serde_json::Value,
+        device: &candle_core::Device,
+    ) -> Result<()> {
+        let Some(resume) = resume else {
+            return Ok(());
+        };
+        let ckpt = checkpoint::resolve_same_run(resume, config)?;
+        ckpt.load_weights(self.varmap, device)?;
+        self.optimizer.load_state(
+            &ckpt.tensors("optimizer.safetensors", device)?,
+            ckpt.state.step,
+        )?;
+        if let Some(ema) = self.ema.as_deref_mut() {
+            ema.load(&ckpt.tensors("ema.safetensors", device)?)?;
+        }
+        self.rng.set_word_pos(ckpt.state.rng_word_pos);
+        self.start_step = ckpt.state.step;
+        tracing::info!(
+            "{label}: resumed from {} at step {}",
+            ckpt.dir.display(),
+            self.start_step
+        );
+        Ok(())
+    }
+}
+
+/// A run's configuration as JSON, as its checkpoints store it.
+pub(crate) fn config_json(
+    label: &str,
+    config: &impl serde::Serialize,
+) -> Result<serde_json::Value> {
+    serde_json::to_value(config).map_err(|e| PretrainError::Config(format!("{label} config: {e}")))
+}
+
 /// Result of a loop: the mean loss of its last tenth.
 pub struct LoopSummary {
     pub final_loss: f64,
@@ -152,6 +210,12 @@ pub struct LoopSummary {
     /// The step the run stands at now (below the schedule's length after `stop_after`).
     pub reached: usize,
     pub seconds: f64,
+}
+
+impl LoopSummary {
+    pub fn steps_per_second(&self) -> f64 {
+        self.steps as f64 / self.seconds.max(1e-9)
+    }
 }
 
 /// One batch's mean loss and the gradients of it.
@@ -209,7 +273,7 @@ pub fn train_loop(
                 rng: &rand_chacha::ChaCha8Rng|
      -> Result<()> {
         let mut files = vec![
-            ("weights.safetensors", checkpoint::varmap_tensors(varmap)),
+            (checkpoint::WEIGHTS_FILE, checkpoint::varmap_tensors(varmap)),
             ("optimizer.safetensors", optimizer.state()),
         ];
         if let Some(ema) = ema {

@@ -292,6 +292,28 @@ fn denoising_target(
     }
 }
 
+/// Per sample `(sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t))` at `timesteps`, as `(n, 1, 1, 1)`
+/// tensors: the weights of the clean latent and of the noise in the noised one.
+fn noise_levels(
+    alphas_cumprod: &[f64],
+    timesteps: &[usize],
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let n = timesteps.len();
+    let signal: Vec<f32> = timesteps
+        .iter()
+        .map(|&t| alphas_cumprod[t].sqrt() as f32)
+        .collect();
+    let sigma: Vec<f32> = timesteps
+        .iter()
+        .map(|&t| (1.0 - alphas_cumprod[t]).sqrt() as f32)
+        .collect();
+    Ok((
+        Tensor::from_vec(signal, (n, 1, 1, 1), device)?,
+        Tensor::from_vec(sigma, (n, 1, 1, 1), device)?,
+    ))
+}
+
 pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     // A resumed run keeps the warm start it was begun with; it need not be repeated.
     let mut config = run.config.clone();
@@ -312,12 +334,7 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     let trainee = build_trainee(&run.run_dir, device)?;
     if let (Some(init), None) = (&config.init_from, &run.resume) {
         let ckpt = checkpoint::resolve(init)?;
-        let weights = ckpt.tensors("weights.safetensors", device)?;
-        checkpoint::load_varmap(
-            &trainee.varmap,
-            &weights,
-            &ckpt.dir.join("weights.safetensors"),
-        )?;
+        ckpt.load_weights(&trainee.varmap, device)?;
         tracing::info!(
             "unet: starting from the weights of {} (step {})",
             ckpt.dir.display(),
@@ -355,39 +372,11 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     } else {
         None
     };
-    let mut optimizer = AdamW::new(
-        vars,
-        AdamWParams {
-            lr: config.lr,
-            ..AdamWParams::default()
-        },
-    )?;
+    let mut optimizer = AdamW::new(vars, AdamWParams::with_lr(config.lr))?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let config_json = serde_json::to_value(config)
-        .map_err(|e| PretrainError::Config(format!("unet config: {e}")))?;
-    let mut start_step = 0;
-    if let Some(resume) = &run.resume {
-        let ckpt = checkpoint::resolve_same_run(resume, &config_json)?;
-        let weights = ckpt.tensors("weights.safetensors", device)?;
-        checkpoint::load_varmap(
-            &trainee.varmap,
-            &weights,
-            &ckpt.dir.join("weights.safetensors"),
-        )?;
-        optimizer.load_state(
-            &ckpt.tensors("optimizer.safetensors", device)?,
-            ckpt.state.step,
-        )?;
-        if let Some(ema) = ema.as_mut() {
-            ema.load(&ckpt.tensors("ema.safetensors", device)?)?;
-        }
-        rng.set_word_pos(ckpt.state.rng_word_pos);
-        start_step = ckpt.state.step;
-        tracing::info!(
-            "unet: resumed from {} at step {start_step}",
-            ckpt.dir.display()
-        );
-    }
+    let config_json = super::config_json("unet", config)?;
+    let mut state = TrainState::new(&trainee.varmap, &mut optimizer, ema.as_mut(), &mut rng);
+    state.resume_from("unet", run.resume.as_deref(), &config_json, device)?;
 
     let world = SynthWorld::new(config.size, config.seed);
     let latent_channels = vae.config.latent_channels;
@@ -439,16 +428,7 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         let source_latents = both.narrow(0, 0, n)?;
         let target_latents = (both.narrow(0, n, n)? * scaling)?;
         let timesteps = &drawn.timesteps[rows.clone()];
-        let signal: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| alphas_cumprod[t].sqrt() as f32)
-            .collect();
-        let sigma: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| (1.0 - alphas_cumprod[t]).sqrt() as f32)
-            .collect();
-        let signal = Tensor::from_vec(signal, (n, 1, 1, 1), device)?;
-        let sigma = Tensor::from_vec(sigma, (n, 1, 1, 1), device)?;
+        let (signal, sigma) = noise_levels(&alphas_cumprod, timesteps, device)?;
         let noise = drawn.noise.narrow(0, first, n)?;
         let noisy = (target_latents.broadcast_mul(&signal)? + noise.broadcast_mul(&sigma)?)?;
         let keep_image = Tensor::from_vec(
@@ -521,23 +501,12 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
     let eval = |_step: usize| -> Result<serde_json::Value> {
         let (source_latents, target_latents, noise, timesteps, ids) = &validation;
         let b = timesteps.len();
-        let signal: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| alphas_cumprod[t.min(train_steps - 1)].sqrt() as f32)
-            .collect();
-        let sigma: Vec<f32> = timesteps
-            .iter()
-            .map(|&t| (1.0 - alphas_cumprod[t.min(train_steps - 1)]).sqrt() as f32)
-            .collect();
-        let signal = Tensor::from_vec(signal, (b, 1, 1, 1), device)?;
-        let sigma = Tensor::from_vec(sigma, (b, 1, 1, 1), device)?;
+        let timesteps: Vec<usize> = timesteps.iter().map(|&t| t.min(train_steps - 1)).collect();
+        let (signal, sigma) = noise_levels(&alphas_cumprod, &timesteps, device)?;
         let noisy = (target_latents.broadcast_mul(&signal)? + noise.broadcast_mul(&sigma)?)?;
         let context = trainee.text.forward(ids)?.detach();
         let t = Tensor::from_vec(
-            timesteps
-                .iter()
-                .map(|&t| t.min(train_steps - 1) as f32)
-                .collect::<Vec<_>>(),
+            timesteps.iter().map(|&t| t as f32).collect::<Vec<_>>(),
             b,
             device,
         )?;
@@ -560,23 +529,12 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         run.stop_after,
         config_json,
     );
-    let summary = super::train_loop(
-        &spec,
-        TrainState {
-            varmap: &trainee.varmap,
-            optimizer: &mut optimizer,
-            ema: ema.as_mut(),
-            rng: &mut rng,
-            start_step,
-        },
-        step,
-        eval,
-    )?;
+    let summary = super::train_loop(&spec, state, step, eval)?;
     let out = UnetSummary {
         final_loss: summary.final_loss,
         step: summary.reached,
         total_steps: config.steps,
-        steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
+        steps_per_second: summary.steps_per_second(),
         unet_parameters,
         text_parameters,
     };

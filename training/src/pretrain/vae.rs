@@ -209,30 +209,11 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
     }
     let params: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
     tracing::info!("vae: {params} trained parameters");
-    let mut optimizer = AdamW::new(
-        vars,
-        AdamWParams {
-            lr: config.lr,
-            ..AdamWParams::default()
-        },
-    )?;
+    let mut optimizer = AdamW::new(vars, AdamWParams::with_lr(config.lr))?;
     let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
-    let config_json = serde_json::to_value(config)
-        .map_err(|e| PretrainError::Config(format!("vae config: {e}")))?;
-    let mut start_step = 0;
-    if let Some(resume) = &run.resume {
-        let ckpt = checkpoint::resolve_same_run(resume, &config_json)?;
-        let weights = ckpt.tensors("weights.safetensors", device)?;
-        checkpoint::load_varmap(&varmap, &weights, &ckpt.dir.join("weights.safetensors"))?;
-        let opt = ckpt.tensors("optimizer.safetensors", device)?;
-        optimizer.load_state(&opt, ckpt.state.step)?;
-        rng.set_word_pos(ckpt.state.rng_word_pos);
-        start_step = ckpt.state.step;
-        tracing::info!(
-            "vae: resumed from {} at step {start_step}",
-            ckpt.dir.display()
-        );
-    }
+    let config_json = super::config_json("vae", config)?;
+    let mut state = TrainState::new(&varmap, &mut optimizer, None, &mut rng);
+    state.resume_from("vae", run.resume.as_deref(), &config_json, device)?;
     let spec = LoopSpec::cosine(
         &run.run_dir,
         "vae",
@@ -243,13 +224,7 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
     );
     let summary = super::train_loop(
         &spec,
-        TrainState {
-            varmap: &varmap,
-            optimizer: &mut optimizer,
-            ema: None,
-            rng: &mut rng,
-            start_step,
-        },
+        state,
         |rng| {
             let images = data::scene_batch(&world, rng, config.batch, device)?;
             let mut z = vae.encode_mode(&images)?;
@@ -287,7 +262,7 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
         total_steps: config.steps,
         psnr_db: psnr,
         scaling_factor,
-        steps_per_second: summary.steps as f64 / summary.seconds.max(1e-9),
+        steps_per_second: summary.steps_per_second(),
         model_dir,
     };
     write_json(&run.run_dir.join("vae.summary.json"), &out)?;

@@ -108,6 +108,25 @@ pub(super) fn insertion_place<R: Rng>(
     }
 }
 
+/// The edit that makes object `index` of `scene` into `new`.
+fn object_changed(
+    kind: EditKind,
+    mut scene: Scene,
+    index: usize,
+    new: Object,
+    instruction: String,
+) -> Edit {
+    let old = std::mem::replace(&mut scene.objects[index], new);
+    Edit {
+        kind,
+        instruction,
+        local_description: object_caption(&new),
+        result: scene,
+        changed: vec![old, new],
+        ambiguous: false,
+    }
+}
+
 /// Draws one feasible edit of `scene`; `None` only for a scene that allows none (never happens:
 /// an empty scene still allows insertion).
 pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
@@ -177,15 +196,7 @@ pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
                 3 => format!("change {target} into {thing}"),
                 _ => format!("put {thing} where {target} is"),
             };
-            result.objects[index] = new;
-            Edit {
-                kind,
-                instruction,
-                local_description: object_caption(&new),
-                result,
-                changed: vec![old, new],
-                ambiguous: false,
-            }
+            object_changed(kind, result, index, new, instruction)
         }
         EditKind::Transformation => {
             let index = rng.random_range(0..scene.objects.len());
@@ -230,15 +241,7 @@ pub fn random_edit<R: Rng>(scene: &Scene, rng: &mut R) -> Option<Edit> {
                 };
                 (new, pick(rng, phrasings).replace("{}", &target))
             };
-            result.objects[index] = new;
-            Edit {
-                kind,
-                instruction,
-                local_description: object_caption(&new),
-                result,
-                changed: vec![old, new],
-                ambiguous: false,
-            }
+            object_changed(kind, result, index, new, instruction)
         }
     };
     Some(edit)

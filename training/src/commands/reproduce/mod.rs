@@ -27,6 +27,7 @@ pub use spec::{SamplerSpec, SynthSpec};
 use table::{variant_title, SetInfo, Table, TestTable};
 pub use table::{verdict, Row, RunSummary, Verdict};
 
+use super::DdpoOverrides;
 use crate::ddpo::audit::reward_formula;
 use crate::ddpo::DdpoConfig;
 use crate::synth::DEFAULT_SIZE;
@@ -72,16 +73,12 @@ pub struct ReproduceArgs {
     /// model_index.json, else the synthetic world's default).
     #[arg(long)]
     pub size: Option<u32>,
-    /// DDPO starting values: `group` (our recipe), `cpu` or `paper` (Table 4).
+    /// DDPO starting values: `group` (our recipe), `cpu` or `paper` (Table 4). `logdir`,
+    /// `resume_from` and (unless --no-validation) `validation.dataset` are set by this command.
     #[arg(long, default_value = "group")]
     pub preset: String,
-    /// TOML file of DDPO config keys, applied over the preset.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// DDPO `key=value` override, repeatable, applied last. `logdir`, `resume_from` and (unless
-    /// --no-validation) `validation.dataset` are set by this command.
-    #[arg(long = "set", value_name = "KEY=VALUE")]
-    pub sets: Vec<String>,
+    #[command(flatten)]
+    pub overrides: DdpoOverrides,
     /// CPU threads for tensor work and synthesis (sets RAYON_NUM_THREADS; default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -281,11 +278,7 @@ fn sampler_spec(
 }
 
 fn validate_args(args: &ReproduceArgs) -> anyhow::Result<()> {
-    if let Some(threads) = args.threads {
-        anyhow::ensure!(threads > 0, "--threads must be at least 1");
-        // Read once, when candle's and gemm's thread pools start: before any tensor exists.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
+    super::set_tensor_threads(args.threads)?;
     anyhow::ensure!(
         !args.test_seeds.is_empty(),
         "--test-seed: give at least one"
@@ -320,7 +313,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
         None => model_training_size(&model_dir).unwrap_or(DEFAULT_SIZE),
     };
     anyhow::ensure!(size >= 12, "--size must be at least 12 pixels (got {size})");
-    let mut base_config = DdpoConfig::build(&args.preset, args.config.as_deref(), &args.sets)?;
+    let mut base_config = args.overrides.build(&args.preset)?;
     if !base_config.resume_from.is_empty() {
         tracing::warn!(
             resume_from = %base_config.resume_from,
