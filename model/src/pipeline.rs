@@ -141,7 +141,7 @@ pub struct InstructPix2Pix {
     pub default_scheduler: SchedulerKind,
     /// The guidance this model was tuned for (`model_index.json` → `rl4pix.sampling`), else
     /// InstructPix2Pix's 7.5 / 1.5.
-    pub sampling_defaults: SamplingDefaults,
+    pub guidance_defaults: GuidanceDefaults,
     pub model_dir: PathBuf,
     device: Device,
     dtype: DType,
@@ -150,12 +150,12 @@ pub struct InstructPix2Pix {
 /// Guidance scales a model folder recommends for itself: what `edit`, `eval` and the server use
 /// when a request does not say.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize, serde::Serialize)]
-pub struct SamplingDefaults {
+pub struct GuidanceDefaults {
     pub guidance_scale: f64,
     pub image_guidance_scale: f64,
 }
 
-impl Default for SamplingDefaults {
+impl Default for GuidanceDefaults {
     fn default() -> Self {
         let params = EditParams::default();
         Self {
@@ -165,10 +165,10 @@ impl Default for SamplingDefaults {
     }
 }
 
-/// Where [`SamplingDefaults`] live in `model_index.json`.
+/// Where [`GuidanceDefaults`] live in `model_index.json`.
 const SAMPLING_DEFAULTS_KEY: &str = "rl4pix.sampling";
 
-impl SamplingDefaults {
+impl GuidanceDefaults {
     fn from_index(index_path: &Path, section: Option<Rl4pixIndex>) -> Result<Self> {
         let defaults = section
             .and_then(|section| section.sampling)
@@ -200,7 +200,7 @@ struct ModelIndex {
 #[derive(serde::Deserialize)]
 struct Rl4pixIndex {
     #[serde(default)]
-    sampling: Option<SamplingDefaults>,
+    sampling: Option<GuidanceDefaults>,
 }
 
 impl InstructPix2Pix {
@@ -227,7 +227,7 @@ impl InstructPix2Pix {
                 ));
             }
         }
-        let sampling_defaults = SamplingDefaults::from_index(&index_path, index.rl4pix)?;
+        let guidance_defaults = GuidanceDefaults::from_index(&index_path, index.rl4pix)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
         let default_scheduler = match &scheduler_config.class_name {
@@ -257,7 +257,7 @@ impl InstructPix2Pix {
             unet,
             scheduler_config,
             default_scheduler,
-            sampling_defaults,
+            guidance_defaults,
             model_dir: dir.to_path_buf(),
             device: device.clone(),
             dtype,
@@ -278,13 +278,13 @@ impl InstructPix2Pix {
     }
 
     /// [`EditParams::default`] with the guidance scales the caller names, this model's own
-    /// ([`Self::sampling_defaults`]) otherwise.
+    /// ([`Self::guidance_defaults`]) otherwise.
     pub fn params_with_guidance(
         &self,
         guidance_scale: Option<f64>,
         image_guidance_scale: Option<f64>,
     ) -> EditParams {
-        let own = self.sampling_defaults;
+        let own = self.guidance_defaults;
         EditParams {
             guidance_scale: guidance_scale.unwrap_or(own.guidance_scale),
             image_guidance_scale: image_guidance_scale.unwrap_or(own.image_guidance_scale),

@@ -732,8 +732,8 @@ fn validation_keeps_the_best_adapter_and_the_model_guidance_is_used() {
     assert_eq!(
         (guidance.text, guidance.image),
         (
-            pipeline.sampling_defaults.guidance_scale,
-            pipeline.sampling_defaults.image_guidance_scale
+            pipeline.guidance_defaults.guidance_scale,
+            pipeline.guidance_defaults.image_guidance_scale
         )
     );
     trainer.set_validation(prompts[..2].to_vec()).unwrap();

@@ -232,7 +232,7 @@ fn tiny_instruct_pix2pix_learns_and_exports_a_loadable_model() {
             ..export::ExportOptions::default()
         },
         export::ExportOptions {
-            sampling: Some(rl4pix_model::pipeline::SamplingDefaults {
+            sampling: Some(rl4pix_model::pipeline::GuidanceDefaults {
                 guidance_scale: -1.0,
                 image_guidance_scale: 1.5,
             }),

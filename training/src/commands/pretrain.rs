@@ -203,7 +203,7 @@ pub fn run_export(args: PretrainExportArgs) -> anyhow::Result<()> {
         scheduler: args.scheduler,
         sampling: match (args.guidance_scale, args.image_guidance_scale) {
             (Some(guidance_scale), Some(image_guidance_scale)) => {
-                Some(rl4pix_model::pipeline::SamplingDefaults {
+                Some(rl4pix_model::pipeline::GuidanceDefaults {
                     guidance_scale,
                     image_guidance_scale,
                 })

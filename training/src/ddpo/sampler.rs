@@ -93,8 +93,8 @@ impl Guidance {
     ) -> Self {
         if sample.use_model_guidance {
             Self {
-                text: pipeline.sampling_defaults.guidance_scale,
-                image: pipeline.sampling_defaults.image_guidance_scale,
+                text: pipeline.guidance_defaults.guidance_scale,
+                image: pipeline.guidance_defaults.image_guidance_scale,
             }
         } else {
             Self {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use rl4pix_model::pipeline::{InstructPix2Pix, SamplingDefaults};
+use rl4pix_model::pipeline::{InstructPix2Pix, GuidanceDefaults};
 use rl4pix_model::scheduler::SchedulerKind;
 use serde_json::json;
 
@@ -58,7 +58,7 @@ pub struct ExportOptions {
     /// schedule and prediction type are the training run's either way.
     pub scheduler: Option<SchedulerKind>,
     /// Guidance the model recommends for itself (`model_index.json` -> `rl4pix.sampling`).
-    pub sampling: Option<SamplingDefaults>,
+    pub sampling: Option<GuidanceDefaults>,
 }
 
 impl Default for ExportOptions {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use rl4pix_model::pipeline::{InstructPix2Pix, SamplingDefaults};
+use rl4pix_model::pipeline::{InstructPix2Pix, GuidanceDefaults};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -240,7 +240,7 @@ fn resolve_clip(args: &ReproduceArgs, model_dir: &Path) -> Option<PathBuf> {
 fn sampler_spec(
     args: &ReproduceArgs,
     config: &DdpoConfig,
-    model_sampling: SamplingDefaults,
+    model_guidance: GuidanceDefaults,
 ) -> SamplerSpec {
     match args.eval_sampler {
         EvalSampler::Eval => SamplerSpec {
@@ -248,15 +248,15 @@ fn sampler_spec(
             scheduler: None,
             eta: 0.0,
             steps: args.steps,
-            guidance_scale: model_sampling.guidance_scale,
-            image_guidance_scale: model_sampling.image_guidance_scale,
+            guidance_scale: model_guidance.guidance_scale,
+            image_guidance_scale: model_guidance.image_guidance_scale,
             seed: args.eval_seed,
         },
         EvalSampler::Policy => {
             let (text, image) = if config.sample.use_model_guidance {
                 (
-                    model_sampling.guidance_scale,
-                    model_sampling.image_guidance_scale,
+                    model_guidance.guidance_scale,
+                    model_guidance.image_guidance_scale,
                 )
             } else {
                 (
@@ -365,7 +365,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
     let pipeline = InstructPix2Pix::load(&model_dir, &Device::Cpu)
         .with_context(|| format!("loading model {}", model_dir.display()))?;
     let fingerprint = pipeline.unet.fingerprint().to_string();
-    let model_sampling = pipeline.sampling_defaults;
+    let model_guidance = pipeline.guidance_defaults;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut runs = Vec::new();
     for variant in &variants {
@@ -387,7 +387,7 @@ pub fn run(args: ReproduceArgs) -> anyhow::Result<()> {
     }
     drop(pipeline);
 
-    let sampler = sampler_spec(&args, &base_config, model_sampling);
+    let sampler = sampler_spec(&args, &base_config, model_guidance);
     let mut test_tables = Vec::new();
     let mut passing: Vec<String> = runs.iter().map(|r| r.name.clone()).collect();
     for (dir, spec) in &tests {
