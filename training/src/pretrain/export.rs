@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use rl4pix_model::pipeline::{InstructPix2Pix, GuidanceDefaults};
+use rl4pix_model::pipeline::{GuidanceDefaults, InstructPix2Pix};
 use rl4pix_model::scheduler::SchedulerKind;
 use serde_json::json;
 

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use candle_core::Device;
-use rl4pix_model::pipeline::{InstructPix2Pix, GuidanceDefaults};
+use rl4pix_model::pipeline::{GuidanceDefaults, InstructPix2Pix};
 use serde::Serialize;
 use serde_json::Value;
 
