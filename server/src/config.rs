@@ -46,11 +46,10 @@ pub struct Args {
     #[arg(long, env = "RL4PIX_MODEL", default_value_os_t = default_model_dir())]
     pub model: PathBuf,
     /// Folder of LoRA adapters (`*.safetensors`, name = file stem), loaded at start and
-    /// watched (with the embedded default model and no flag: the shipped `model/assets/adapters`,
-    /// read-only);
     /// watched: new, replaced and removed files are picked up while serving. Or an object
     /// store every replica reads (`s3://bucket/prefix`, `file:///folder`, `gs://bucket/prefix`
-    /// with the `gcs` feature), polled every `--adapter-poll-s`.
+    /// with the `gcs` feature), polled every `--adapter-poll-s`. With the embedded default
+    /// model and no flag: the shipped `model/assets/adapters`, read-only.
     #[arg(long, env = "RL4PIX_ADAPTERS")]
     pub adapters: Option<PathBuf>,
     /// With an object store: seconds between listings of it.

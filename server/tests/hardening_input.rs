@@ -595,18 +595,24 @@ async fn refused_busy(r: reqwest::Response, flag: &str) {
     assert!(body["error"].as_str().unwrap().contains(flag), "{body}");
 }
 
+/// The cost of a 40x24, 900-step edit: the largest one edit may cost under [`cost_budget`].
+const BIG_EDIT: u64 = 40 * 24 * 900;
+
+/// One edit at a time; the queue holds three big edits, one client one and small ones.
+fn cost_budget(args: &mut rl4pix_server::Args) {
+    args.max_batch_size = 1;
+    args.max_steps = 900;
+    args.max_edit_cost = Some(BIG_EDIT);
+    args.max_queued_cost = Some(3 * BIG_EDIT);
+    args.max_client_share = 0.5;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_are_charged_steps_times_pixels_per_edit_per_client_and_in_all() {
-    let big = 40 * 24 * 900u64;
     let TestServer { server, url, http } = TestServer::start(|args| {
-        args.max_batch_size = 1;
-        args.max_steps = 900;
+        cost_budget(args);
         args.api_key = Some(ADMIN_KEY.into());
         args.openai_api_key = Some("second-key".into());
-        args.max_edit_cost = Some(big);
-        args.max_queued_cost = Some(3 * big);
-        // One client: one big edit and small ones.
-        args.max_client_share = 0.5;
     })
     .await;
 
@@ -709,15 +715,7 @@ async fn finished_results_and_attention_maps_are_bounded_by_bytes() {
 /// ConnectInfo (without it, both would share one "unknown" client and the second be refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_peer_address_is_its_own_client() {
-    let mut args = test_args();
-    args.max_batch_size = 1;
-    args.max_steps = 900;
-    let big = 40 * 24 * 900u64;
-    args.max_edit_cost = Some(big);
-    args.max_queued_cost = Some(3 * big);
-    args.max_client_share = 0.5;
-    let server = start(args).await;
-    let url = server.url();
+    let TestServer { server, url, .. } = TestServer::start(cost_budget).await;
     let from = |ip: [u8; 4]| {
         reqwest::Client::builder()
             .local_address(std::net::IpAddr::from(ip))
@@ -733,11 +731,7 @@ async fn each_peer_address_is_its_own_client() {
     .await;
     let other = job_id(submit_async(&second, &url, None, (40, 24), 900).await).await;
     for id in [&running, &other] {
-        let r = first
-            .delete(format!("{url}/jobs/{id}"))
-            .send()
-            .await
-            .unwrap();
+        let r = delete(&first, &format!("{url}/jobs/{id}")).await;
         assert_eq!(r.status(), 200);
     }
     server.shutdown().await.unwrap();

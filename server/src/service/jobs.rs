@@ -86,18 +86,16 @@ impl Service {
     /// events still get the last one. Returns the job's last state.
     pub fn cancel_job(&self, id: &str) -> Result<JobSnapshot, ServiceError> {
         let record = self.job(id)?;
-        if record.finished().is_some() {
-            self.jobs.forget(id);
-            return Ok(record.snapshot(&self.queue));
+        if record.finished().is_none() {
+            record.cancel.cancel();
+            if self.queue.remove(id) {
+                tracing::info!(job = %log_id(id), "queued job cancelled");
+            } else {
+                tracing::info!(job = %log_id(id), "running job cancelled; its batch stops at the next step unless others in it are still wanted");
+            }
+            // Loses only to an outcome that arrived first; the answer then shows that one.
+            self.jobs.finish(&record, Outcome::Cancelled);
         }
-        record.cancel.cancel();
-        if self.queue.remove(id) {
-            tracing::info!(job = %log_id(id), "queued job cancelled");
-        } else {
-            tracing::info!(job = %log_id(id), "running job cancelled; its batch stops at the next step unless others in it are still wanted");
-        }
-        // Loses only to an outcome that arrived first; the answer then shows that one.
-        self.jobs.finish(&record, Outcome::Cancelled);
         self.jobs.forget(id);
         Ok(record.snapshot(&self.queue))
     }
