@@ -14,7 +14,7 @@ impl AdapterRegistry {
     /// the new version in. A refused file changes nothing.
     pub fn add_bytes(&self, name: &str, bytes: &[u8]) -> Result<AdapterInfo, AdapterError> {
         validate_name(name).map_err(AdapterError::InvalidName)?;
-        let dest = self.path_of(name).ok_or(AdapterError::NoFolder)?;
+        let dest = self.writable_path(name)?;
         let adapter = self
             .validate(name, bytes)
             .map_err(|failure| match failure {
@@ -40,9 +40,8 @@ impl AdapterRegistry {
     /// `<name>.safetensors` unless it is that file already, which is then read now.
     pub fn add_from_path(&self, name: &str, relative: &str) -> Result<AdapterInfo, AdapterError> {
         validate_name(name).map_err(AdapterError::InvalidName)?;
-        let dir = self.dir.as_ref().ok_or(AdapterError::NoFolder)?;
-        let source = resolve_inside(dir, relative)?;
-        let dest = self.path_of(name).ok_or(AdapterError::NoFolder)?;
+        let source = resolve_inside(self.writable_dir()?, relative)?;
+        let dest = self.writable_path(name)?;
         if dest.canonicalize().ok().as_deref() == Some(source.as_path()) {
             let lock = self.file_lock(name);
             let _files = hold(&lock);
@@ -87,7 +86,7 @@ impl AdapterRegistry {
     /// whether it was the default (which is then cleared).
     pub fn remove(&self, name: &str) -> Result<bool, AdapterError> {
         validate_name(name).map_err(AdapterError::InvalidName)?;
-        let path = self.path_of(name).ok_or(AdapterError::NoFolder)?;
+        let path = self.writable_path(name)?;
         let lock = self.file_lock(name);
         let _files = hold(&lock);
         let had_file = match std::fs::remove_file(&path) {

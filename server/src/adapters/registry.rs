@@ -200,10 +200,6 @@ impl AdapterRegistry {
         let _ = self.store.set(url);
     }
 
-    pub fn read_only(&self) -> bool {
-        self.read_only
-    }
-
     pub fn store(&self) -> Option<&str> {
         self.store.get().map(String::as_str)
     }
@@ -239,6 +235,25 @@ impl AdapterRegistry {
             SyncOutcome::Failed => unavailable(failed),
             _ => Ok(()),
         }
+    }
+
+    /// The folder the admin routes may write to and delete from: one of our own, not an object
+    /// store's cache (a file written there reaches one replica) nor the shipped adapters.
+    pub fn writable_dir(&self) -> Result<&Path, AdapterError> {
+        if let Some(url) = self.store() {
+            return Err(AdapterError::InObjectStore(url.to_string()));
+        }
+        if self.read_only {
+            return Err(AdapterError::Shipped);
+        }
+        self.dir.as_deref().ok_or(AdapterError::NoFolder)
+    }
+
+    /// `name`'s file in [`Self::writable_dir`].
+    pub(super) fn writable_path(&self, name: &str) -> Result<PathBuf, AdapterError> {
+        Ok(self
+            .writable_dir()?
+            .join(format!("{name}.{ADAPTER_EXTENSION}")))
     }
 
     pub(super) fn path_of(&self, name: &str) -> Option<PathBuf> {

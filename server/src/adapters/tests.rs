@@ -350,3 +350,33 @@ fn a_file_over_the_size_limit_is_refused_from_its_metadata_without_being_read() 
         "no absolute path: {reason}"
     );
 }
+
+#[test]
+fn the_shipped_folder_is_served_but_never_written_or_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), "shipped", "ok 10");
+    let r = AdapterRegistry::new(&AdapterSettings {
+        dir: Some(dir.path().to_path_buf()),
+        read_only: true,
+        max_adapters: 4,
+        max_adapter_bytes: 1000,
+        debounce: Duration::from_millis(10),
+        reloads_per_min: 1000,
+        min_resident: Duration::ZERO,
+    })
+    .unwrap();
+    r.set_loader(Arc::new(FakeLoader));
+    r.load_folder();
+    assert_eq!(status(&r, "shipped"), "loaded");
+    assert!(matches!(
+        r.add_bytes("new", b"ok 5"),
+        Err(AdapterError::Shipped)
+    ));
+    assert!(matches!(
+        r.add_from_path("copy", "shipped.safetensors"),
+        Err(AdapterError::Shipped)
+    ));
+    assert!(matches!(r.remove("shipped"), Err(AdapterError::Shipped)));
+    assert!(dir.path().join("shipped.safetensors").is_file());
+    assert!(!dir.path().join("new.safetensors").exists());
+}

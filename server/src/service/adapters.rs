@@ -17,20 +17,13 @@ impl Service {
     }
 
     /// Adding or removing needs a folder of our own (`--adapters`): not an object store's
-    /// cache, not the shipped adapters.
+    /// cache, not the shipped adapters. Checked before an upload's body is read; the registry
+    /// checks again when it writes.
     pub fn check_adapters_folder(&self) -> Result<(), ServiceError> {
-        if let Some(url) = self.adapters.store() {
-            return Err(ServiceError::from_admin(AdapterError::InObjectStore(
-                url.to_string(),
-            )));
-        }
-        if self.adapters.read_only() {
-            return Err(ServiceError::from_admin(AdapterError::Shipped));
-        }
-        match self.adapters.dir() {
-            Some(_) => Ok(()),
-            None => Err(ServiceError::from_admin(AdapterError::NoFolder)),
-        }
+        self.adapters
+            .writable_dir()
+            .map(drop)
+            .map_err(ServiceError::from_admin)
     }
 
     /// Validates `file` against the base, then writes it as the new version of `name`.
