@@ -10,6 +10,8 @@ Run with the project's Python environment, e.g.
 random (diffusers' default init). `--backward` attaches rank-4 LoRA (PEFT, alpha 4) to
 to_q/to_k/to_v/to_out.0 with the base frozen and times forward + backward of
 mean(output^2). The last line printed is `ms_per_iter X` (median over the timed iterations).
+`edit --model DIR --image PNG --steps 20` times one whole InstructPix2Pix pipeline edit (load
+included) and prints per_step_ms, fixed_ms, peak_rss_mib and total_ms, as `rl4pix-bench edit`.
 `--flops` also prints `gflop X`: the forward's FLOPs counted by torch.utils.flop_counter
 (2 per multiply-add, matmuls, convolutions and attention only). `--device cuda:0 --dtype f16`
 times the same on a GPU in half precision (each step waits for the GPU to finish).
@@ -131,6 +133,49 @@ def bench_unet(args):
     print(f"ms_per_iter {statistics.median(times):.3f}")
 
 
+def bench_edit(args):
+    """One whole StableDiffusionInstructPix2PixPipeline edit, load included, as `rl4pix-bench
+    edit` times it: half-precision files are upcast to float32 at load (the CPU pipeline)."""
+    import resource
+    from pathlib import Path
+
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from PIL import Image
+
+    start = time.perf_counter()
+    variant = "fp16" if any(Path(args.model).glob("unet/*.fp16.safetensors")) else None
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+        args.model, variant=variant, torch_dtype=torch.float32, safety_checker=None
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.open(args.image).convert("RGB")
+    load = time.perf_counter() - start
+    marks = []
+
+    def on_step(_pipe, _step, _timestep, kwargs):
+        marks.append(time.perf_counter())
+        return kwargs
+
+    with torch.no_grad():
+        pipe(
+            "turn the sky into a starry night",
+            image=image,
+            num_inference_steps=args.steps,
+            guidance_scale=7.5,
+            image_guidance_scale=1.5,
+            generator=torch.Generator().manual_seed(0),
+            callback_on_step_end=on_step,
+        )
+    total = time.perf_counter() - start
+    per_step = (marks[-1] - marks[0]) / (len(marks) - 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(f"load_ms {load * 1000:.1f}")
+    print(f"per_step_ms {per_step * 1000:.1f}")
+    print(f"fixed_ms {(total - len(marks) * per_step) * 1000:.1f}")
+    print(f"peak_rss_mib {peak:.1f}")
+    print(f"total_ms {total * 1000:.1f}")
+
+
 def bench_sgemm(args):
     a = torch.randn(args.size, args.size)
     b = torch.randn(args.size, args.size)
@@ -160,11 +205,18 @@ def main():
     sgemm.add_argument("--size", type=int, default=2048)
     sgemm.add_argument("--iters", type=int, default=5)
     sgemm.add_argument("--threads", type=int, default=0)
+    edit = sub.add_parser("edit")
+    edit.add_argument("--model", required=True, help="a diffusers InstructPix2Pix folder")
+    edit.add_argument("--image", required=True)
+    edit.add_argument("--steps", type=int, default=20)
+    edit.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.command == "unet":
         bench_unet(args)
+    elif args.command == "edit":
+        bench_edit(args)
     else:
         bench_sgemm(args)
 

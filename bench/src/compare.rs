@@ -98,14 +98,14 @@ struct Measured {
 }
 
 /// The last line `key X` of a child's stdout.
-fn parse_value(stdout: &str, key: &str) -> Option<f64> {
+pub(crate) fn parse_value(stdout: &str, key: &str) -> Option<f64> {
     stdout
         .lines()
         .rev()
         .find_map(|line| line.strip_prefix(key)?.trim().parse().ok())
 }
 
-fn run_child(mut cmd: Command, what: &str) -> Result<String> {
+pub(crate) fn run_child(mut cmd: Command, what: &str) -> Result<String> {
     let output = cmd
         .output()
         .with_context(|| format!("starting {what}: {cmd:?}"))?;

@@ -6,6 +6,7 @@
 //! markdown table.
 
 mod compare;
+mod edit_bench;
 mod random_pipeline;
 mod unet_bench;
 
@@ -52,6 +53,10 @@ enum Cmd {
     },
     /// Run Candle and diffusers over the standard rows and print a markdown table.
     Compare(compare::CompareArgs),
+    /// Time one whole edit (load, text encoder, VAE, every step) and its peak memory.
+    Edit(edit_bench::EditArgs),
+    /// Alternate `edit` with diffusers' pipeline on the same folder and print both sides' best.
+    CompareEdit(edit_bench::CompareEditArgs),
     /// Write a model folder with random weights of given architectures (default: SD-1.5's).
     RandomPipeline(random_pipeline::RandomPipelineArgs),
 }
@@ -91,6 +96,8 @@ fn main() -> Result<()> {
             println!("ms_per_iter {ms:.3}");
         }
         Cmd::Compare(args) => compare::run(&args)?,
+        Cmd::Edit(args) => edit_bench::run(&args)?,
+        Cmd::CompareEdit(args) => edit_bench::compare(&args)?,
         Cmd::RandomPipeline(args) => random_pipeline::run(&args)?,
     }
     Ok(())

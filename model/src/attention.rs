@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::lora::{ActiveAdapters, LoraLinear, ProjectionTable};
@@ -314,12 +314,14 @@ impl Transformer2DModel {
     }
 
     /// The projection's weight as an (out, in) matrix (a 1x1 kernel is one).
-    fn projection_matrix(p: &Projection) -> Result<(Tensor, Option<Tensor>)> {
+    /// In `dtype`, widened from the stored precision (see [`ops::widen`]).
+    fn projection_matrix(p: &Projection, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
         Ok(match p {
-            Projection::Linear(lin) => (lin.weight().clone(), lin.bias().cloned()),
+            Projection::Linear(lin) => (ops::widen(lin.weight(), dtype)?, lin.bias().cloned()),
             Projection::Conv(conv) => {
                 let (o, i, _, _) = conv.weight().dims4()?;
-                (conv.weight().reshape((o, i))?, conv.bias().cloned())
+                let weight = ops::widen(conv.weight(), dtype)?;
+                (weight.reshape((o, i))?, conv.bias().cloned())
             }
         })
     }
@@ -331,7 +333,7 @@ impl Transformer2DModel {
         // map through strides; no permuted copy is made.
         let fast = ops::fast_path(xs);
         let mut tokens = if fast {
-            let (weight, bias) = Self::projection_matrix(&self.proj_in)?;
+            let (weight, bias) = Self::projection_matrix(&self.proj_in, xs.dtype())?;
             ops::linear::project(
                 &normed.reshape((b, c, h * w))?,
                 &weight,
@@ -357,7 +359,7 @@ impl Transformer2DModel {
         }
         let inner = tokens.dim(2)?;
         let out = if fast {
-            let (weight, bias) = Self::projection_matrix(&self.proj_out)?;
+            let (weight, bias) = Self::projection_matrix(&self.proj_out, xs.dtype())?;
             ops::linear::project(
                 &tokens,
                 &weight,

@@ -339,7 +339,13 @@ impl ClipModel {
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let config = ClipConfig::from_file(&dir.join("config.json"))?;
         let weights = crate::weights::find_weight_file(dir)?;
-        let vb = crate::weights::var_builder_from_file(&weights, DType::F32, device)?;
+        // The metric's own layers read their weights directly: keep them all in f32.
+        let vb = crate::weights::var_builder_with_storage(
+            &weights,
+            DType::F32,
+            crate::weights::WeightStorage::Compute,
+            device,
+        )?;
         Self::new(vb, &config).map_err(|e| match e {
             ModelError::Candle(e) => ModelError::Weights {
                 path: weights,

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 /// One LoRA pair prepared for the forward pass: `A^T` (in, r) and `s * B^T` (r, out).
@@ -69,7 +69,7 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, xs: &Tensor, adapters: ActiveAdapters) -> Result<Tensor> {
-        let mut ys = self.base.forward(xs)?;
+        let mut ys = crate::ops::modules::composed_linear(&self.base, xs)?;
         for adapter in adapters {
             if let Some(Some(delta)) = adapter.deltas.get(self.slot) {
                 ys = (ys + delta.apply(xs)?)?;

@@ -23,6 +23,7 @@ use crate::text_encoder::ClipTextEncoder;
 use crate::tokenizer::{ClipTokenizer, TokenizedPrompt};
 use crate::unet::UNet2DConditionModel;
 use crate::vae::AutoencoderKl;
+use crate::weights::WeightStorage;
 
 /// Settings of one edit. Defaults are InstructPix2Pix's.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,6 +211,17 @@ impl InstructPix2Pix {
     }
 
     pub fn load_with_dtype(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_storage(dir, device, dtype, WeightStorage::default())
+    }
+
+    /// Loads with the weights held as `storage` says: by default an f16 checkpoint stays f16 in
+    /// memory and each layer widens its weight as it runs, with outputs equal to an f32 load.
+    pub fn load_with_storage(
+        dir: &Path,
+        device: &Device,
+        dtype: DType,
+        storage: WeightStorage,
+    ) -> Result<Self> {
         if !dir.is_dir() {
             return Err(ModelError::InvalidArgument(format!(
                 "model folder {} does not exist (expected the diffusers layout: model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)",
@@ -236,9 +248,11 @@ impl InstructPix2Pix {
             None => SchedulerKind::EulerAncestral,
         };
         let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
-        let text_encoder = ClipTextEncoder::load(&dir.join("text_encoder"), dtype, device)?;
-        let vae = AutoencoderKl::load(&dir.join("vae"), dtype, device)?;
-        let unet = UNet2DConditionModel::load(&dir.join("unet"), dtype, device)?;
+        let text_encoder =
+            ClipTextEncoder::load_with_storage(&dir.join("text_encoder"), dtype, storage, device)?;
+        let vae = AutoencoderKl::load_with_storage(&dir.join("vae"), dtype, storage, device)?;
+        let unet =
+            UNet2DConditionModel::load_with_storage(&dir.join("unet"), dtype, storage, device)?;
         let latent_channels = vae.config.latent_channels;
         if unet.config.in_channels != 2 * latent_channels {
             return Err(crate::config::unsupported(

@@ -62,16 +62,23 @@ impl ResnetBlock2D {
     /// `temb` is the already computed time embedding (B, temb_channels), before the SiLU this
     /// block applies.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let normed = self.norm1.forward_silu(xs)?;
-        // The time embedding enters as a per-sample bias of conv1.
-        let h = match (&self.time_emb_proj, temb) {
-            (Some(proj), Some(temb)) => {
-                let t = proj.forward(&temb.silu()?)?;
-                self.conv1.forward_with_sample_bias(&normed, &t)?
+        // Each intermediate is dropped as soon as the next exists (a shadowed binding would live
+        // to the end of the function): at a VAE's full resolution they are hundreds of MB each.
+        let h = {
+            let normed = self.norm1.forward_silu(xs)?;
+            // The time embedding enters as a per-sample bias of conv1.
+            match (&self.time_emb_proj, temb) {
+                (Some(proj), Some(temb)) => {
+                    let t = proj.forward(&temb.silu()?)?;
+                    self.conv1.forward_with_sample_bias(&normed, &t)?
+                }
+                _ => self.conv1.forward(&normed)?,
             }
-            _ => self.conv1.forward(&normed)?,
         };
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        let activated = self.norm2.forward_silu(&h)?;
+        drop(h);
+        let h = self.conv2.forward(&activated)?;
+        drop(activated);
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

@@ -9,11 +9,14 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use crate::ops::modules::composed_linear;
 use serde::Deserialize;
 use serde_json::Value;
 
 use crate::config::unsupported;
 use crate::error::{ModelError, Result};
+use crate::weights::WeightStorage;
 
 /// The text tower's `config.json` fields (transformers' `CLIPTextConfig`, with its defaults).
 #[derive(Debug, Clone, Deserialize)]
@@ -211,6 +214,8 @@ struct TextEmbeddings {
     token_embedding: Embedding,
     position_embedding: Embedding,
     max_positions: usize,
+    /// The compute dtype (the tables may be kept narrower, see `WeightStorage`).
+    dtype: DType,
 }
 
 impl TextEmbeddings {
@@ -227,6 +232,7 @@ impl TextEmbeddings {
                 vb.pp("position_embedding"),
             )?,
             max_positions: cfg.max_position_embeddings,
+            dtype: vb.dtype(),
         })
     }
 
@@ -239,9 +245,14 @@ impl TextEmbeddings {
             );
         }
         let positions = Tensor::arange(0u32, seq_len as u32, ids.device())?;
-        let position_embeds = self.position_embedding.forward(&positions)?.unsqueeze(0)?;
+        let position_embeds = self
+            .position_embedding
+            .forward(&positions)?
+            .to_dtype(self.dtype)?
+            .unsqueeze(0)?;
         self.token_embedding
             .forward(ids)?
+            .to_dtype(self.dtype)?
             .broadcast_add(&position_embeds)
     }
 }
@@ -272,7 +283,7 @@ impl SelfAttention {
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> candle_core::Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let heads = |proj: &Linear| -> candle_core::Result<Tensor> {
-            proj.forward(xs)?
+            composed_linear(proj, xs)?
                 .reshape((b, t, self.num_heads, self.head_dim))?
                 .transpose(1, 2)?
                 .contiguous()
@@ -287,7 +298,7 @@ impl SelfAttention {
         let scores = scores.to_dtype(DType::F32)?.broadcast_add(causal_mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        self.out_proj.forward(&out)
+        composed_linear(&self.out_proj, &out)
     }
 }
 
@@ -323,8 +334,8 @@ impl EncoderLayer {
             .self_attn
             .forward(&self.layer_norm1.forward(xs)?, causal_mask)?;
         let xs = (xs + attn)?;
-        let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
-        let mlp = self.fc2.forward(&self.activation.apply(&hidden)?)?;
+        let hidden = composed_linear(&self.fc1, &self.layer_norm2.forward(&xs)?)?;
+        let mlp = composed_linear(&self.fc2, &self.activation.apply(&hidden)?)?;
         xs + mlp
     }
 }
@@ -435,9 +446,19 @@ pub struct ClipTextEncoder {
 
 impl ClipTextEncoder {
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_storage(dir, dtype, WeightStorage::default(), device)
+    }
+
+    /// [`Self::load`] with the weights held as `storage` says.
+    pub fn load_with_storage(
+        dir: &Path,
+        dtype: DType,
+        storage: WeightStorage,
+        device: &Device,
+    ) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
         let weight_file = crate::weights::find_weight_file(dir)?;
-        let vb = crate::weights::var_builder_from_file(&weight_file, dtype, device)?;
+        let vb = crate::weights::var_builder_with_storage(&weight_file, dtype, storage, device)?;
         // Checkpoints written before transformers 5 nest everything under `text_model.`; 5.x
         // writes `CLIPTextModel` keys from the root.
         let vb = if vb.contains_tensor("text_model.final_layer_norm.weight") {

@@ -16,6 +16,7 @@ use crate::lora::{ProjectionTable, ResolvedAdapter};
 use crate::ops::modules::{Conv2d, GroupNorm};
 use crate::resnet::ResnetConfig;
 use crate::unet_blocks::{BlockConfig, DownBlock, MidBlock, UpBlock, UpBlockChannels};
+use crate::weights::WeightStorage;
 
 /// A config value diffusers accepts either as one number or as one number per block.
 #[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq)]
@@ -316,10 +317,20 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Loads `unet/config.json` and the weights next to it.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_storage(dir, dtype, WeightStorage::default(), device)
+    }
+
+    /// [`Self::load`] with the weights held as `storage` says.
+    pub fn load_with_storage(
+        dir: &Path,
+        dtype: DType,
+        storage: WeightStorage,
+        device: &Device,
+    ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: UNetConfig = read_json(&config_path)?;
         let weights = crate::weights::find_weight_file(dir)?;
-        let vb = crate::weights::var_builder_from_file(&weights, dtype, device)?;
+        let vb = crate::weights::var_builder_with_storage(&weights, dtype, storage, device)?;
         Self::new(vb, config, &config_path).map_err(|e| match e {
             ModelError::Candle(err) => ModelError::Weights {
                 path: weights.clone(),

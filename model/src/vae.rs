@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::ops::modules::{Conv2d, GroupNorm, Linear};
 use serde::Deserialize;
 
 use crate::attention::softmax_last_dim;
@@ -12,7 +14,7 @@ use crate::config::{read_json, unsupported};
 use crate::error::{ModelError, Result};
 use crate::resample::{Downsample2D, Upsample2D};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::weights::{find_weight_file, var_builder_from_file};
+use crate::weights::{find_weight_file, var_builder_with_storage, WeightStorage};
 
 /// diffusers hard-codes this epsilon for every norm inside the VAE.
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -191,7 +193,7 @@ fn conv3x3(vb: VarBuilder, in_channels: usize, out_channels: usize) -> candle_co
         padding: 1,
         ..Default::default()
     };
-    conv2d(in_channels, out_channels, 3, cfg, vb)
+    Conv2d::new(vb, in_channels, out_channels, 3, cfg)
 }
 
 /// Single-head self-attention over all H*W positions with a residual connection (diffusers'
@@ -215,11 +217,11 @@ impl SpatialSelfAttention {
             ["to_q", "to_k", "to_v", "to_out.0"]
         };
         Ok(Self {
-            group_norm: group_norm(groups, channels, VAE_NORM_EPS, vb.pp("group_norm"))?,
-            to_q: linear(channels, channels, vb.pp(q))?,
-            to_k: linear(channels, channels, vb.pp(k))?,
-            to_v: linear(channels, channels, vb.pp(v))?,
-            to_out: linear(channels, channels, vb.pp(out))?,
+            group_norm: GroupNorm::new(vb.pp("group_norm"), groups, channels, VAE_NORM_EPS)?,
+            to_q: Linear::new(vb.pp(q), channels, channels)?,
+            to_k: Linear::new(vb.pp(k), channels, channels)?,
+            to_v: Linear::new(vb.pp(v), channels, channels)?,
+            to_out: Linear::new(vb.pp(out), channels, channels)?,
             scale: 1.0 / (channels as f64).sqrt(),
         })
     }
@@ -388,11 +390,11 @@ impl Encoder {
             conv_in: conv3x3(vb.pp("conv_in"), cfg.in_channels, channels[0])?,
             down_blocks,
             mid_block: MidBlock::new(vb.pp("mid_block"), top, cfg)?,
-            conv_norm_out: group_norm(
+            conv_norm_out: GroupNorm::new(
+                vb.pp("conv_norm_out"),
                 cfg.norm_num_groups,
                 top,
                 VAE_NORM_EPS,
-                vb.pp("conv_norm_out"),
             )?,
             conv_out: conv3x3(vb.pp("conv_out"), top, 2 * cfg.latent_channels)?,
         })
@@ -406,7 +408,7 @@ impl Encoder {
         }
         let xs = self.mid_block.forward(&xs)?;
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -452,11 +454,11 @@ impl Decoder {
             conv_in: conv3x3(vb.pp("conv_in"), cfg.latent_channels, top)?,
             mid_block: MidBlock::new(vb.pp("mid_block"), top, cfg)?,
             up_blocks,
-            conv_norm_out: group_norm(
+            conv_norm_out: GroupNorm::new(
+                vb.pp("conv_norm_out"),
                 cfg.norm_num_groups,
                 channels[0],
                 VAE_NORM_EPS,
-                vb.pp("conv_norm_out"),
             )?,
             conv_out: conv3x3(vb.pp("conv_out"), channels[0], cfg.out_channels)?,
         })
@@ -469,7 +471,7 @@ impl Decoder {
             xs = block.forward(&xs)?;
         }
         self.conv_out
-            .forward(&self.conv_norm_out.forward(&xs)?.silu()?)
+            .forward(&self.conv_norm_out.forward_silu(&xs)?)
     }
 }
 
@@ -489,24 +491,24 @@ impl AutoencoderKl {
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
         let moments = 2 * cfg.latent_channels;
         let quant_conv = if cfg.use_quant_conv {
-            Some(conv2d(
+            Some(Conv2d::new(
+                vb.pp("quant_conv"),
                 moments,
                 moments,
                 1,
                 Default::default(),
-                vb.pp("quant_conv"),
             )?)
         } else {
             None
         };
         let post_quant_conv = if cfg.use_post_quant_conv {
             let latent = cfg.latent_channels;
-            Some(conv2d(
+            Some(Conv2d::new(
+                vb.pp("post_quant_conv"),
                 latent,
                 latent,
                 1,
                 Default::default(),
-                vb.pp("post_quant_conv"),
             )?)
         } else {
             None
@@ -523,9 +525,19 @@ impl AutoencoderKl {
     /// Loads `dir/config.json` and the weight file beside it; weight errors name the file and
     /// the tensor.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_storage(dir, dtype, WeightStorage::default(), device)
+    }
+
+    /// [`Self::load`] with the weights held as `storage` says.
+    pub fn load_with_storage(
+        dir: &Path,
+        dtype: DType,
+        storage: WeightStorage,
+        device: &Device,
+    ) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
         let weight_file = find_weight_file(dir)?;
-        let vb = var_builder_from_file(&weight_file, dtype, device)?;
+        let vb = var_builder_with_storage(&weight_file, dtype, storage, device)?;
         Self::new(vb, config).map_err(|e| ModelError::Weights {
             path: weight_file,
             message: e.to_string(),

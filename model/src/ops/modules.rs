@@ -5,7 +5,16 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::fast_path;
+use super::{fast_path, widen};
+
+/// `lin(xs)` with candle's composed ops, the weight widened to the input's dtype first (see
+/// [`widen`]). For linear layers kept on candle's own matmul.
+pub fn composed_linear(lin: &candle_nn::Linear, xs: &Tensor) -> Result<Tensor> {
+    if lin.weight().dtype() == xs.dtype() {
+        return lin.forward(xs);
+    }
+    candle_nn::Linear::new(widen(lin.weight(), xs.dtype())?, lin.bias().cloned()).forward(xs)
+}
 
 /// GroupNorm with an optional fused SiLU.
 #[derive(Debug, Clone)]
@@ -122,18 +131,27 @@ impl Conv2d {
         fast_path(xs) && c.groups == 1 && c.dilation == 1
     }
 
+    /// The composed candle convolution with the weight in `xs`'s dtype.
+    fn composed(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.inner.weight().dtype() == xs.dtype() {
+            return self.inner.forward(xs);
+        }
+        let weight = widen(self.inner.weight(), xs.dtype())?;
+        candle_nn::Conv2d::new(weight, self.inner.bias().cloned(), *self.inner.config()).forward(xs)
+    }
+
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if self.fused_ok(xs) {
             let c = self.inner.config();
             super::conv::conv2d(
                 xs,
-                self.inner.weight(),
+                &widen(self.inner.weight(), xs.dtype())?,
                 self.inner.bias(),
                 c.stride,
                 c.padding,
             )
         } else {
-            self.inner.forward(xs)
+            self.composed(xs)
         }
     }
 
@@ -146,10 +164,10 @@ impl Conv2d {
                 Some(b) => extra.broadcast_add(&b.unsqueeze(0)?)?,
                 None => extra.clone(),
             };
-            super::conv::conv2d(xs, self.inner.weight(), Some(&bias), c.stride, c.padding)
+            let weight = widen(self.inner.weight(), xs.dtype())?;
+            super::conv::conv2d(xs, &weight, Some(&bias), c.stride, c.padding)
         } else {
-            self.inner
-                .forward(xs)?
+            self.composed(xs)?
                 .broadcast_add(&extra.unsqueeze(2)?.unsqueeze(3)?)
         }
     }
@@ -180,9 +198,10 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if fast_path(xs) {
-            super::linear::linear(xs, self.inner.weight(), self.inner.bias())
+            let weight = widen(self.inner.weight(), xs.dtype())?;
+            super::linear::linear(xs, &weight, self.inner.bias())
         } else {
-            self.inner.forward(xs)
+            composed_linear(&self.inner, xs)
         }
     }
 }
