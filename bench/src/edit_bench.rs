@@ -173,7 +173,7 @@ pub fn compare(args: &CompareEditArgs) -> Result<()> {
     let mut best = [[f64::INFINITY; KEYS.len()]; 2];
     for round in 0..args.rounds {
         for (side, name) in ["rl4pix", "diffusers"].into_iter().enumerate() {
-            let mut cmd = if side == 0 {
+            let cmd = if side == 0 {
                 let mut cmd = Command::new(std::env::current_exe()?);
                 common(&mut cmd);
                 cmd.arg("--weights")
@@ -192,7 +192,6 @@ pub fn compare(args: &CompareEditArgs) -> Result<()> {
                 }
                 cmd
             };
-            let _ = &mut cmd;
             eprintln!("round {} of {}: {name}...", round + 1, args.rounds);
             let out = run_child(cmd, name)?;
             for (k, key) in KEYS.iter().enumerate() {

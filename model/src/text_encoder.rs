@@ -457,8 +457,7 @@ impl ClipTextEncoder {
         device: &Device,
     ) -> Result<Self> {
         let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-        let weight_file = crate::weights::find_weight_file(dir)?;
-        let vb = crate::weights::var_builder_with_storage(&weight_file, dtype, storage, device)?;
+        let (weight_file, vb) = crate::weights::component_var_builder(dir, dtype, storage, device)?;
         // Checkpoints written before transformers 5 nest everything under `text_model.`; 5.x
         // writes `CLIPTextModel` keys from the root.
         let vb = if vb.contains_tensor("text_model.final_layer_norm.weight") {

@@ -329,8 +329,7 @@ impl UNet2DConditionModel {
     ) -> Result<Self> {
         let config_path = dir.join("config.json");
         let config: UNetConfig = read_json(&config_path)?;
-        let weights = crate::weights::find_weight_file(dir)?;
-        let vb = crate::weights::var_builder_with_storage(&weights, dtype, storage, device)?;
+        let (weights, vb) = crate::weights::component_var_builder(dir, dtype, storage, device)?;
         Self::new(vb, config, &config_path).map_err(|e| match e {
             ModelError::Candle(err) => ModelError::Weights {
                 path: weights.clone(),

@@ -14,7 +14,7 @@ use crate::config::{read_json, unsupported};
 use crate::error::{ModelError, Result};
 use crate::resample::{Downsample2D, Upsample2D};
 use crate::resnet::{ResnetBlock2D, ResnetConfig};
-use crate::weights::{find_weight_file, var_builder_with_storage, WeightStorage};
+use crate::weights::{component_var_builder, WeightStorage};
 
 /// diffusers hard-codes this epsilon for every norm inside the VAE.
 const VAE_NORM_EPS: f64 = 1e-6;
@@ -536,8 +536,7 @@ impl AutoencoderKl {
         device: &Device,
     ) -> Result<Self> {
         let config = VaeConfig::from_file(&dir.join("config.json"))?;
-        let weight_file = find_weight_file(dir)?;
-        let vb = var_builder_with_storage(&weight_file, dtype, storage, device)?;
+        let (weight_file, vb) = component_var_builder(dir, dtype, storage, device)?;
         Self::new(vb, config).map_err(|e| ModelError::Weights {
             path: weight_file,
             message: e.to_string(),

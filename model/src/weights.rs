@@ -79,14 +79,17 @@ impl std::str::FromStr for WeightStorage {
     }
 }
 
-/// A `VarBuilder` over `file` whose tensors take `dtype`, with matrices and kernels kept as the
-/// file stores them where that is narrower ([`WeightStorage::AsStored`]).
-pub fn var_builder_from_file(
-    file: &Path,
+/// The weight file of a component folder (see [`find_weight_file`]) and a `VarBuilder` over it
+/// whose weights are held as `storage` says.
+pub fn component_var_builder(
+    dir: &Path,
     dtype: DType,
+    storage: WeightStorage,
     device: &Device,
-) -> Result<VarBuilder<'static>> {
-    var_builder_with_storage(file, dtype, WeightStorage::default(), device)
+) -> Result<(PathBuf, VarBuilder<'static>)> {
+    let file = find_weight_file(dir)?;
+    let vb = var_builder_with_storage(&file, dtype, storage, device)?;
+    Ok((file, vb))
 }
 
 /// A `VarBuilder` over `file`: every tensor is read from the file as it is asked for (plain
