@@ -6,6 +6,7 @@
 //! markdown table.
 
 mod compare;
+mod dot_throughput;
 mod edit_bench;
 mod random_pipeline;
 mod unet_bench;
@@ -32,6 +33,11 @@ enum Cmd {
     /// Time one UNet forward (or forward + LoRA backward) with random weights.
     Unet(unet_bench::UnetArgs),
     /// Candle's f32 matmul rate on a square product.
+    /// One core's f32 FMA against bf16 dot-product (VDPBF16PS) throughput, register-bound.
+    DotThroughput {
+        #[arg(long, default_value_t = 20_000_000)]
+        iters: usize,
+    },
     Sgemm {
         #[arg(long, default_value_t = 2048)]
         size: usize,
@@ -80,6 +86,13 @@ fn main() -> Result<()> {
             let ms = unet_bench::run(&args)?;
             println!("ms_per_iter {ms:.3}");
         }
+        Cmd::DotThroughput { iters } => match dot_throughput::measure(iters) {
+            Some((fma, bf16)) => {
+                println!("f32_fma_gflops {fma:.1}");
+                println!("bf16_dot_gflops {bf16:.1}");
+            }
+            None => anyhow::bail!("this CPU has no AVX-512 BF16"),
+        },
         Cmd::Sgemm { size, iters } => {
             let gflops = unet_bench::sgemm(size, iters)?;
             println!("gflops {gflops:.1}");
