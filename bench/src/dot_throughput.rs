@@ -9,19 +9,20 @@ pub fn measure(iters: usize) -> Option<(f64, f64)> {
         if !(is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")) {
             return None;
         }
+        // GFLOP/s of one run of `kernel`, which does `flops_per_iter` per iteration.
+        let rate = |kernel: unsafe fn(usize) -> f32, flops_per_iter: f64| {
+            let t = std::time::Instant::now();
+            // SAFETY: both kernels need only the features detected above.
+            std::hint::black_box(unsafe { kernel(iters) });
+            flops_per_iter * iters as f64 / t.elapsed().as_secs_f64() / 1e9
+        };
         let (mut best_fma, mut best_bf16) = (0f64, 0f64);
         // Alternate the two and keep each one's best: the machine is shared.
         for _ in 0..3 {
-            let t = std::time::Instant::now();
-            // SAFETY: the features were detected above.
-            std::hint::black_box(unsafe { x86::fma(iters) });
-            best_fma = best_fma.max(x86::FMA_FLOPS * iters as f64 / t.elapsed().as_secs_f64());
-            let t = std::time::Instant::now();
-            // SAFETY: as above.
-            std::hint::black_box(unsafe { x86::bf16_dot(iters) });
-            best_bf16 = best_bf16.max(x86::DOT_FLOPS * iters as f64 / t.elapsed().as_secs_f64());
+            best_fma = best_fma.max(rate(x86::fma, x86::FMA_FLOPS));
+            best_bf16 = best_bf16.max(rate(x86::bf16_dot, x86::DOT_FLOPS));
         }
-        Some((best_fma / 1e9, best_bf16 / 1e9))
+        Some((best_fma, best_bf16))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -32,12 +32,12 @@ struct Cli {
 enum Cmd {
     /// Time one UNet forward (or forward + LoRA backward) with random weights.
     Unet(unet_bench::UnetArgs),
-    /// Candle's f32 matmul rate on a square product.
     /// One core's f32 FMA against bf16 dot-product (VDPBF16PS) throughput, register-bound.
     DotThroughput {
         #[arg(long, default_value_t = 20_000_000)]
         iters: usize,
     },
+    /// Candle's f32 matmul rate on a square product.
     Sgemm {
         #[arg(long, default_value_t = 2048)]
         size: usize,
