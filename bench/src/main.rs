@@ -57,6 +57,8 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         iters: usize,
     },
+    /// The fused multi-head attention, forward or forward + backward, for tuning.
+    Attention(unet_bench::AttentionArgs),
     /// Run Candle and diffusers over the standard rows and print a markdown table.
     Compare(compare::CompareArgs),
     /// Time one whole edit (load, text encoder, VAE, every step) and its peak memory.
@@ -106,6 +108,10 @@ fn main() -> Result<()> {
         } => {
             let (ms, gflops) = unet_bench::conv(batch, c_in, c_out, hw, iters)?;
             println!("gflops {gflops:.1}");
+            println!("ms_per_iter {ms:.3}");
+        }
+        Cmd::Attention(args) => {
+            let ms = unet_bench::attention(&args)?;
             println!("ms_per_iter {ms:.3}");
         }
         Cmd::Compare(args) => compare::run(&args)?,

@@ -274,3 +274,43 @@ pub fn conv(
     let flop = 2.0 * (batch * c_out * hw * hw * c_in * 9) as f64;
     Ok((best * 1000.0, flop / best / 1e9))
 }
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AttentionArgs {
+    #[arg(long, default_value_t = 4)]
+    pub batch: usize,
+    /// Query tokens (latent height x width for self-attention).
+    #[arg(long, default_value_t = 1024)]
+    pub q_len: usize,
+    /// Key/value tokens (77 for cross-attention on CLIP's text).
+    #[arg(long, default_value_t = 1024)]
+    pub kv_len: usize,
+    #[arg(long, default_value_t = 4)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 16)]
+    pub head_dim: usize,
+    #[arg(long, default_value_t = 5)]
+    pub iters: usize,
+    /// Also run the backward pass into q, k and v.
+    #[arg(long)]
+    pub backward: bool,
+}
+
+/// Best milliseconds of one fused attention call (and its backward when asked).
+pub fn attention(args: &AttentionArgs) -> Result<f64> {
+    let device = Device::Cpu;
+    let channels = args.heads * args.head_dim;
+    let var = |len: usize| Var::randn(0f32, 1.0, (args.batch, len, channels), &device);
+    let (q, k, v) = (var(args.q_len)?, var(args.kv_len)?, var(args.kv_len)?);
+    let scale = 1.0 / (args.head_dim as f64).sqrt();
+    let mut best = f64::INFINITY;
+    for _ in 0..args.iters.max(1) + 1 {
+        let start = Instant::now();
+        let out = rl4pix_model::ops::attention::attention(&q, &k, &v, args.heads, scale)?;
+        if args.backward {
+            out.sum_all()?.backward()?;
+        }
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best * 1000.0)
+}

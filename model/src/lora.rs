@@ -14,6 +14,9 @@ use candle_nn::{Linear, VarBuilder};
 /// One LoRA pair prepared for the forward pass: `A^T` (in, r) and `s * B^T` (r, out).
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
+    /// `A`, (rank, in): the fused kernel's layout.
+    down: Tensor,
+    /// `A^T`, (in, rank): the composed path's.
     down_t: Tensor,
     up_t_scaled: Tensor,
 }
@@ -22,6 +25,7 @@ impl LoraDelta {
     /// `down` is A (r, in), `up` is B (out, r), `scale` is alpha / r.
     pub fn new(down: &Tensor, up: &Tensor, scale: f64) -> Result<Self> {
         Ok(Self {
+            down: down.contiguous()?,
             down_t: down.t()?.contiguous()?,
             up_t_scaled: (up.t()? * scale)?.contiguous()?,
         })
@@ -69,11 +73,36 @@ impl LoraLinear {
     }
 
     pub fn forward(&self, xs: &Tensor, adapters: ActiveAdapters) -> Result<Tensor> {
-        let mut ys = crate::ops::modules::composed_linear(&self.base, xs)?;
-        for adapter in adapters {
-            if let Some(Some(delta)) = adapter.deltas.get(self.slot) {
-                ys = (ys + delta.apply(xs)?)?;
+        let mut deltas = adapters
+            .iter()
+            .filter_map(|adapter| adapter.deltas.get(self.slot)?.as_ref());
+        let fast = crate::ops::fast_path(xs);
+        let frozen_base =
+            !self.base.weight().track_op() && !self.base.bias().is_some_and(Tensor::track_op);
+        // The base and the first adapter run as one op where they can (the common case: one
+        // adapter on a frozen base); further adapters, if any, are added on.
+        let fused_first = if fast && frozen_base {
+            deltas.next()
+        } else {
+            None
+        };
+        let mut ys = if fast {
+            let weight = crate::ops::widen(self.base.weight(), xs.dtype())?;
+            match fused_first {
+                Some(delta) => crate::ops::lora::lora_projection(
+                    xs,
+                    &weight,
+                    self.base.bias(),
+                    &delta.down,
+                    &delta.up_t_scaled,
+                )?,
+                None => crate::ops::linear::linear(xs, &weight, self.base.bias())?,
             }
+        } else {
+            crate::ops::modules::composed_linear(&self.base, xs)?
+        };
+        for delta in deltas {
+            ys = (ys + delta.apply(xs)?)?;
         }
         Ok(ys)
     }

@@ -318,6 +318,19 @@ pub fn project(
     weighted::apply(Proj { input, output }, x, weight, bias)
 }
 
+/// The token-major projection's forward on raw storage, for fused ops that add to its result.
+pub(crate) fn forward_tokens(
+    x: Input,
+    weight: Input,
+    bias: Option<Input>,
+) -> Result<(CpuStorage, Shape)> {
+    let proj = Proj {
+        input: Channels::Last,
+        output: Channels::Last,
+    };
+    proj.forward(x, weight, bias)
+}
+
 /// `x W^T + b` for `x` (..., in), `weight` (out, in), `bias` (out).
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     project(x, weight, bias, Channels::Last, Channels::Last)

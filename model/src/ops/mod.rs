@@ -17,6 +17,8 @@
 //! - [`linear`]: `x W^T + b` with the bias written by the product and no weight gradient when
 //!   the weight is frozen; token-major or channel-major inputs and outputs, so a spatial
 //!   transformer's projections need no permuted copies.
+//! - [`lora`]: a LoRA-adapted projection (frozen base plus one adapter) as one op, its rank-r
+//!   products as dot products and its backward one sweep over the tokens.
 //! - [`residual`]: the residual additions, kept on the same thread pool as everything else.
 //!
 //! Threads: everything runs on rayon's global pool (`RAYON_NUM_THREADS`, as candle's matmul),
@@ -28,6 +30,7 @@ pub mod conv;
 pub mod geglu;
 pub mod gemm;
 pub mod linear;
+pub mod lora;
 pub mod modules;
 pub mod norm;
 pub mod residual;
