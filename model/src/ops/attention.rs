@@ -54,6 +54,21 @@ impl Dims {
     }
 }
 
+/// An `rows x cols` destination stored column-major (`cols x rows` row-major) in `buf`.
+///
+/// The gemm crate runs its microkernel along the destination's unit-stride axis, 64 rows at a
+/// time at best. A head is only 8 to 40 wide, so `dk` and `dv` written straight into their
+/// `(M, d)` head slices would run on the narrowest, latency-bound kernel (16 x 6); written
+/// column-major, the long `M` side is the kernel's, and `p^T` / `ds^T`, the left operands,
+/// are already laid out along it (no packing). The small result is transposed afterwards.
+fn column_major(buf: &mut [f32], rows: usize) -> MatMut {
+    MatMut {
+        ptr: buf.as_mut_ptr(),
+        rs: 1,
+        cs: rows as isize,
+    }
+}
+
 /// Softmax of one head's scores for a block of `rows` queries into `scores` (rows x M).
 ///
 /// # Safety
@@ -248,19 +263,11 @@ fn backward_task_impl<F: MulAdd>(
             let (b, h) = (task / dims.heads, task % dims.heads);
             let mut probs = uninit_vec(rows_per_block * m);
             let mut dprobs = uninit_vec(rows_per_block * m);
+            let mut dk_t = uninit_vec(d * m);
+            let mut dv_t = uninit_vec(d * m);
             let k_head = MatRef::rows(k, b * m * c + h * d, c);
             let v_head = MatRef::rows(v, b * m * c + h * d, c);
             let kv_offset = b * m * c + h * d;
-            let dk_head = MatMut {
-                ptr: unsafe { dk.0.add(kv_offset) },
-                rs: c as isize,
-                cs: 1,
-            };
-            let dv_head = MatMut {
-                ptr: unsafe { dv.0.add(kv_offset) },
-                rs: c as isize,
-                cs: 1,
-            };
             let mut row0 = 0;
             while row0 < n {
                 let rows = rows_per_block.min(n - row0);
@@ -279,7 +286,7 @@ fn backward_task_impl<F: MulAdd>(
                         m,
                         d,
                         rows,
-                        dv_head,
+                        column_major(&mut dv_t, m),
                         !first,
                         MatRef::rows(p, 0, m).t(),
                         g_blk,
@@ -329,7 +336,7 @@ fn backward_task_impl<F: MulAdd>(
                         m,
                         d,
                         rows,
-                        dk_head,
+                        column_major(&mut dk_t, m),
                         !first,
                         MatRef::rows(dp, 0, m).t(),
                         q_blk,
@@ -338,6 +345,15 @@ fn backward_task_impl<F: MulAdd>(
                     );
                 }
                 row0 += rows;
+            }
+            for (shared, grad_t) in [(dk, &dk_t), (dv, &dv_t)] {
+                for i in 0..m {
+                    // SAFETY: head h of batch b is this task's alone.
+                    let dst = unsafe { shared.slice(kv_offset + i * c, d) };
+                    for (j, x) in dst.iter_mut().enumerate() {
+                        *x = grad_t[j * m + i];
+                    }
+                }
             }
         }
     }
