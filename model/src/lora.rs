@@ -11,7 +11,9 @@ use std::sync::Arc;
 use candle_core::{Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-/// One LoRA pair prepared for the forward pass: `A^T` (in, r) and `s * B^T` (r, out).
+/// One LoRA pair prepared for the forward pass: `A` (r, in) for the fused kernel, `A^T` (in, r)
+/// for the composed path, and `s * B^T` (r, out) for both. The extra copy is rank x in floats;
+/// keeping it saves a transpose per projection per step on the composed (GPU) path.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
     /// `A`, (rank, in): the fused kernel's layout.
@@ -77,8 +79,7 @@ impl LoraLinear {
             .iter()
             .filter_map(|adapter| adapter.deltas.get(self.slot)?.as_ref());
         let fast = crate::ops::fast_path(xs);
-        let frozen_base =
-            !self.base.weight().track_op() && !self.base.bias().is_some_and(Tensor::track_op);
+        let frozen_base = crate::ops::lora::base_is_frozen(self.base.weight(), self.base.bias());
         // The base and the first adapter run as one op where they can (the common case: one
         // adapter on a frozen base); further adapters, if any, are added on.
         let fused_first = if fast && frozen_base {

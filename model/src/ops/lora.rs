@@ -215,11 +215,7 @@ impl CustomOp3 for LoraProjection {
             });
             Ok(())
         })?;
-        let dx = if want_dx {
-            Some(cpu_tensor(dx, x.dims())?)
-        } else {
-            None
-        };
+        let dx = want_dx.then(|| cpu_tensor(dx, x.dims())).transpose()?;
         let (d_down, d_up) = if want_adapter {
             let mut total = vec![0f32; partial_len];
             super::weighted::add_rows(&mut total, &partials);
@@ -239,6 +235,12 @@ impl CustomOp3 for LoraProjection {
     }
 }
 
+/// Whether a base projection can go into [`lora_projection`]: neither its weight nor its bias
+/// tracks gradients.
+pub fn base_is_frozen(weight: &Tensor, bias: Option<&Tensor>) -> bool {
+    !weight.track_op() && !bias.is_some_and(Tensor::track_op)
+}
+
 /// `x W^T + b + (x down^T) up_t_scaled` for `x` (..., in), a frozen `weight` (out, in) already
 /// in `x`'s dtype, `bias` (out), `down` (rank, in) and `up_t_scaled` (rank, out). Differentiable
 /// with respect to `x`, `down` and `up_t_scaled`; the base must not track gradients (callers
@@ -250,7 +252,7 @@ pub fn lora_projection(
     down: &Tensor,
     up_t_scaled: &Tensor,
 ) -> Result<Tensor> {
-    if weight.track_op() || bias.is_some_and(Tensor::track_op) {
+    if !base_is_frozen(weight, bias) {
         candle_core::bail!("lora projection: the base weight and bias must be frozen");
     }
     let op = LoraProjection {
