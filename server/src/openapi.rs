@@ -152,11 +152,16 @@ mod exact {
         )
     }
 
+    /// At least one character that is neither whitespace nor a control character: what
+    /// `edit_parse` accepts, stated so that Python's `re` (which counts \x1c-\x1f as
+    /// whitespace) and ECMA-262 regexes agree with the server.
+    const INSTRUCTION_PATTERN: &str = "[^\\s\\x00-\\x1f\\x7f-\\x9f]";
+
     pub fn tighten(doc: &mut Value, limits: &DocumentLimits) {
         let max_steps = limits.max_steps;
         let max_chars = limits.max_instruction_chars;
         let edit_fields = json!({
-            "instruction": {"minLength": 1, "maxLength": max_chars, "pattern": "\\S"},
+            "instruction": {"minLength": 1, "maxLength": max_chars, "pattern": INSTRUCTION_PATTERN},
             "steps": {"minimum": 1, "maximum": max_steps},
             "guidance_scale": {"minimum": 0, "maximum": MAX_GUIDANCE_SCALE},
             "image_guidance_scale": {"minimum": 0, "maximum": MAX_IMAGE_GUIDANCE_SCALE},

@@ -73,7 +73,7 @@ pub async fn parse_multipart_edit(
             set_once(&mut raw.image, field.bytes().await.map_err(bad)?, &name)?;
             continue;
         }
-        let text = field.text().await.map_err(bad)?;
+        let text = utf8_text(field.bytes().await.map_err(bad)?, &name)?;
         match name.as_str() {
             "instruction" => set_once(&mut raw.instruction, text, &name)?,
             "steps" => set_once(&mut raw.steps, parse_number(&name, &text)?, &name)?,
@@ -100,6 +100,13 @@ pub async fn parse_multipart_edit(
         }
     }
     Ok(raw)
+}
+
+/// A multipart text field's bytes, decoded strictly: `text()` (multer's and axum's) replaces
+/// invalid UTF-8 with U+FFFD, which would turn a corrupt field into a different, accepted value.
+pub(crate) fn utf8_text(bytes: Bytes, name: &str) -> Result<String, ServiceError> {
+    String::from_utf8(bytes.into())
+        .map_err(|_| ServiceError::invalid(format!("`{name}` is not valid UTF-8 text")))
 }
 
 fn set_once<T>(slot: &mut Option<T>, value: T, name: &str) -> Result<(), ServiceError> {
@@ -157,7 +164,13 @@ pub fn validate(
         .instruction
         .ok_or_else(|| ServiceError::invalid("missing `instruction`"))?;
     let chars = instruction.chars().count();
-    if instruction.trim().is_empty() {
+    // The same rule as the OpenAPI pattern (`INSTRUCTION_PATTERN`): at least one character
+    // that is neither whitespace nor a control character. Plain `trim` let through text of
+    // only \x1c-\x1f separators, which are control characters but not Unicode whitespace.
+    if !instruction
+        .chars()
+        .any(|c| !c.is_whitespace() && !c.is_control())
+    {
         return Err(ServiceError::invalid("`instruction` must not be empty"));
     }
     if chars > limits.max_instruction_chars {
@@ -241,4 +254,17 @@ fn check_range(name: &str, value: f64, max: f64) -> Result<(), ServiceError> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_fields_must_be_valid_utf8() {
+        let ok = utf8_text(Bytes::from_static("ciel bleu".as_bytes()), "instruction");
+        assert_eq!(ok.unwrap(), "ciel bleu");
+        let corrupt = utf8_text(Bytes::from_static(b"\x0b\xd0\xf2 sky"), "instruction");
+        assert!(corrupt.is_err());
+    }
 }

@@ -354,7 +354,7 @@ async fn parse_form(state: &AppState, form: &mut Multipart) -> Result<EditsReque
             }
             _ => {}
         }
-        let text = field.text().await.map_err(bad)?;
+        let text = super::edit_parse::utf8_text(field.bytes().await.map_err(bad)?, &name)?;
         match name.as_str() {
             "prompt" => edit.instruction = Some(text),
             "model" => model = Some(text),
