@@ -219,8 +219,10 @@ pub fn compare(args: &CompareEditArgs) -> Result<()> {
         println!("| {label} | {r:.2} | {p:.2} | {:.2} |", r / p);
     }
     println!(
-        "\n- best of {} alternating runs per side; rl4pix weights: {}",
-        args.rounds, args.weights
+        "\n- best of {} alternating runs per side; rl4pix weights: {}, matmul precision: {:?}",
+        args.rounds,
+        args.weights,
+        rl4pix_model::ops::amx::matmul_precision()
     );
     Ok(())
 }

@@ -24,6 +24,11 @@ struct Cli {
     /// keeps the environment's setting.
     #[arg(long, global = true, default_value_t = 0)]
     threads: usize,
+    /// Matrix products in `f32` (diffusers' numerics) or `bf16` (inputs rounded to bf16, f32
+    /// accumulation, on AMX). Unset: RL4PIX_MATMUL_PRECISION, else f32. Sets that variable, so
+    /// the runs `compare` and `compare-edit` start inherit it.
+    #[arg(long, global = true)]
+    matmul_precision: Option<rl4pix_model::ops::amx::MatmulPrecision>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -37,12 +42,15 @@ enum Cmd {
         #[arg(long, default_value_t = 20_000_000)]
         iters: usize,
     },
-    /// Candle's f32 matmul rate on a square product.
+    /// Candle's f32 matmul rate on a square product (`--fused`: the fused ops' product, which
+    /// follows --matmul-precision).
     Sgemm {
         #[arg(long, default_value_t = 2048)]
         size: usize,
         #[arg(long, default_value_t = 5)]
         iters: usize,
+        #[arg(long)]
+        fused: bool,
     },
     /// One fused 3x3 convolution, for tuning.
     Conv {
@@ -83,6 +91,20 @@ fn main() -> Result<()> {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
+    use rl4pix_model::ops::amx::{self, MatmulPrecision};
+    if let Some(asked) = cli.matmul_precision {
+        let name = match asked {
+            MatmulPrecision::F32 => "f32",
+            MatmulPrecision::Bf16 => "bf16",
+        };
+        std::env::set_var(amx::PRECISION_ENV, name);
+        if amx::set_matmul_precision(asked) != asked {
+            anyhow::bail!(
+                "--matmul-precision bf16 needs AMX (amx-tile, amx-bf16), which this CPU lacks"
+            );
+        }
+    }
+    eprintln!("matmul precision: {:?}", amx::matmul_precision());
     match cli.command {
         Cmd::Unet(args) => {
             let ms = unet_bench::run(&args)?;
@@ -95,8 +117,8 @@ fn main() -> Result<()> {
             }
             None => anyhow::bail!("this CPU has no AVX-512 BF16"),
         },
-        Cmd::Sgemm { size, iters } => {
-            let gflops = unet_bench::sgemm(size, iters)?;
+        Cmd::Sgemm { size, iters, fused } => {
+            let gflops = unet_bench::sgemm(size, iters, fused)?;
             println!("gflops {gflops:.1}");
         }
         Cmd::Conv {

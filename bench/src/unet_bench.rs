@@ -238,15 +238,24 @@ pub fn median(times: &mut [f64]) -> f64 {
 }
 
 /// Candle's own f32 matmul rate on an n^3 product, in GFLOP/s (best of `iters`).
-pub fn sgemm(size: usize, iters: usize) -> Result<f64> {
+pub fn sgemm(size: usize, iters: usize, fused: bool) -> Result<f64> {
     let device = Device::Cpu;
     let a = Tensor::randn(0f32, 1.0, (size, size), &device)?;
     let b = Tensor::randn(0f32, 1.0, (size, size), &device)?;
-    a.matmul(&b)?;
+    // The fused linear op runs the project's own product (f32, or bf16 on AMX under
+    // --matmul-precision bf16); candle's matmul is always f32.
+    let product = || -> Result<Tensor> {
+        Ok(if fused {
+            rl4pix_model::ops::linear::linear(&a.unsqueeze(0)?, &b, None)?
+        } else {
+            a.matmul(&b)?
+        })
+    };
+    product()?;
     let mut best = f64::INFINITY;
     for _ in 0..iters.max(1) {
         let start = Instant::now();
-        a.matmul(&b)?;
+        product()?;
         best = best.min(start.elapsed().as_secs_f64());
     }
     Ok(2.0 * (size as f64).powi(3) / best / 1e9)

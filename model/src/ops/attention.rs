@@ -7,6 +7,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
+use super::amx;
 use super::gemm::{par_for, sgemm, MatMut, MatRef, SharedMut};
 use super::vecmath::{dispatch, exp, softmax_row, MulAdd, LANES};
 use super::{apply_contiguous3, cpu_tensor, forward_like_first, uninit_vec, with_all_data};
@@ -136,6 +137,7 @@ fn forward_task_impl<F: MulAdd>(
     v: &[f32],
     out: SharedMut,
     probs: Option<SharedMut>,
+    packed_kv: Option<&[PackedHead]>,
     b: usize,
     row0: usize,
     rows: usize,
@@ -151,18 +153,26 @@ fn forward_task_impl<F: MulAdd>(
         let v_head = MatRef::rows(v, b * m * c + h * d, c);
         // SAFETY: all views are in bounds by the shape checks; this task alone writes rows
         // row0..row0 + rows of batch b (in `out` and `probs`).
+        let packed = packed_kv.map(|heads| &heads[b * dims.heads + h]);
         unsafe {
-            sgemm(
-                rows,
-                m,
-                d,
-                MatMut::rows(&mut scores, 0, stride),
-                false,
-                q_blk,
-                k_head.t(),
-                scale,
-                false,
-            );
+            match packed {
+                Some(head) => {
+                    let pq = amx::PackedA::pack(rows, d, q_blk, false);
+                    let dst = MatMut::rows(&mut scores, 0, stride);
+                    amx::gemm_packed(dst, false, &pq, 0..rows, &head.k_t, 0..m, scale, false);
+                }
+                None => sgemm(
+                    rows,
+                    m,
+                    d,
+                    MatMut::rows(&mut scores, 0, stride),
+                    false,
+                    q_blk,
+                    k_head.t(),
+                    scale,
+                    false,
+                ),
+            }
             if h > 0 {
                 // Restore the -inf padding the previous head zeroed.
                 for row in scores.chunks_exact_mut(stride) {
@@ -197,17 +207,23 @@ fn forward_task_impl<F: MulAdd>(
                 rs: c as isize,
                 cs: 1,
             };
-            sgemm(
-                rows,
-                d,
-                m,
-                dst,
-                false,
-                MatRef::rows(&scores, 0, stride),
-                v_head,
-                1.0,
-                false,
-            );
+            match packed {
+                Some(head) => {
+                    let pp = amx::PackedA::pack(rows, m, MatRef::rows(&scores, 0, stride), false);
+                    amx::gemm_packed(dst, false, &pp, 0..rows, &head.v, 0..d, 1.0, false);
+                }
+                None => sgemm(
+                    rows,
+                    d,
+                    m,
+                    dst,
+                    false,
+                    MatRef::rows(&scores, 0, stride),
+                    v_head,
+                    1.0,
+                    false,
+                ),
+            }
             for (i, &inv) in inv_sums.iter().enumerate() {
                 for x in out.slice(out_offset + i * c, d) {
                     *x *= inv;
@@ -217,7 +233,14 @@ fn forward_task_impl<F: MulAdd>(
     }
 }
 
-dispatch!(fn forward_task(dims: Dims, scale: f32, q: &[f32], k: &[f32], v: &[f32], out: SharedMut, probs: Option<SharedMut>, b: usize, row0: usize, rows: usize) => forward_task_impl);
+dispatch!(fn forward_task(dims: Dims, scale: f32, q: &[f32], k: &[f32], v: &[f32], out: SharedMut, probs: Option<SharedMut>, packed_kv: Option<&[PackedHead]>, b: usize, row0: usize, rows: usize) => forward_task_impl);
+
+/// One (sample, head)'s keys (transposed) and values packed for the tile unit under the bf16
+/// matmul precision: packed once per call and shared by every query block.
+struct PackedHead {
+    k_t: amx::PackedB,
+    v: amx::PackedB,
+}
 
 /// Forward over all (batch, query block) tasks.
 fn forward_kernel(
@@ -232,11 +255,31 @@ fn forward_kernel(
     let rows_per_task = dims.rows_per_task();
     let blocks = dims.q_len.div_ceil(rows_per_task);
     let work = dims.batch * dims.heads * dims.q_len * dims.kv_len * dims.head_dim;
+    let (m, c, d) = (dims.kv_len, dims.channels(), dims.head_dim);
+    let packed_kv = amx::wanted(rows_per_task.min(dims.q_len), m, d).then(|| {
+        use rayon::prelude::*;
+        (0..dims.batch * dims.heads)
+            .into_par_iter()
+            .map(|t| {
+                let (b, h) = (t / dims.heads, t % dims.heads);
+                let k_head = MatRef::rows(k, b * m * c + h * d, c);
+                let v_head = MatRef::rows(v, b * m * c + h * d, c);
+                // SAFETY: head h of sample b: m rows of d, in bounds by the shape checks.
+                unsafe {
+                    PackedHead {
+                        k_t: amx::PackedB::pack(d, m, k_head.t(), false),
+                        v: amx::PackedB::pack(m, d, v_head, false),
+                    }
+                }
+            })
+            .collect::<Vec<_>>()
+    });
+    let packed_kv = packed_kv.as_deref();
     par_for(dims.batch * blocks, work, |task| {
         let (b, blk) = (task / blocks, task % blocks);
         let row0 = blk * rows_per_task;
         let rows = rows_per_task.min(dims.q_len - row0);
-        forward_task(dims, scale, q, k, v, out, probs, b, row0, rows);
+        forward_task(dims, scale, q, k, v, out, probs, packed_kv, b, row0, rows);
     });
 }
 

@@ -14,6 +14,7 @@
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::amx;
 use super::gemm::{num_threads, par_for, sgemm, MatMut, MatRef, SharedMut};
 use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
@@ -285,6 +286,12 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
     } else {
         None
     };
+    // Under the bf16 matmul precision the weight is rounded and packed for the tile unit once
+    // per call, not once per tile.
+    let packed_weight = (amx::wanted(per_block, rows_per_tile * g.ow, k)
+        && (blocks == 1 || per_block.is_multiple_of(32)))
+    // SAFETY: the weight holds c_out rows of k.
+    .then(|| unsafe { amx::PackedA::pack(g.c_out, k, MatRef::rows(weight, 0, k), true) });
     let task = |t: usize| {
         let (b, tile, block) = (t / (tiles * blocks), t / blocks % tiles, t % blocks);
         let oy0 = tile * rows_per_tile;
@@ -320,7 +327,15 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
         };
         // SAFETY: in bounds by the shape checks; this task alone writes these channels of
         // these output positions of image b.
-        unsafe { sgemm(channels, n, k, dst, false, w_block, cols, 1.0, false) };
+        unsafe {
+            match &packed_weight {
+                Some(pw) => {
+                    let pc = amx::PackedB::pack(k, n, cols, false);
+                    amx::gemm_packed(dst, false, pw, c0..c0 + channels, &pc, 0..n, 1.0, false)
+                }
+                None => sgemm(channels, n, k, dst, false, w_block, cols, 1.0, false),
+            }
+        };
         drop(local);
         // The bias goes on after the product, while the tile is in cache (accumulating the
         // product onto it would, again, round by block shape).

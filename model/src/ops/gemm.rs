@@ -101,8 +101,35 @@ pub fn par_for(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
 /// # Safety
 /// Every element addressed through `dst`, `a` and `b` for these sizes must be in bounds, and
 /// `dst` must not overlap `a` or `b` or be written by anyone else meanwhile.
+///
+/// Under the `bf16` matmul precision ([`super::amx::MatmulPrecision`]) products big enough to
+/// fill the tile unit's tiles run there instead, inputs rounded to bf16.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: MatMut,
+    accumulate: bool,
+    a: MatRef,
+    b: MatRef,
+    scale: f32,
+    parallel: bool,
+) {
+    if super::amx::wanted(m, n, k) {
+        // SAFETY: the caller's guarantees, passed on; `wanted` implies AMX is available.
+        return unsafe { super::amx::gemm_bf16(m, n, k, dst, accumulate, a, b, scale, parallel) };
+    }
+    // SAFETY: as above.
+    unsafe { sgemm_f32(m, n, k, dst, accumulate, a, b, scale, parallel) }
+}
+
+/// [`sgemm`] in f32 whatever the matmul precision.
+///
+/// # Safety
+/// As [`sgemm`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn sgemm_f32(
     m: usize,
     n: usize,
     k: usize,
@@ -170,6 +197,10 @@ unsafe impl Sync for SharedMut {}
 impl SharedMut {
     pub fn new(data: &mut [f32]) -> Self {
         Self(data.as_mut_ptr())
+    }
+
+    pub fn ptr(self) -> *mut f32 {
+        self.0
     }
 
     /// # Safety

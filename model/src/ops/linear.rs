@@ -8,6 +8,7 @@
 
 use candle_core::{CpuStorage, Result, Shape, Tensor};
 
+use super::amx;
 use super::gemm::{num_threads, par_for, sgemm, MatMut, MatRef, SharedMut};
 use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
@@ -160,6 +161,13 @@ impl WeightedKernel for Proj {
         // block shapes, and a request's result must not depend on what it was batched with.
         let row_blocks = d.positions.div_ceil(ROW_BLOCK).max(1);
         let col_blocks = d.out_f.div_ceil(COL_BLOCK).max(1);
+        // Under the bf16 matmul precision the weight is rounded and packed for the tile unit once
+        // per call, not once per block.
+        let packed_w = amx::wanted(d.positions.min(ROW_BLOCK), d.out_f, d.in_f)
+            // SAFETY: w holds out_f rows of in_f.
+            .then(|| unsafe {
+                amx::PackedB::pack(d.in_f, d.out_f, MatRef::rows_t(w, 0, d.in_f), true)
+            });
         par_for(d.batch * row_blocks * col_blocks, d.work(), |t| {
             let b = t / (row_blocks * col_blocks);
             let r0 = (t / col_blocks % row_blocks) * ROW_BLOCK;
@@ -183,17 +191,32 @@ impl WeightedKernel for Proj {
             // SAFETY: the views are in bounds by the shape checks; this task alone writes rows
             // r0..r0 + rows and columns c0..c0 + cols of sample b.
             unsafe {
-                sgemm(
-                    rows,
-                    cols,
-                    d.in_f,
-                    out_blk,
-                    false,
-                    x_blk,
-                    MatRef::rows_t(w, c0 * d.in_f, d.in_f),
-                    1.0,
-                    false,
-                );
+                match &packed_w {
+                    Some(pw) => {
+                        let px = amx::PackedA::pack(rows, d.in_f, x_blk, false);
+                        amx::gemm_packed(
+                            out_blk,
+                            false,
+                            &px,
+                            0..rows,
+                            pw,
+                            c0..c0 + cols,
+                            1.0,
+                            false,
+                        )
+                    }
+                    None => sgemm(
+                        rows,
+                        cols,
+                        d.in_f,
+                        out_blk,
+                        false,
+                        x_blk,
+                        MatRef::rows_t(w, c0 * d.in_f, d.in_f),
+                        1.0,
+                        false,
+                    ),
+                }
                 // The bias goes on after the product, while the block is in cache (accumulating
                 // the product onto it would, again, round by block shape).
                 if let Some(bias) = bias {

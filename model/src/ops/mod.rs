@@ -25,6 +25,7 @@
 //! inline when there is one thread or little work; products split themselves over the pool only
 //! when the surrounding loop has too few tasks to keep every thread busy.
 
+pub mod amx;
 pub mod attention;
 pub mod conv;
 pub mod geglu;
