@@ -135,7 +135,10 @@ def bench_unet(args):
 
 def bench_edit(args):
     """One whole StableDiffusionInstructPix2PixPipeline edit, load included, as `rl4pix-bench
-    edit` times it: half-precision files are upcast to float32 at load (the CPU pipeline)."""
+    edit` times it: half-precision files are upcast to float32 at load (the CPU pipeline).
+    `--autocast-bf16` runs the pipeline under torch's CPU autocast to bfloat16 (matmuls and
+    convolutions in bf16 through oneDNN, on AMX where the CPU has it): the same numerics as
+    rl4pix's `--matmul-precision bf16`."""
     import resource
     from pathlib import Path
 
@@ -156,7 +159,7 @@ def bench_edit(args):
         marks.append(time.perf_counter())
         return kwargs
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.autocast_bf16):
         pipe(
             "turn the sky into a starry night",
             image=image,
@@ -210,6 +213,7 @@ def main():
     edit.add_argument("--image", required=True)
     edit.add_argument("--steps", type=int, default=20)
     edit.add_argument("--threads", type=int, default=0)
+    edit.add_argument("--autocast-bf16", action="store_true")
     args = parser.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)

@@ -29,6 +29,10 @@ pub struct CompareArgs {
     /// of 0.32 s here.
     #[arg(long, default_value = "PASSIVE")]
     pub omp_wait_policy: String,
+    /// diffusers' dtype: `f32`, or `bf16` (the whole UNet in bfloat16 on the CPU, oneDNN on AMX
+    /// where there is one: the reference for `--matmul-precision bf16`).
+    #[arg(long, default_value = "f32")]
+    pub diffusers_dtype: String,
 }
 
 struct Row {
@@ -156,7 +160,10 @@ fn measure(row: &Row, args: &CompareArgs, threads: usize) -> Result<Measured> {
     let rust_out = run_child(rust, &format!("rl4pix-bench {}", row.name))?;
 
     let mut python = Command::new(&args.python);
-    python.arg(&script).args(&common);
+    python
+        .arg(&script)
+        .args(&common)
+        .args(["--dtype", &args.diffusers_dtype]);
     if !row.backward {
         python.arg("--flops");
     }
@@ -250,6 +257,14 @@ pub fn run(args: &CompareArgs) -> Result<()> {
              OMP_NUM_THREADS for PyTorch (OMP_WAIT_POLICY={})",
             std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
             args.omp_wait_policy
+        ),
+    );
+    notes.insert(
+        0,
+        format!(
+            "precision: rl4pix matmuls {:?}, diffusers {}",
+            rl4pix_model::ops::amx::matmul_precision(),
+            args.diffusers_dtype
         ),
     );
     if let Some(cpu) = cpu_model() {

@@ -153,6 +153,10 @@ pub struct CompareEditArgs {
     /// OMP_WAIT_POLICY for PyTorch, as in `compare`.
     #[arg(long, default_value = "PASSIVE")]
     pub omp_wait_policy: String,
+    /// Run diffusers under torch's CPU autocast to bfloat16 (the reference for
+    /// `--matmul-precision bf16`); its default is float32 throughout.
+    #[arg(long)]
+    pub diffusers_autocast_bf16: bool,
 }
 
 const KEYS: [&str; 4] = ["total_ms", "per_step_ms", "fixed_ms", "peak_rss_mib"];
@@ -187,6 +191,9 @@ pub fn compare(args: &CompareEditArgs) -> Result<()> {
                 cmd.arg("--threads")
                     .arg(args.threads.to_string())
                     .env("OMP_NUM_THREADS", args.threads.to_string());
+                if args.diffusers_autocast_bf16 {
+                    cmd.arg("--autocast-bf16");
+                }
                 if args.omp_wait_policy != "default" {
                     cmd.env("OMP_WAIT_POLICY", &args.omp_wait_policy);
                 }
@@ -219,10 +226,16 @@ pub fn compare(args: &CompareEditArgs) -> Result<()> {
         println!("| {label} | {r:.2} | {p:.2} | {:.2} |", r / p);
     }
     println!(
-        "\n- best of {} alternating runs per side; rl4pix weights: {}, matmul precision: {:?}",
+        "\n- best of {} alternating runs per side; rl4pix weights: {}, matmul precision: {:?}; \
+         diffusers: {}",
         args.rounds,
         args.weights,
-        rl4pix_model::ops::amx::matmul_precision()
+        rl4pix_model::ops::amx::matmul_precision(),
+        if args.diffusers_autocast_bf16 {
+            "float32 weights, bf16 autocast"
+        } else {
+            "float32"
+        }
     );
     Ok(())
 }

@@ -99,6 +99,11 @@ pub struct Args {
     /// Weights' dtype: f32, or f16 / bf16 on CUDA.
     #[arg(long, env = "RL4PIX_DTYPE", default_value = "f32")]
     pub dtype: String,
+    /// The CPU kernels' matrix products: `f32` (diffusers' numerics), or `bf16` (inputs rounded
+    /// to bf16, f32 accumulation, on the AMX tile unit of recent Xeons: several times faster,
+    /// within the tolerance docs/performance.md states). bf16 on a CPU without AMX is refused.
+    #[arg(long, env = "RL4PIX_MATMUL_PRECISION", default_value = "f32")]
+    pub matmul_precision: rl4pix_model::ops::amx::MatmulPrecision,
     #[arg(long, env = "RL4PIX_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
     /// How long the first request of a batch may wait for companions.

@@ -57,6 +57,13 @@ pub fn check_model_dir(model: &Path) -> anyhow::Result<PathBuf> {
 /// Serves the real model described by `args`.
 pub async fn start(args: &Args) -> anyhow::Result<RunningServer> {
     let model = check_model_dir(&args.model)?;
+    use rl4pix_model::ops::amx;
+    if amx::set_matmul_precision(args.matmul_precision) != args.matmul_precision {
+        bail!(
+            "--matmul-precision bf16 needs a CPU with AMX (amx-tile, amx-bf16); this one has none"
+        );
+    }
+    tracing::info!(precision = ?args.matmul_precision, "matmul precision");
     let (device, dtype) = (args.device.clone(), args.dtype.clone());
     let capture = args.attention_cache > 0;
     start_with_backend(args, move || {

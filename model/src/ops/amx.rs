@@ -623,6 +623,41 @@ unsafe fn bf16x32(ptr: *const f32, len: usize) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_a_strip(r0: usize, m: usize, k: usize, a: MatRef, k_pad: usize, out: &mut [u16]) {
     let steps = k_pad / KSTEP;
+    if a.rs == 1 && a.cs != 1 {
+        // Columns of a run down the rows (a transposed weight in a backward pass): the strip's
+        // 16 rows of one column are one vector; 32 columns are gathered and transposed into
+        // the tile's rows.
+        let rows = TILE.min(m.saturating_sub(r0));
+        let mut columns = [[0u16; TILE]; KSTEP];
+        for s in 0..steps {
+            let (k0, len) = (s * KSTEP, KSTEP.min(k.saturating_sub(s * KSTEP)));
+            for (c, column) in columns.iter_mut().enumerate() {
+                let v = if c < len && rows > 0 {
+                    // SAFETY: rows r0..r0 + rows of column k0 + c are contiguous elements of a
+                    // (caller); masked-off lanes are not read.
+                    let x = unsafe {
+                        _mm512_maskz_loadu_ps(
+                            ((1u32 << rows) - 1) as u16,
+                            a.ptr.offset((k0 + c) as isize * a.cs + r0 as isize),
+                        )
+                    };
+                    // SAFETY: same size; any bits are a valid integer vector.
+                    unsafe { std::mem::transmute::<__m256bh, __m256i>(_mm512_cvtneps_pbh(x)) }
+                } else {
+                    _mm256_setzero_si256()
+                };
+                // SAFETY: 32 bytes.
+                unsafe { _mm256_storeu_si256(column.as_mut_ptr() as *mut __m256i, v) };
+            }
+            let tile = &mut out[s * A_TILE..(s + 1) * A_TILE];
+            for (r, row) in tile.chunks_exact_mut(KSTEP).enumerate() {
+                for (c, o) in row.iter_mut().enumerate() {
+                    *o = columns[c][r];
+                }
+            }
+        }
+        return;
+    }
     let mut line = [0f32; KSTEP];
     for r in 0..TILE {
         let i = r0 + r;
@@ -726,6 +761,17 @@ mod tests {
     }
 
     #[test]
+    fn precision_names() {
+        assert_eq!("bf16".parse(), Ok(MatmulPrecision::Bf16));
+        assert_eq!(" F32 ".parse(), Ok(MatmulPrecision::F32));
+        let err = "f16".parse::<MatmulPrecision>().unwrap_err();
+        assert!(
+            err.contains("f32 or bf16") && err.contains("`f16`"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn rounding_is_to_nearest_even() {
         // 1 + 2^-8 is halfway between bf16 1 and 1 + 2^-7: ties go to the even (1).
         assert_eq!(bf16(1.0 + 2f32.powi(-8)), 1.0);
@@ -762,6 +808,7 @@ mod tests {
                 (false, false, false),
                 (true, true, true),
                 (false, true, true),
+                (true, false, false),
             ] {
                 let a: Vec<f32> = (0..m * k).map(|_| lcg(&mut seed)).collect();
                 let b: Vec<f32> = (0..k * n).map(|_| lcg(&mut seed)).collect();

@@ -1,0 +1,128 @@
+//! The bf16 matmul precision (`RL4PIX_MATMUL_PRECISION=bf16`: products of bf16-rounded inputs
+//! accumulated in f32 on AMX) against diffusers' f32 references, within the tolerances
+//! docs/performance.md states, and against the f32 path run in the same process.
+//!
+//! The precision is process-wide, so everything runs in one test: the f32 result first, then
+//! the bf16 one. On a CPU without AMX the setting stays f32; the test says so and checks only
+//! that fallback (CI's machines have AMX).
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use rl4pix_model::image_io;
+use rl4pix_model::ops::amx::{self, MatmulPrecision};
+use rl4pix_model::pipeline::{EditRequest, InstructPix2Pix};
+use rl4pix_model::unet::UNet2DConditionModel;
+
+mod common;
+use common::{device, fixture_params, pipelines_dir, rel_err};
+
+fn reference(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(
+        pipelines_dir().join(format!("{name}.reference.safetensors")),
+        &Device::Cpu,
+    )
+    .expect("reference fixture")
+}
+
+fn unet_output(name: &str) -> (Tensor, Tensor) {
+    let r = reference(name);
+    let dev = device();
+    let unet =
+        UNet2DConditionModel::load(&pipelines_dir().join(name).join("unet"), DType::F32, &dev)
+            .expect("load unet");
+    let get = |key: &str| r[&format!("unet.{key}")].to_device(&dev).unwrap();
+    let timesteps = get("timesteps").to_dtype(DType::F32).unwrap();
+    let out = unet
+        .forward(&get("sample"), &timesteps, &get("encoder_hidden_states"))
+        .unwrap();
+    (out, r["unet.out"].clone())
+}
+
+fn edit(name: &str) -> (image::RgbImage, image::RgbImage) {
+    let dir = pipelines_dir();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
+    )
+    .unwrap();
+    let p = &json["pipeline"];
+    let latents = candle_core::safetensors::load(
+        dir.join(format!("{name}.pipeline.latents.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .remove("latents")
+    .unwrap();
+    let pipeline = InstructPix2Pix::load(&dir.join(name), &device()).unwrap();
+    let input = image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap();
+    let request = EditRequest {
+        image: &input,
+        instruction: p["prompt"].as_str().unwrap(),
+        params: fixture_params(p),
+        init_latents: Some(latents),
+    };
+    let out = pipeline
+        .edit_batch(&[request], &[], &mut |_, _| true)
+        .unwrap()
+        .pop()
+        .unwrap()
+        .image;
+    let expected = image_io::load_image(&dir.join(format!("{name}.pipeline.output.png"))).unwrap();
+    (out, expected)
+}
+
+/// Mean and largest absolute difference, in 8-bit levels.
+fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diffs: Vec<u8> = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    (mean, *diffs.iter().max().unwrap())
+}
+
+#[test]
+fn bf16_products_stay_within_the_stated_tolerance_of_diffusers() {
+    assert_eq!(
+        amx::set_matmul_precision(MatmulPrecision::F32),
+        MatmulPrecision::F32
+    );
+    let (unet_f32, unet_ref) = unet_output("sd1");
+    let (edit_f32, edit_ref) = edit("sd1");
+
+    let effective = amx::set_matmul_precision(MatmulPrecision::Bf16);
+    if effective != MatmulPrecision::Bf16 {
+        assert!(!amx::available());
+        eprintln!("this CPU has no AMX: bf16 falls back to f32, nothing else to check");
+        return;
+    }
+    let (unet_bf16, _) = unet_output("sd1");
+    let (edit_bf16, _) = edit("sd1");
+    amx::set_matmul_precision(MatmulPrecision::F32);
+
+    let err_f32 = rel_err(&unet_f32, &unet_ref);
+    let err_bf16 = rel_err(&unet_bf16, &unet_ref);
+    println!("UNet relative error against diffusers: f32 {err_f32:.2e}, bf16 {err_bf16:.2e}");
+    // bf16 keeps 8 significant bits: about 4e-3 relative per operand.
+    assert!(err_bf16 <= 2e-2, "bf16 UNet relative error {err_bf16}");
+    // The tile path ran: bf16 rounding shows, far above f32's agreement.
+    assert!(
+        err_bf16 > 10.0 * err_f32,
+        "bf16 {err_bf16} vs f32 {err_f32}"
+    );
+
+    let (mean_f32, max_f32) = level_diff(&edit_f32, &edit_ref);
+    let (mean_bf16, max_bf16) = level_diff(&edit_bf16, &edit_ref);
+    println!(
+        "edit against diffusers, levels: f32 mean {mean_f32:.3} max {max_f32}, \
+         bf16 mean {mean_bf16:.3} max {max_bf16}"
+    );
+    assert!(max_f32 <= 2);
+    assert!(
+        mean_bf16 <= 2.0 && max_bf16 <= 16,
+        "bf16 edit: mean {mean_bf16}, max {max_bf16}"
+    );
+}
