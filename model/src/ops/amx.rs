@@ -189,8 +189,11 @@ const POOL_MAX_BYTES: usize = 8 << 20;
 
 fn take<T: Copy + Default>(pool: &'static LocalKey<RefCell<Vec<Vec<T>>>>, len: usize) -> Vec<T> {
     let mut buf = pool.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-    // Contents are arbitrary: the packers write every element.
-    buf.resize(len, T::default());
+    // At least `len` elements, never shrunk (growing it back would clear it again); contents
+    // are arbitrary: the packers write every element they use.
+    if buf.len() < len {
+        buf.resize(len, T::default());
+    }
     buf
 }
 
