@@ -309,7 +309,7 @@ impl Drop for PackedB {
 /// `dst (m x n) = [dst +] scale * a (m x k) . b (k x n)` with bf16 inputs and f32 accumulation.
 ///
 /// # Safety
-/// As [`super::gemm::sgemm`]: every addressed element in bounds, `dst` overlapping neither input
+/// As [`super::matmul::sgemm`]: every addressed element in bounds, `dst` overlapping neither input
 /// nor written by anyone else meanwhile. [`available`] must be true.
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn gemm_bf16(

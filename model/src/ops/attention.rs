@@ -8,7 +8,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::amx;
-use super::gemm::{par_for, sgemm, MatMut, MatRef, SharedMut};
+use super::gemm::{par_for, MatMut, MatRef, SharedMut};
+use super::matmul::sgemm;
 use super::vecmath::{dispatch, exp, softmax_row, MulAdd, LANES};
 use super::{apply_contiguous3, cpu_tensor, forward_like_first, uninit_vec, with_all_data};
 

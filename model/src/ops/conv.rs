@@ -15,7 +15,8 @@ use candle_core::{CpuStorage, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::amx;
-use super::gemm::{num_threads, par_for, sgemm, MatMut, MatRef, SharedMut};
+use super::gemm::{num_threads, par_for, MatMut, MatRef, SharedMut};
+use super::matmul::sgemm;
 use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
 

@@ -93,41 +93,15 @@ pub fn par_for(n: usize, work: usize, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// `dst (m x n) = [dst +] scale * a (m x k) . b (k x n)`.
+/// `dst (m x n) = [dst +] scale * a (m x k) . b (k x n)` in f32, on the gemm crate.
 ///
 /// `parallel` lets the product split itself over the thread pool; callers already inside a
-/// parallel loop pass `false`.
+/// parallel loop pass `false`. The fused ops call it through [`super::matmul::sgemm`], which
+/// follows the matmul precision.
 ///
 /// # Safety
 /// Every element addressed through `dst`, `a` and `b` for these sizes must be in bounds, and
 /// `dst` must not overlap `a` or `b` or be written by anyone else meanwhile.
-///
-/// Under the `bf16` matmul precision ([`super::amx::MatmulPrecision`]) products big enough to
-/// fill the tile unit's tiles run there instead, inputs rounded to bf16.
-#[allow(clippy::too_many_arguments)]
-pub unsafe fn sgemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: MatMut,
-    accumulate: bool,
-    a: MatRef,
-    b: MatRef,
-    scale: f32,
-    parallel: bool,
-) {
-    if super::amx::wanted(m, n, k) {
-        // SAFETY: the caller's guarantees, passed on; `wanted` implies AMX is available.
-        return unsafe { super::amx::gemm_bf16(m, n, k, dst, accumulate, a, b, scale, parallel) };
-    }
-    // SAFETY: as above.
-    unsafe { sgemm_f32(m, n, k, dst, accumulate, a, b, scale, parallel) }
-}
-
-/// [`sgemm`] in f32 whatever the matmul precision.
-///
-/// # Safety
-/// As [`sgemm`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn sgemm_f32(
     m: usize,
@@ -223,7 +197,7 @@ mod tests {
         let bt = [1.0, 0.0, -1.0, 2.0, 1.0, 0.0];
         let mut dst = [1.0f32; 4];
         unsafe {
-            sgemm(
+            sgemm_f32(
                 2,
                 2,
                 3,

@@ -10,7 +10,8 @@
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 
-use super::gemm::{par_for, sgemm, MatMut, MatRef, SharedMut};
+use super::gemm::{par_for, MatMut, MatRef, SharedMut};
+use super::matmul::sgemm;
 use super::vecmath::dot;
 use super::weighted::Input;
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_all_data};

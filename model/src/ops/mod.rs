@@ -20,6 +20,8 @@
 //! - [`lora`]: a LoRA-adapted projection (frozen base plus one adapter) as one op, its rank-r
 //!   products as dot products and its backward one sweep over the tokens.
 //! - [`residual`]: the residual additions, kept on the same thread pool as everything else.
+//! - [`matmul`]: every op's matrix products: f32 on the gemm crate ([`gemm`]), or bf16 inputs with
+//!   f32 sums on the AMX tile unit ([`amx`]) under the `bf16` matmul precision.
 //!
 //! Threads: everything runs on rayon's global pool (`RAYON_NUM_THREADS`, as candle's matmul),
 //! inline when there is one thread or little work; products split themselves over the pool only
@@ -32,6 +34,7 @@ pub mod geglu;
 pub mod gemm;
 pub mod linear;
 pub mod lora;
+pub mod matmul;
 pub mod modules;
 pub mod norm;
 pub mod residual;
