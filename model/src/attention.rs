@@ -3,7 +3,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::lora::{ActiveAdapters, LoraLinear, ProjectionTable};
@@ -313,14 +313,14 @@ impl Transformer2DModel {
         })
     }
 
-    /// The projection's weight as an (out, in) matrix (a 1x1 kernel is one).
-    /// In `dtype`, widened from the stored precision (see [`ops::widen`]).
-    fn projection_matrix(p: &Projection, dtype: DType) -> Result<(Tensor, Option<Tensor>)> {
+    /// The projection's weight as an (out, in) matrix (a 1x1 kernel is one), as the fused
+    /// projection of `xs` takes it (see [`ops::fused_weight`]).
+    fn projection_matrix(p: &Projection, xs: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         Ok(match p {
-            Projection::Linear(lin) => (ops::widen(lin.weight(), dtype)?, lin.bias().cloned()),
+            Projection::Linear(lin) => (ops::fused_weight(lin.weight(), xs)?, lin.bias().cloned()),
             Projection::Conv(conv) => {
                 let (o, i, _, _) = conv.weight().dims4()?;
-                let weight = ops::widen(conv.weight(), dtype)?;
+                let weight = ops::fused_weight(conv.weight(), xs)?;
                 (weight.reshape((o, i))?, conv.bias().cloned())
             }
         })
@@ -333,7 +333,7 @@ impl Transformer2DModel {
         // map through strides; no permuted copy is made.
         let fast = ops::fast_path(xs);
         let mut tokens = if fast {
-            let (weight, bias) = Self::projection_matrix(&self.proj_in, xs.dtype())?;
+            let (weight, bias) = Self::projection_matrix(&self.proj_in, &normed)?;
             ops::linear::project(
                 &normed.reshape((b, c, h * w))?,
                 &weight,
@@ -359,7 +359,7 @@ impl Transformer2DModel {
         }
         let inner = tokens.dim(2)?;
         let out = if fast {
-            let (weight, bias) = Self::projection_matrix(&self.proj_out, xs.dtype())?;
+            let (weight, bias) = Self::projection_matrix(&self.proj_out, &tokens)?;
             ops::linear::project(
                 &tokens,
                 &weight,

@@ -88,7 +88,11 @@ impl LoraLinear {
             None
         };
         let mut ys = if fast {
-            let weight = crate::ops::widen(self.base.weight(), xs.dtype())?;
+            let weight = match fused_first {
+                // The LoRA kernel reads its base weight in f32.
+                Some(_) => crate::ops::widen(self.base.weight(), xs.dtype())?,
+                None => crate::ops::fused_weight(self.base.weight(), xs)?,
+            };
             match fused_first {
                 Some(delta) => crate::ops::lora::lora_projection(
                     xs,

@@ -84,6 +84,47 @@ fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
     (mean, *diffs.iter().max().unwrap())
 }
 
+/// Layers given their weight as f16 (kept half in memory; the kernels pack it straight to bf16
+/// or widen it per call) give exactly what they give with the same weight widened to f32 first:
+/// f16 to f32 is exact, so any difference is a packing bug. Odd sizes leave partial strips.
+fn f16_weights_match_widened(precision: &str) {
+    let dev = Device::Cpu;
+    let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    let x = randn(&[2, 24, 20, 18]);
+    let w16 = randn(&[40, 24, 3, 3]).to_dtype(DType::F16).unwrap();
+    let w32 = w16.to_dtype(DType::F32).unwrap();
+    let bias = randn(&[40]);
+    let half = rl4pix_model::ops::conv::conv2d(&x, &w16, Some(&bias), 1, 1).unwrap();
+    let wide = rl4pix_model::ops::conv::conv2d(&x, &w32, Some(&bias), 1, 1).unwrap();
+    assert_eq!(
+        max_diff(&half, &wide),
+        0.0,
+        "{precision}: conv with an f16 weight"
+    );
+
+    let tokens = randn(&[2, 40, 96]);
+    let w16 = randn(&[72, 96]).to_dtype(DType::F16).unwrap();
+    let w32 = w16.to_dtype(DType::F32).unwrap();
+    let bias = randn(&[72]);
+    let half = rl4pix_model::ops::linear::linear(&tokens, &w16, Some(&bias)).unwrap();
+    let wide = rl4pix_model::ops::linear::linear(&tokens, &w32, Some(&bias)).unwrap();
+    assert_eq!(
+        max_diff(&half, &wide),
+        0.0,
+        "{precision}: linear with an f16 weight"
+    );
+}
+
 #[test]
 fn bf16_products_stay_within_the_stated_tolerance_of_diffusers() {
     assert_eq!(
@@ -92,6 +133,7 @@ fn bf16_products_stay_within_the_stated_tolerance_of_diffusers() {
     );
     let (unet_f32, unet_ref) = unet_output("sd1");
     let (edit_f32, edit_ref) = edit("sd1");
+    f16_weights_match_widened("f32");
 
     let effective = amx::set_matmul_precision(MatmulPrecision::Bf16);
     if effective != MatmulPrecision::Bf16 {
@@ -101,6 +143,7 @@ fn bf16_products_stay_within_the_stated_tolerance_of_diffusers() {
     }
     let (unet_bf16, _) = unet_output("sd1");
     let (edit_bf16, _) = edit("sd1");
+    f16_weights_match_widened("bf16");
     amx::set_matmul_precision(MatmulPrecision::F32);
 
     let err_f32 = rel_err(&unet_f32, &unet_ref);

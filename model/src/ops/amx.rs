@@ -26,6 +26,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::OnceLock;
 use std::thread::LocalKey;
 
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+
 use super::gemm::{par_for, MatMut, MatRef, SharedMut};
 
 /// How the fused kernels' matrix products compute.
@@ -180,6 +183,7 @@ thread_local! {
     static POOL_A: RefCell<Vec<Vec<u16>>> = const { RefCell::new(Vec::new()) };
     static POOL_B: RefCell<Vec<Vec<u32>>> = const { RefCell::new(Vec::new()) };
     static POOL_C: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    static POOL_WIDE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Buffers a thread keeps for reuse, and the largest it keeps (bigger ones are rare: one per
@@ -224,22 +228,57 @@ impl PackedA {
     /// Every element of the `m x k` matrix `a` addresses must be in bounds. [`available`]
     /// must be true.
     pub unsafe fn pack(m: usize, k: usize, a: MatRef, parallel: bool) -> Self {
+        Self::build(m, k, parallel, |r0, k_pad, out| {
+            // SAFETY: the rows of a the strip reads are in bounds (caller).
+            unsafe { pack_a_strip(r0, m, k, a, k_pad, out) }
+        })
+    }
+
+    /// Packs a row-major `m x k` half-precision matrix (a layer weight kept as f16): each strip's
+    /// 16 rows are widened into a small per-thread buffer, so no f32 copy of the whole matrix
+    /// is made.
+    ///
+    /// # Safety
+    /// [`available`] must be true.
+    pub unsafe fn pack_f16_rows(m: usize, k: usize, a: &[f16], parallel: bool) -> Self {
+        assert_eq!(
+            a.len(),
+            m * k,
+            "pack_f16_rows: {} elements for {m} x {k}",
+            a.len()
+        );
+        Self::build(m, k, parallel, |r0, k_pad, out| {
+            // Strips past m (padding to 32 rows) have no rows: all zeros.
+            let (r0, rows) = (r0.min(m), TILE.min(m.saturating_sub(r0)));
+            let mut wide = take(&POOL_WIDE, rows * k);
+            a[r0 * k..(r0 + rows) * k].convert_to_f32_slice(&mut wide[..rows * k]);
+            // SAFETY: `wide` holds the strip's rows, row-major.
+            unsafe { pack_a_strip(0, rows, k, MatRef::rows(&wide, 0, k), k_pad, out) };
+            give(&POOL_WIDE, wide);
+        })
+    }
+
+    /// Fills every 16-row strip with `fill(first_row, k_pad, strip)`, in parallel or not.
+    fn build(
+        m: usize,
+        k: usize,
+        parallel: bool,
+        fill: impl Fn(usize, usize, &mut [u16]) + Sync,
+    ) -> Self {
         let k_pad = k.next_multiple_of(KSTEP);
         let m_pad = m.next_multiple_of(BLOCK);
         let mut data = take(&POOL_A, m_pad * k_pad);
         let shared = SharedMut(data.as_mut_ptr() as *mut f32);
         let strip_len = TILE * k_pad;
         let task = |strip: usize| {
-            let (shared, a) = (shared, a);
-            // SAFETY: task `strip` alone writes rows 16 * strip.. of the packed buffer; the
-            // rows of a it reads are in bounds (caller).
-            unsafe {
-                let out = std::slice::from_raw_parts_mut(
-                    (shared.0 as *mut u16).add(strip * strip_len),
+            // SAFETY: task `strip` alone writes rows 16 * strip.. of the packed buffer.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (shared.ptr() as *mut u16).add(strip * strip_len),
                     strip_len,
-                );
-                pack_a_strip(strip * TILE, m, k, a, k_pad, out)
-            }
+                )
+            };
+            fill(strip * TILE, k_pad, out)
         };
         let strips = m_pad / TILE;
         if parallel {
@@ -273,22 +312,57 @@ impl PackedB {
     /// Every element of the `k x n` matrix `b` addresses must be in bounds. [`available`]
     /// must be true.
     pub unsafe fn pack(k: usize, n: usize, b: MatRef, parallel: bool) -> Self {
+        Self::build(k, n, parallel, |j0, k_pad, out| {
+            // SAFETY: the elements of b the strip reads are in bounds (caller).
+            unsafe { pack_b_strip(j0, n, k, b, k_pad, out) }
+        })
+    }
+
+    /// Packs `b (k x n)` given as its half-precision transpose `b_t`, row-major `n x k` (a
+    /// linear layer's f16 weight, `(out, in)`): each strip's 16 columns are widened into a small
+    /// per-thread buffer, so no f32 copy of the whole matrix is made.
+    ///
+    /// # Safety
+    /// [`available`] must be true.
+    pub unsafe fn pack_f16_columns(k: usize, n: usize, b_t: &[f16], parallel: bool) -> Self {
+        assert_eq!(
+            b_t.len(),
+            n * k,
+            "pack_f16_columns: {} elements for {n} x {k}",
+            b_t.len()
+        );
+        Self::build(k, n, parallel, |j0, k_pad, out| {
+            // Strips past n (padding to 32 columns) have no columns: all zeros.
+            let (j0, cols) = (j0.min(n), TILE.min(n.saturating_sub(j0)));
+            let mut wide = take(&POOL_WIDE, cols * k);
+            b_t[j0 * k..(j0 + cols) * k].convert_to_f32_slice(&mut wide[..cols * k]);
+            // SAFETY: `wide` holds the strip's columns, each k contiguous elements.
+            unsafe { pack_b_strip(0, cols, k, MatRef::rows_t(&wide, 0, k), k_pad, out) };
+            give(&POOL_WIDE, wide);
+        })
+    }
+
+    /// Fills every 16-column strip with `fill(first_column, k_pad, strip)`, in parallel or not.
+    fn build(
+        k: usize,
+        n: usize,
+        parallel: bool,
+        fill: impl Fn(usize, usize, &mut [u32]) + Sync,
+    ) -> Self {
         let k_pad = k.next_multiple_of(KSTEP);
         let n_pad = n.next_multiple_of(BLOCK);
         let mut data = take(&POOL_B, k_pad / 2 * n_pad);
         let shared = SharedMut(data.as_mut_ptr() as *mut f32);
         let strip_len = k_pad / 2 * TILE;
         let task = |strip: usize| {
-            let (shared, b) = (shared, b);
-            // SAFETY: task `strip` alone writes columns 16 * strip.. of the packed buffer; the
-            // elements of b it reads are in bounds (caller).
-            unsafe {
-                let out = std::slice::from_raw_parts_mut(
-                    (shared.0 as *mut u32).add(strip * strip_len),
+            // SAFETY: task `strip` alone writes columns 16 * strip.. of the packed buffer.
+            let out = unsafe {
+                std::slice::from_raw_parts_mut(
+                    (shared.ptr() as *mut u32).add(strip * strip_len),
                     strip_len,
-                );
-                pack_b_strip(strip * TILE, n, k, b, k_pad, out)
-            }
+                )
+            };
+            fill(strip * TILE, k_pad, out)
         };
         let strips = n_pad / TILE;
         if parallel {
@@ -719,40 +793,61 @@ unsafe fn pack_b_strip(j0: usize, n: usize, k: usize, b: MatRef, k_pad: usize, o
         }
         return;
     }
-    // SAFETY (reads): every (kk < k, j0 + c < n) is an element of b (caller).
-    let at = |kk: usize, c: usize| -> f32 {
-        if kk < k && c < cols {
-            unsafe { *b.ptr.offset(kk as isize * b.rs + (j0 + c) as isize * b.cs) }
-        } else {
-            0.0
+    if b.cs == 1 {
+        // Rows of b are contiguous (im2col columns, activations): two rows of 16 give one tile
+        // row of 16 pairs, converted together and interleaved by one permute.
+        let mask = ((1u32 << cols) - 1) as u16;
+        // SAFETY: the index vector is 64 bytes.
+        let interleave = unsafe { _mm512_loadu_si512(INTERLEAVE_PAIRS.as_ptr() as *const _) };
+        let load = |kk: usize| {
+            if kk < k {
+                // SAFETY: row kk of b holds `cols` contiguous elements from column j0
+                // (caller); masked-off lanes are not read.
+                unsafe {
+                    _mm512_maskz_loadu_ps(mask, b.ptr.offset(kk as isize * b.rs + j0 as isize))
+                }
+            } else {
+                _mm512_setzero_ps()
+            }
+        };
+        for p in 0..k_pad / 2 {
+            // VCVTNE2PS2BF16 puts row 2p in the low 16 lanes and row 2p+1 in the high ones.
+            let both = _mm512_cvtne2ps_pbh(load(2 * p + 1), load(2 * p));
+            // SAFETY: same size; any bits are a valid integer vector.
+            let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(both) };
+            let row = _mm512_permutexvar_epi16(interleave, both);
+            // SAFETY: 64 bytes of `out`.
+            unsafe { _mm512_storeu_si512(out[p * TILE..].as_mut_ptr() as *mut __m512i, row) };
         }
-    };
+        return;
+    }
+    // Any other strides: element by element.
     for p in 0..k_pad / 2 {
-        let row = &mut out[p * TILE..(p + 1) * TILE];
-        if b.cs == 1 && 2 * p + 1 < k && cols == TILE {
-            // SAFETY: rows 2p and 2p+1 of b hold 16 contiguous elements from column j0.
-            let (lo, hi) = unsafe {
-                (
-                    std::slice::from_raw_parts(
-                        b.ptr.offset((2 * p) as isize * b.rs + j0 as isize),
-                        TILE,
-                    ),
-                    std::slice::from_raw_parts(
-                        b.ptr.offset((2 * p + 1) as isize * b.rs + j0 as isize),
-                        TILE,
-                    ),
-                )
+        for (c, o) in out[p * TILE..(p + 1) * TILE].iter_mut().enumerate() {
+            let at = |kk: usize| -> f32 {
+                if kk < k && c < cols {
+                    // SAFETY: (kk, j0 + c) is an element of b (caller).
+                    unsafe { *b.ptr.offset(kk as isize * b.rs + (j0 + c) as isize * b.cs) }
+                } else {
+                    0.0
+                }
             };
-            for ((o, &l), &h) in row.iter_mut().zip(lo).zip(hi) {
-                *o = bf16_pair(l, h);
-            }
-        } else {
-            for (c, o) in row.iter_mut().enumerate() {
-                *o = bf16_pair(at(2 * p, c), at(2 * p + 1, c));
-            }
+            *o = bf16_pair(at(2 * p), at(2 * p + 1));
         }
     }
 }
+
+/// vpermw indices that interleave the low and high 16 words of a vector: 0, 16, 1, 17, ...
+const INTERLEAVE_PAIRS: [u16; 32] = {
+    let mut idx = [0u16; 32];
+    let mut i = 0;
+    while i < 16 {
+        idx[2 * i] = i as u16;
+        idx[2 * i + 1] = (i + 16) as u16;
+        i += 1;
+    }
+    idx
+};
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@ use rayon::prelude::*;
 use super::amx;
 use super::gemm::{num_threads, par_for, MatMut, MatRef, SharedMut};
 use super::matmul::sgemm;
-use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
+use super::weighted::{self, add_rows, Grads3, Input, WeightData, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
 
 #[derive(Debug, Clone, Copy)]
@@ -262,7 +262,7 @@ impl Bias<'_> {
 /// shape alone, never by the batch or the thread count: gemm rounds a little differently for
 /// different block shapes, and a request's result must not depend on what it was batched
 /// with. Products are never split further, so the result is the same at any thread count.
-fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
+fn forward(g: &Geom, x: &[f32], weight: WeightData, bias: Bias, out: &mut [f32]) {
     let (k, plane) = (g.k(), g.out_plane());
     let shared = SharedMut::new(out);
     let rows_per_tile = g.rows_per_tile();
@@ -292,7 +292,18 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
     let packed_weight = (amx::wanted(per_block, rows_per_tile * g.ow, k)
         && (blocks == 1 || per_block.is_multiple_of(32)))
     // SAFETY: the weight holds c_out rows of k.
-    .then(|| unsafe { amx::PackedA::pack(g.c_out, k, MatRef::rows(weight, 0, k), true) });
+    .then(|| unsafe {
+        match weight {
+            WeightData::F32(w) => amx::PackedA::pack(g.c_out, k, MatRef::rows(w, 0, k), true),
+            WeightData::F16(w) => amx::PackedA::pack_f16_rows(g.c_out, k, w, true),
+        }
+    });
+    // The f32 products read the weight in f32 (an f16 one is widened for this call only).
+    let weight = match packed_weight {
+        Some(_) => std::borrow::Cow::Borrowed(&[][..]),
+        None => weight.to_f32(),
+    };
+    let weight = &weight[..];
     let task = |t: usize| {
         let (b, tile, block) = (t / (tiles * blocks), t / blocks % tiles, t % blocks);
         let oy0 = tile * rows_per_tile;
@@ -309,7 +320,6 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
             rs: plane as isize,
             cs: 1,
         };
-        let w_block = MatRef::rows(weight, c0 * k, k);
         let mut local = Vec::new();
         let cols = if g.is_pointwise() {
             MatRef::rows(x, b * image_len + oy0 * g.ow, g.in_plane())
@@ -334,7 +344,10 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
                     let pc = amx::PackedB::pack(k, n, cols, false);
                     amx::gemm_packed(dst, false, pw, c0..c0 + channels, &pc, 0..n, 1.0, false)
                 }
-                None => sgemm(channels, n, k, dst, false, w_block, cols, 1.0, false),
+                None => {
+                    let w_block = MatRef::rows(weight, c0 * k, k);
+                    sgemm(channels, n, k, dst, false, w_block, cols, 1.0, false)
+                }
             }
         };
         drop(local);
@@ -359,8 +372,8 @@ fn forward(g: &Geom, x: &[f32], weight: &[f32], bias: Bias, out: &mut [f32]) {
 /// d input. Stride 1: a convolution of `grad` with the flipped, transposed kernel.
 /// Otherwise `W^T . dY` scattered back, one image per task.
 fn input_grad(g: &Geom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
-    let mut dx = uninit_vec(g.batch * g.c_in * g.in_plane());
     if g.stride == 1 && g.pad < g.kh && g.pad < g.kw && g.kh == g.kw {
+        let mut dx = uninit_vec(g.batch * g.c_in * g.in_plane());
         let mut flipped = uninit_vec(weight.len());
         let taps = g.kh * g.kw;
         for co in 0..g.c_out {
@@ -384,11 +397,13 @@ fn input_grad(g: &Geom, weight: &[f32], grad: &[f32]) -> Vec<f32> {
             oh: g.h,
             ow: g.w,
         };
-        forward(&back, grad, &flipped, Bias::None, &mut dx);
+        forward(&back, grad, WeightData::F32(&flipped), Bias::None, &mut dx);
         return dx;
     }
     let (k, plane) = (g.k(), g.out_plane());
     let image_len = g.c_in * g.in_plane();
+    // col2im adds each patch into place, so this one starts from zeros.
+    let mut dx = vec![0f32; g.batch * image_len];
     dx.par_chunks_mut(image_len)
         .enumerate()
         .for_each(|(b, image)| {
@@ -491,7 +506,7 @@ impl WeightedKernel for Conv2dOp {
     fn forward(&self, xs: Input, ws: Input, bias: Option<Input>) -> Result<(CpuStorage, Shape)> {
         let g = Geom::new(xs.1.shape(), ws.1.shape(), self.stride, self.pad)?;
         let x = cpu_storage_slice(xs.0, xs.1)?;
-        let w = cpu_storage_slice(ws.0, ws.1)?;
+        let w = WeightData::of(ws.0, ws.1)?;
         let bias = match bias {
             None => Bias::None,
             Some((s, l)) => {

@@ -11,7 +11,7 @@ use candle_core::{CpuStorage, Result, Shape, Tensor};
 use super::amx;
 use super::gemm::{num_threads, par_for, MatMut, MatRef, SharedMut};
 use super::matmul::sgemm;
-use super::weighted::{self, add_rows, Grads3, Input, WeightedKernel};
+use super::weighted::{self, add_rows, Grads3, Input, WeightData, WeightedKernel};
 use super::{cpu_storage_slice, cpu_tensor, uninit_vec, with_data};
 
 /// Where the channel axis is: last (`(B, S, C)`, one token per row) or second (`(B, C, S)`).
@@ -144,7 +144,7 @@ impl WeightedKernel for Proj {
         let p = *self;
         let (d, out_dims) = p.dims(xs.1.shape(), ws.1.shape())?;
         let x = cpu_storage_slice(xs.0, xs.1)?;
-        let w = cpu_storage_slice(ws.0, ws.1)?;
+        let weight = WeightData::of(ws.0, ws.1)?;
         let bias = match bias {
             Some((s, l)) => {
                 let b = cpu_storage_slice(s, l)?;
@@ -165,10 +165,21 @@ impl WeightedKernel for Proj {
         // Under the bf16 matmul precision the weight is rounded and packed for the tile unit once
         // per call, not once per block.
         let packed_w = amx::wanted(d.positions.min(ROW_BLOCK), d.out_f, d.in_f)
-            // SAFETY: w holds out_f rows of in_f.
+            // SAFETY: the weight holds out_f rows of in_f.
             .then(|| unsafe {
-                amx::PackedB::pack(d.in_f, d.out_f, MatRef::rows_t(w, 0, d.in_f), true)
+                match weight {
+                    WeightData::F32(w) => {
+                        amx::PackedB::pack(d.in_f, d.out_f, MatRef::rows_t(w, 0, d.in_f), true)
+                    }
+                    WeightData::F16(w) => amx::PackedB::pack_f16_columns(d.in_f, d.out_f, w, true),
+                }
             });
+        // The f32 products read the weight in f32 (an f16 one is widened for this call only).
+        let w = match packed_w {
+            Some(_) => std::borrow::Cow::Borrowed(&[][..]),
+            None => weight.to_f32(),
+        };
+        let w = &w[..];
         par_for(d.batch * row_blocks * col_blocks, d.work(), |t| {
             let b = t / (row_blocks * col_blocks);
             let r0 = (t / col_blocks % row_blocks) * ROW_BLOCK;

@@ -5,7 +5,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 
-use super::{fast_path, widen};
+use super::{fast_path, fused_weight, widen};
 
 /// `lin(xs)` with candle's composed ops, the weight widened to the input's dtype first (see
 /// [`widen`]). For linear layers kept on candle's own matmul.
@@ -145,7 +145,7 @@ impl Conv2d {
             let c = self.inner.config();
             super::conv::conv2d(
                 xs,
-                &widen(self.inner.weight(), xs.dtype())?,
+                &fused_weight(self.inner.weight(), xs)?,
                 self.inner.bias(),
                 c.stride,
                 c.padding,
@@ -164,7 +164,7 @@ impl Conv2d {
                 Some(b) => extra.broadcast_add(&b.unsqueeze(0)?)?,
                 None => extra.clone(),
             };
-            let weight = widen(self.inner.weight(), xs.dtype())?;
+            let weight = fused_weight(self.inner.weight(), xs)?;
             super::conv::conv2d(xs, &weight, Some(&bias), c.stride, c.padding)
         } else {
             self.composed(xs)?
@@ -198,7 +198,7 @@ impl Linear {
 impl Module for Linear {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         if fast_path(xs) {
-            let weight = widen(self.inner.weight(), xs.dtype())?;
+            let weight = fused_weight(self.inner.weight(), xs)?;
             super::linear::linear(xs, &weight, self.inner.bias())
         } else {
             composed_linear(&self.inner, xs)

@@ -10,6 +10,42 @@ pub(crate) type Input<'a> = (&'a CpuStorage, &'a Layout);
 /// Gradients of the input, the weight and the bias; `None` for what does not track gradients.
 pub(crate) type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
 
+/// A layer weight as a fused forward receives it: f32, or f16 kept half in memory (see
+/// [`super::fused_weight`]).
+#[derive(Clone, Copy)]
+pub(crate) enum WeightData<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl<'a> WeightData<'a> {
+    pub(crate) fn of(storage: &'a CpuStorage, layout: &Layout) -> Result<Self> {
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("fused op: expected a contiguous weight");
+        };
+        Ok(match storage {
+            CpuStorage::F16(data) => Self::F16(&data[start..end]),
+            other => Self::F32(&other.as_slice::<f32>()?[start..end]),
+        })
+    }
+
+    /// The weight in f32: borrowed, or widened into a fresh buffer for this call.
+    pub(crate) fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+        match self {
+            Self::F32(w) => std::borrow::Cow::Borrowed(w),
+            Self::F16(h) => {
+                use half::slice::HalfFloatSliceExt;
+                use rayon::prelude::*;
+                let mut out = super::uninit_vec(h.len());
+                out.par_chunks_mut(1 << 16)
+                    .zip(h.par_chunks(1 << 16))
+                    .for_each(|(o, i)| i.convert_to_f32_slice(o));
+                std::borrow::Cow::Owned(out)
+            }
+        }
+    }
+}
+
 /// A fused kernel of `x`, a weight and an optional bias.
 pub(crate) trait WeightedKernel: Send + Sync + 'static {
     /// The op's name without a bias and with one.
