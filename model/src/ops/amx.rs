@@ -342,6 +342,36 @@ impl PackedB {
         })
     }
 
+    /// Packs `b (k x n)` made row by row: `row(kk, out)` writes all n elements of row kk. Two
+    /// rows at a time are made in a small buffer and packed while still in L1, so the f32
+    /// matrix never exists whole (a convolution's patches: 9 times its input for a 3x3 kernel).
+    ///
+    /// # Safety
+    /// [`available`] must be true.
+    pub unsafe fn pack_rows(k: usize, n: usize, mut row: impl FnMut(usize, &mut [f32])) -> Self {
+        let k_pad = k.next_multiple_of(KSTEP);
+        let n_pad = n.next_multiple_of(BLOCK);
+        let mut data = take(&POOL_B, k_pad / 2 * n_pad);
+        let mut pair = take(&POOL_WIDE, 2 * n_pad);
+        let (lo, hi) = pair[..2 * n_pad].split_at_mut(n_pad);
+        // Columns past n stay zero.
+        lo[n..].fill(0.0);
+        hi[n..].fill(0.0);
+        for p in 0..k_pad / 2 {
+            for (kk, half) in [(2 * p, &mut *lo), (2 * p + 1, &mut *hi)] {
+                if kk < k {
+                    row(kk, &mut half[..n]);
+                } else {
+                    half[..n].fill(0.0);
+                }
+            }
+            // SAFETY: both rows hold n_pad elements; `data` holds every strip's pair p.
+            unsafe { pack_pair(lo, hi, p, k_pad / 2 * TILE, &mut data) };
+        }
+        give(&POOL_WIDE, pair);
+        Self { data, n, k, k_pad }
+    }
+
     /// Fills every 16-column strip with `fill(first_column, k_pad, strip)`, in parallel or not.
     fn build(
         k: usize,
@@ -837,6 +867,24 @@ unsafe fn pack_b_strip(j0: usize, n: usize, k: usize, b: MatRef, k_pad: usize, o
     }
 }
 
+/// Writes pair `p` (rows `lo` and `hi` of b, n_pad elements each) into every 16-column strip of
+/// a [`PackedB`] buffer whose strips are `strip_len` apart.
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pack_pair(lo: &[f32], hi: &[f32], p: usize, strip_len: usize, out: &mut [u32]) {
+    // SAFETY: the index vector is 64 bytes.
+    let interleave = unsafe { _mm512_loadu_si512(INTERLEAVE_PAIRS.as_ptr() as *const _) };
+    for (s, (l, h)) in lo.chunks_exact(TILE).zip(hi.chunks_exact(TILE)).enumerate() {
+        // SAFETY: 16 elements each.
+        let (l, h) = unsafe { (_mm512_loadu_ps(l.as_ptr()), _mm512_loadu_ps(h.as_ptr())) };
+        // SAFETY: same size; any bits are a valid integer vector.
+        let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l)) };
+        let at = s * strip_len + p * TILE;
+        let dst = out[at..at + TILE].as_mut_ptr() as *mut __m512i;
+        // SAFETY: 64 bytes of `out`.
+        unsafe { _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, both)) };
+    }
+}
+
 /// vpermw indices that interleave the low and high 16 words of a vector: 0, 16, 1, 17, ...
 const INTERLEAVE_PAIRS: [u16; 32] = {
     let mut idx = [0u16; 32];
@@ -1018,6 +1066,48 @@ mod tests {
                     "({r}, {c})"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn operands_made_row_by_row_or_from_f16_pack_like_f32_matrices() {
+        if !available() {
+            eprintln!("no AMX on this CPU: the packers are not exercised");
+            return;
+        }
+        // Odd sizes: partial strips, k not a multiple of the tile's 32.
+        let (m, n, k) = (37, 45, 71);
+        let mut seed = 11;
+        let half = |len: usize, seed: &mut u64| -> Vec<f16> {
+            (0..len).map(|_| f16::from_f32(lcg(seed))).collect()
+        };
+        let (a16, bt16) = (half(m * k, &mut seed), half(n * k, &mut seed));
+        let a: Vec<f32> = a16.iter().map(|v| v.to_f32()).collect();
+        let bt: Vec<f32> = bt16.iter().map(|v| v.to_f32()).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| bt[(i % n) * k + i / n]).collect();
+        unsafe {
+            let reference = PackedA::pack(m, k, MatRef::rows(&a, 0, k), false);
+            let from_f16 = PackedA::pack_f16_rows(m, k, &a16, true);
+            // Pooled buffers may be longer than the packing; compare what it wrote.
+            let len = m.next_multiple_of(BLOCK) * k.next_multiple_of(KSTEP);
+            assert!(
+                reference.data[..len] == from_f16.data[..len],
+                "f16 rows of a"
+            );
+            let reference = PackedB::pack(k, n, MatRef::rows(&b, 0, n), false);
+            let from_f16 = PackedB::pack_f16_columns(k, n, &bt16, true);
+            let len = n.next_multiple_of(BLOCK) * k.next_multiple_of(KSTEP) / 2;
+            assert!(
+                reference.data[..len] == from_f16.data[..len],
+                "f16 columns of b"
+            );
+            let by_rows = PackedB::pack_rows(k, n, |kk, row| {
+                row.copy_from_slice(&b[kk * n..(kk + 1) * n])
+            });
+            assert!(
+                reference.data[..len] == by_rows.data[..len],
+                "b made row by row"
+            );
         }
     }
 }

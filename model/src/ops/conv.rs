@@ -108,19 +108,19 @@ const MIN_CHANNEL_BLOCK: usize = 64;
 /// Fills `col` (K x rows*ow, row-major) with the patches of output rows `oy0..oy0 + rows`.
 fn im2col_tile(g: &Geom, image: &[f32], oy0: usize, rows: usize, col: &mut [f32]) {
     let n = rows * g.ow;
-    for ci in 0..g.c_in {
-        let plane = &image[ci * g.in_plane()..(ci + 1) * g.in_plane()];
-        for ky in 0..g.kh {
-            for kx in 0..g.kw {
-                let r = (ci * g.kh + ky) * g.kw + kx;
-                let dst_row = &mut col[r * n..(r + 1) * n];
-                if g.stride == 1 && g.ow == g.w {
-                    shifted_plane(g, plane, oy0, rows, ky, kx, dst_row);
-                } else {
-                    gathered_rows(g, plane, oy0, rows, ky, kx, dst_row);
-                }
-            }
-        }
+    for (r, dst_row) in col[..g.k() * n].chunks_exact_mut(n).enumerate() {
+        im2col_row(g, image, oy0, rows, r, dst_row);
+    }
+}
+
+/// Row `r` of [`im2col_tile`]'s matrix: tap (ci, ky, kx) at every output position of the tile.
+fn im2col_row(g: &Geom, image: &[f32], oy0: usize, rows: usize, r: usize, dst_row: &mut [f32]) {
+    let (ci, ky, kx) = (r / (g.kh * g.kw), r / g.kw % g.kh, r % g.kw);
+    let plane = &image[ci * g.in_plane()..(ci + 1) * g.in_plane()];
+    if g.stride == 1 && g.ow == g.w {
+        shifted_plane(g, plane, oy0, rows, ky, kx, dst_row);
+    } else {
+        gathered_rows(g, plane, oy0, rows, ky, kx, dst_row);
     }
 }
 
@@ -320,34 +320,38 @@ fn forward(g: &Geom, x: &[f32], weight: WeightData, bias: Bias, out: &mut [f32])
             rs: plane as isize,
             cs: 1,
         };
+        let image = &x[b * image_len..(b + 1) * image_len];
         let mut local = Vec::new();
         let cols = if g.is_pointwise() {
-            MatRef::rows(x, b * image_len + oy0 * g.ow, g.in_plane())
+            Some(MatRef::rows(x, b * image_len + oy0 * g.ow, g.in_plane()))
         } else if let Some(gathered) = &gathered {
-            MatRef::rows(gathered, (b * tiles + tile) * tile_len, n)
+            Some(MatRef::rows(gathered, (b * tiles + tile) * tile_len, n))
+        } else if packed_weight.is_some() {
+            // Patches go straight into the packed operand, two rows at a time.
+            None
         } else {
             local = uninit_vec(k * n);
-            im2col_tile(
-                g,
-                &x[b * image_len..(b + 1) * image_len],
-                oy0,
-                rows,
-                &mut local,
-            );
-            MatRef::rows(&local, 0, n)
+            im2col_tile(g, image, oy0, rows, &mut local);
+            Some(MatRef::rows(&local, 0, n))
         };
         // SAFETY: in bounds by the shape checks; this task alone writes these channels of
         // these output positions of image b.
         unsafe {
-            match &packed_weight {
-                Some(pw) => {
-                    let pc = amx::PackedB::pack(k, n, cols, false);
+            match (&packed_weight, cols) {
+                (Some(pw), cols) => {
+                    let pc = match cols {
+                        Some(cols) => amx::PackedB::pack(k, n, cols, false),
+                        None => amx::PackedB::pack_rows(k, n, |r, row| {
+                            im2col_row(g, image, oy0, rows, r, row)
+                        }),
+                    };
                     amx::gemm_packed(dst, false, pw, c0..c0 + channels, &pc, 0..n, 1.0, false)
                 }
-                None => {
+                (None, Some(cols)) => {
                     let w_block = MatRef::rows(weight, c0 * k, k);
                     sgemm(channels, n, k, dst, false, w_block, cols, 1.0, false)
                 }
+                (None, None) => unreachable!("f32 products always have their patches"),
             }
         };
         drop(local);
