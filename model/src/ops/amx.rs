@@ -540,6 +540,7 @@ unsafe fn block_product(
                         chunk,
                         acc.as_mut_ptr().add(ib * NC + jb),
                         k0 == 0,
+                        blk.cols - jb <= TILE,
                     )
                 };
             }
@@ -635,7 +636,12 @@ unsafe fn kernel(
     chunk: usize,
     c: *mut f32,
     first: bool,
+    narrow: bool,
 ) {
+    if narrow {
+        // SAFETY: the caller's guarantees, for the block's first 16 columns.
+        return unsafe { kernel_narrow(a, b, steps, chunk, c, first) };
+    }
     use std::arch::asm;
     const ROW: usize = 64;
     let c_stride = NC * 4;
@@ -698,6 +704,64 @@ unsafe fn kernel(
             c1 = in(reg) c1,
             c2 = in(reg) c2,
             c3 = in(reg) c3,
+            s = in(reg) c_stride,
+            options(nostack)
+        );
+    }
+}
+
+/// [`kernel`] for a block whose last 16 columns are all padding (a product 40 or 16 wide, an
+/// attention head's values): two result tiles instead of four, half the tile products.
+#[inline]
+unsafe fn kernel_narrow(
+    a: *const u16,
+    b: *const u32,
+    steps: usize,
+    chunk: usize,
+    c: *mut f32,
+    first: bool,
+) {
+    use std::arch::asm;
+    const ROW: usize = 64;
+    let c_stride = NC * 4;
+    // SAFETY (whole block): as in `kernel`, for tiles 0 and 2 and the first strip of b.
+    unsafe {
+        let (c0, c2) = (c, c.add(TILE * NC));
+        if first {
+            asm!("tilezero tmm0", "tilezero tmm2", options(nostack, nomem));
+        } else {
+            asm!(
+                "tileloadd tmm0, [{c0} + {s} * 1]",
+                "tileloadd tmm2, [{c2} + {s} * 1]",
+                c0 = in(reg) c0,
+                c2 = in(reg) c2,
+                s = in(reg) c_stride,
+                options(nostack, readonly)
+            );
+        }
+        let (mut a0, mut a1, mut b0) = (a, a.add(steps * A_TILE), b);
+        for _ in 0..chunk {
+            asm!(
+                "tileloadd tmm4, [{a0} + {row} * 1]",
+                "tileloadd tmm6, [{b0} + {row} * 1]",
+                "tdpbf16ps tmm0, tmm4, tmm6",
+                "tileloadd tmm5, [{a1} + {row} * 1]",
+                "tdpbf16ps tmm2, tmm5, tmm6",
+                a0 = in(reg) a0,
+                a1 = in(reg) a1,
+                b0 = in(reg) b0,
+                row = in(reg) ROW,
+                options(nostack, readonly)
+            );
+            a0 = a0.add(A_TILE);
+            a1 = a1.add(A_TILE);
+            b0 = b0.add(B_TILE);
+        }
+        asm!(
+            "tilestored [{c0} + {s} * 1], tmm0",
+            "tilestored [{c2} + {s} * 1], tmm2",
+            c0 = in(reg) c0,
+            c2 = in(reg) c2,
             s = in(reg) c_stride,
             options(nostack)
         );
