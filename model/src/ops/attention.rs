@@ -71,6 +71,40 @@ fn column_major(buf: &mut [f32], rows: usize) -> MatMut {
     }
 }
 
+/// `dst (d x m) [+]= scale * x^T (d x rows) . y (rows x m)`: the transpose of `y^T x`, the form
+/// the tile unit takes best. `dst` is the `(M, d)` gradient stored column-major, as
+/// [`column_major`] writes it; the large operand `y` (probabilities or their gradient) is then
+/// packed row by row, not through transposes, and only the `rows x d` slice `x` is transposed.
+///
+/// # Safety
+/// `x` addresses a valid `rows x d` region; `y` holds `rows x m`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn transposed_product(
+    d: usize,
+    m: usize,
+    rows: usize,
+    dst: &mut [f32],
+    accumulate: bool,
+    x: MatRef,
+    y: &[f32],
+    scale: f32,
+) {
+    // SAFETY: the caller vouches for x; dst and y hold d x m and rows x m.
+    unsafe {
+        sgemm(
+            d,
+            m,
+            rows,
+            MatMut::rows(dst, 0, m),
+            accumulate,
+            x.t(),
+            MatRef::rows(y, 0, m),
+            scale,
+            false,
+        )
+    }
+}
+
 /// Softmax of one head's scores for a block of `rows` queries into `scores` (rows x M).
 ///
 /// # Safety
@@ -321,22 +355,27 @@ fn backward_task_impl<F: MulAdd>(
                 let q_blk = MatRef::rows(q, q_off, c);
                 let g_blk = MatRef::rows(grad, q_off, c);
                 let first = row0 == 0;
+                let tiles = amx::wanted(d, m, rows);
                 // SAFETY: views in bounds by the shape checks; this task alone writes head h of
                 // batch b in dq, dk and dv.
                 unsafe {
                     head_probs::<F>(&dims, rows, q_blk, k_head, scale, p);
                     // dv += p^T g
-                    sgemm(
-                        m,
-                        d,
-                        rows,
-                        column_major(&mut dv_t, m),
-                        !first,
-                        MatRef::rows(p, 0, m).t(),
-                        g_blk,
-                        1.0,
-                        false,
-                    );
+                    if tiles {
+                        transposed_product(d, m, rows, &mut dv_t, !first, g_blk, p, 1.0);
+                    } else {
+                        sgemm(
+                            m,
+                            d,
+                            rows,
+                            column_major(&mut dv_t, m),
+                            !first,
+                            MatRef::rows(p, 0, m).t(),
+                            g_blk,
+                            1.0,
+                            false,
+                        );
+                    }
                     // dp = g v^T
                     sgemm(
                         rows,
@@ -376,17 +415,21 @@ fn backward_task_impl<F: MulAdd>(
                         false,
                     );
                     // dk += scale ds^T q
-                    sgemm(
-                        m,
-                        d,
-                        rows,
-                        column_major(&mut dk_t, m),
-                        !first,
-                        MatRef::rows(dp, 0, m).t(),
-                        q_blk,
-                        scale,
-                        false,
-                    );
+                    if tiles {
+                        transposed_product(d, m, rows, &mut dk_t, !first, q_blk, dp, scale);
+                    } else {
+                        sgemm(
+                            m,
+                            d,
+                            rows,
+                            column_major(&mut dk_t, m),
+                            !first,
+                            MatRef::rows(dp, 0, m).t(),
+                            q_blk,
+                            scale,
+                            false,
+                        );
+                    }
                 }
                 row0 += rows;
             }
