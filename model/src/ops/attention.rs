@@ -105,6 +105,45 @@ unsafe fn transposed_product(
     }
 }
 
+/// One (sample, head)'s operands that every query block of the backward multiplies by, packed
+/// for the tile unit once per task instead of once per block.
+struct BackwardHead {
+    /// k^T (d x M), for the scores.
+    k_t: amx::PackedB,
+    /// v^T (d x M), for the probabilities' gradient.
+    v_t: amx::PackedB,
+    /// k (M x d), for the queries' gradient.
+    k: amx::PackedB,
+}
+
+/// `dst (rows x cols) = scale * a (rows x k) . b (k x cols)`, with `b` already packed for the
+/// tile unit when `packed` is given.
+///
+/// # Safety
+/// As [`sgemm`]; `packed`, when given, is `b` packed.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    packed: Option<&amx::PackedB>,
+    rows: usize,
+    cols: usize,
+    k: usize,
+    dst: MatMut,
+    a: MatRef,
+    b: MatRef,
+    scale: f32,
+) {
+    // SAFETY: the caller's guarantees.
+    unsafe {
+        match packed {
+            Some(pb) => {
+                let pa = amx::PackedA::pack(rows, k, a, false);
+                amx::gemm_packed(dst, false, &pa, 0..rows, pb, 0..cols, scale, false)
+            }
+            None => sgemm(rows, cols, k, dst, false, a, b, scale, false),
+        }
+    }
+}
+
 /// Softmax of one head's scores for a block of `rows` queries into `scores` (rows x M).
 ///
 /// # Safety
@@ -115,22 +154,22 @@ unsafe fn head_probs<F: MulAdd>(
     rows: usize,
     q_blk: MatRef,
     k_head: MatRef,
+    packed: Option<&BackwardHead>,
     scale: f32,
     scores: &mut [f32],
 ) {
     let m = dims.kv_len;
     // SAFETY: the caller vouches for the q and k regions; `scores` holds the rows x M result.
     unsafe {
-        sgemm(
+        product(
+            packed.map(|p| &p.k_t),
             rows,
             m,
             dims.head_dim,
             MatMut::rows(scores, 0, m),
-            false,
             q_blk,
             k_head.t(),
             scale,
-            false,
         )
     };
     for row in scores.chunks_exact_mut(m) {
@@ -346,6 +385,17 @@ fn backward_task_impl<F: MulAdd>(
             let k_head = MatRef::rows(k, b * m * c + h * d, c);
             let v_head = MatRef::rows(v, b * m * c + h * d, c);
             let kv_offset = b * m * c + h * d;
+            let packed = amx::wanted(rows_per_block, m, d).then(|| {
+                // SAFETY: head h of sample b: M rows of d, in bounds by the shape checks.
+                unsafe {
+                    BackwardHead {
+                        k_t: amx::PackedB::pack(d, m, k_head.t(), false),
+                        v_t: amx::PackedB::pack(d, m, v_head.t(), false),
+                        k: amx::PackedB::pack(m, d, k_head, false),
+                    }
+                }
+            });
+            let packed = packed.as_ref();
             let mut row0 = 0;
             while row0 < n {
                 let rows = rows_per_block.min(n - row0);
@@ -359,7 +409,7 @@ fn backward_task_impl<F: MulAdd>(
                 // SAFETY: views in bounds by the shape checks; this task alone writes head h of
                 // batch b in dq, dk and dv.
                 unsafe {
-                    head_probs::<F>(&dims, rows, q_blk, k_head, scale, p);
+                    head_probs::<F>(&dims, rows, q_blk, k_head, packed, scale, p);
                     // dv += p^T g
                     if tiles {
                         transposed_product(d, m, rows, &mut dv_t, !first, g_blk, p, 1.0);
@@ -377,16 +427,15 @@ fn backward_task_impl<F: MulAdd>(
                         );
                     }
                     // dp = g v^T
-                    sgemm(
+                    product(
+                        packed.map(|p| &p.v_t),
                         rows,
                         m,
                         d,
                         MatMut::rows(dp, 0, m),
-                        false,
                         g_blk,
                         v_head.t(),
                         1.0,
-                        false,
                     );
                 }
                 // ds = p * (dp - sum(dp * p)), kept in dp.
@@ -403,16 +452,15 @@ fn backward_task_impl<F: MulAdd>(
                         rs: c as isize,
                         cs: 1,
                     };
-                    sgemm(
+                    product(
+                        packed.map(|p| &p.k),
                         rows,
                         d,
                         m,
                         dq_blk,
-                        false,
                         MatRef::rows(dp, 0, m),
                         k_head,
                         scale,
-                        false,
                     );
                     // dk += scale ds^T q
                     if tiles {
