@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap};
 use image::RgbImage;
 use rand::SeedableRng;
@@ -388,7 +388,7 @@ pub fn train(run: &ClipRun) -> Result<ClipSummary> {
         .map_err(|e| PretrainError::Config(format!("clip text config: {e}")))?;
 
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = super::init::seeded_var_builder(&varmap, config.seed, device);
     let model = TrainClip::new(vb, config, &text_cfg)?;
     let params = AdamWParams {
         weight_decay: 0.1,

@@ -8,6 +8,7 @@ pub mod clip;
 pub mod data;
 pub mod export;
 pub mod grid;
+pub mod init;
 pub mod log;
 pub mod schedule;
 pub mod text;

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rl4pix_model::scheduler::ddim::DdimScheduler;
@@ -191,9 +191,10 @@ pub struct Trainee {
     pub text: TrainTextEncoder,
 }
 
-pub fn build_trainee(run_dir: &Path, device: &Device) -> Result<Trainee> {
+/// Fresh variables are drawn from `seed` (see [`super::init`]).
+pub fn build_trainee(run_dir: &Path, seed: u64, device: &Device) -> Result<Trainee> {
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = super::init::seeded_var_builder(&varmap, seed, device);
     let unet_config_path = run_dir.join("unet_config.json");
     let unet_config: UNetConfig = read_json(&unet_config_path)?;
     let unet = UNet2DConditionModel::new(vb.pp("unet"), unet_config, &unet_config_path)?;
@@ -331,7 +332,7 @@ pub fn train(run: &UnetRun) -> Result<UnetSummary> {
         prepare_run_dir(run, vae.config.latent_channels)?;
     }
     let tokenizer = ClipTokenizer::from_dir(&run.run_dir.join("tokenizer"))?;
-    let trainee = build_trainee(&run.run_dir, device)?;
+    let trainee = build_trainee(&run.run_dir, run.config.seed, device)?;
     if let (Some(init), None) = (&config.init_from, &run.resume) {
         let ckpt = checkpoint::resolve(init)?;
         ckpt.load_weights(&trainee.varmap, device)?;

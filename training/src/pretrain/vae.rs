@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use candle_nn::{VarBuilder, VarMap};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -188,7 +188,7 @@ pub fn train(run: &VaeRun) -> Result<VaeSummary> {
     let device = &run.device;
     let world = SynthWorld::new(config.size, config.seed);
     let varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+    let vb = super::init::seeded_var_builder(&varmap, config.seed, device);
     let vae = build(config, vb)?;
     let mut vars = named_vars(&varmap);
     let mut fixed_scaling_factor = None;
