@@ -9,13 +9,12 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use rl4pix_model::image_io;
 use rl4pix_model::ops::amx::{self, MatmulPrecision};
 use rl4pix_model::pipeline::{EditRequest, InstructPix2Pix};
 use rl4pix_model::unet::UNet2DConditionModel;
 
 mod common;
-use common::{device, fixture_params, pipelines_dir, rel_err};
+use common::{device, edit_fixture, level_diff, max_abs, pipelines_dir, rel_err};
 
 fn reference(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -40,26 +39,13 @@ fn unet_output(name: &str) -> (Tensor, Tensor) {
 }
 
 fn edit(name: &str) -> (image::RgbImage, image::RgbImage) {
-    let dir = pipelines_dir();
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
-    )
-    .unwrap();
-    let p = &json["pipeline"];
-    let latents = candle_core::safetensors::load(
-        dir.join(format!("{name}.pipeline.latents.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .remove("latents")
-    .unwrap();
-    let pipeline = InstructPix2Pix::load(&dir.join(name), &device()).unwrap();
-    let input = image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap();
+    let fixture = edit_fixture(name);
+    let pipeline = InstructPix2Pix::load(&pipelines_dir().join(name), &device()).unwrap();
     let request = EditRequest {
-        image: &input,
-        instruction: p["prompt"].as_str().unwrap(),
-        params: fixture_params(p),
-        init_latents: Some(latents),
+        image: &fixture.input,
+        instruction: &fixture.prompt,
+        params: fixture.params.clone(),
+        init_latents: Some(fixture.latents.clone()),
     };
     let out = pipeline
         .edit_batch(&[request], &[], &mut |_, _| true)
@@ -67,21 +53,7 @@ fn edit(name: &str) -> (image::RgbImage, image::RgbImage) {
         .pop()
         .unwrap()
         .image;
-    let expected = image_io::load_image(&dir.join(format!("{name}.pipeline.output.png"))).unwrap();
-    (out, expected)
-}
-
-/// Mean and largest absolute difference, in 8-bit levels.
-fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
-    assert_eq!(a.dimensions(), b.dimensions());
-    let diffs: Vec<u8> = a
-        .as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .collect();
-    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
-    (mean, *diffs.iter().max().unwrap())
+    (out, fixture.expected)
 }
 
 /// Layers given their weight as f16 (kept half in memory; the kernels pack it straight to bf16
@@ -90,16 +62,7 @@ fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
 fn f16_weights_match_widened(precision: &str) {
     let dev = Device::Cpu;
     let randn = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev).unwrap();
-    let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    };
+    let max_diff = |a: &Tensor, b: &Tensor| max_abs(&(a - b).unwrap());
     let x = randn(&[2, 24, 20, 18]);
     let w16 = randn(&[40, 24, 3, 3]).to_dtype(DType::F16).unwrap();
     let w32 = w16.to_dtype(DType::F32).unwrap();

@@ -11,14 +11,13 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use rl4pix_model::image_io;
 use rl4pix_model::pipeline::{EditRequest, InstructPix2Pix};
 use rl4pix_model::text_encoder::ClipTextEncoder;
 use rl4pix_model::unet::UNet2DConditionModel;
 use rl4pix_model::vae::AutoencoderKl;
 
 mod common;
-use common::{device, fixture_params, pipelines_dir, rel_err};
+use common::{device, edit_fixture, level_diff, pipelines_dir, rel_err};
 
 /// Largest relative error (max |a - b| / max |b|) of one UNet evaluation against f32 diffusers.
 const UNET_TOLERANCE: [(DType, f32); 2] = [(DType::F16, 5e-3), (DType::BF16, 4e-2)];
@@ -128,29 +127,16 @@ fn check_vae(name: &str) {
 /// The DDIM edit of `pipeline_parity` (given latents), in each half dtype, against the image
 /// diffusers made in f32.
 fn check_edit(name: &str) {
-    let dir = pipelines_dir();
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
-    )
-    .unwrap();
-    let p = &json["pipeline"];
-    let latents = candle_core::safetensors::load(
-        dir.join(format!("{name}.pipeline.latents.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .remove("latents")
-    .unwrap();
-    let image = image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap();
-    let expected = image_io::load_image(&dir.join(format!("{name}.pipeline.output.png"))).unwrap();
-    let params = fixture_params(p);
+    let fixture = edit_fixture(name);
     for (dtype, tolerance) in runnable(EDIT_TOLERANCE) {
-        let pipeline = InstructPix2Pix::load_with_dtype(&dir.join(name), &device(), dtype).unwrap();
+        let pipeline =
+            InstructPix2Pix::load_with_dtype(&pipelines_dir().join(name), &device(), dtype)
+                .unwrap();
         let request = EditRequest {
-            image: &image,
-            instruction: p["prompt"].as_str().unwrap(),
-            params: params.clone(),
-            init_latents: Some(latents.clone()),
+            image: &fixture.input,
+            instruction: &fixture.prompt,
+            params: fixture.params.clone(),
+            init_latents: Some(fixture.latents.clone()),
         };
         let out = pipeline
             .edit_batch(&[request], &[], &mut |_, _| true)
@@ -158,15 +144,7 @@ fn check_edit(name: &str) {
             .pop()
             .unwrap()
             .image;
-        assert_eq!(out.dimensions(), expected.dimensions());
-        let diffs: Vec<u8> = out
-            .as_raw()
-            .iter()
-            .zip(expected.as_raw())
-            .map(|(a, b)| a.abs_diff(*b))
-            .collect();
-        let diff = diffs.iter().copied().max().unwrap();
-        let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+        let (mean, diff) = level_diff(&out, &fixture.expected);
         println!(
             "{name} edit {dtype:?}: {diff} levels at most, {mean:.2} on average from diffusers f32 (tolerance {tolerance})"
         );

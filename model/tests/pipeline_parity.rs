@@ -9,7 +9,7 @@ use rl4pix_model::pipeline::{EditParams, EditRequest, InstructPix2Pix};
 use rl4pix_model::scheduler::SchedulerKind;
 
 mod common;
-use common::{device, fixture_params, pipelines_dir};
+use common::{device, edit_fixture, level_diff, pipelines_dir};
 
 struct Case {
     pipeline: InstructPix2Pix,
@@ -17,27 +17,20 @@ struct Case {
     latents: Tensor,
     prompt: String,
     params: EditParams,
+    expected: image::RgbImage,
     reference: HashMap<String, Tensor>,
 }
 
 fn case(name: &str) -> Case {
     let dir = pipelines_dir();
-    let json: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
-    )
-    .unwrap();
-    let p = &json["pipeline"];
-    let mut latents = candle_core::safetensors::load(
-        dir.join(format!("{name}.pipeline.latents.safetensors")),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let fixture = edit_fixture(name);
     Case {
         pipeline: InstructPix2Pix::load(&dir.join(name), &device()).unwrap(),
-        input: image_io::load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap(),
-        latents: latents.remove("latents").unwrap(),
-        prompt: p["prompt"].as_str().unwrap().to_string(),
-        params: fixture_params(p),
+        input: fixture.input,
+        latents: fixture.latents,
+        prompt: fixture.prompt,
+        params: fixture.params,
+        expected: fixture.expected,
         reference: candle_core::safetensors::load(
             dir.join(format!("{name}.reference.safetensors")),
             &Device::Cpu,
@@ -66,22 +59,15 @@ impl Case {
     }
 }
 
+/// The largest difference between two images, in 8-bit levels.
 fn max_level_diff(a: &image::RgbImage, b: &image::RgbImage) -> u8 {
-    assert_eq!(a.dimensions(), b.dimensions());
-    a.as_raw()
-        .iter()
-        .zip(b.as_raw())
-        .map(|(x, y)| x.abs_diff(*y))
-        .max()
-        .unwrap()
+    level_diff(a, b).1
 }
 
 fn check(name: &str) {
     let c = case(name);
     let base = c.run(&[]);
-    let expected =
-        image_io::load_image(&pipelines_dir().join(format!("{name}.pipeline.output.png"))).unwrap();
-    let diff = max_level_diff(&base, &expected);
+    let diff = max_level_diff(&base, &c.expected);
     assert!(
         diff <= 2,
         "{name}: output differs from diffusers by {diff} levels"

@@ -29,7 +29,7 @@ use std::thread::LocalKey;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
-use super::gemm::{par_for, MatMut, MatRef, SharedMut};
+use super::gemm::{num_threads, par_for, MatMut, MatRef, SharedMut, PARALLEL_MIN_WORK};
 
 /// How the fused kernels' matrix products compute.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -211,6 +211,38 @@ fn give<T>(pool: &'static LocalKey<RefCell<Vec<Vec<T>>>>, buf: Vec<T>) {
     });
 }
 
+/// Runs `fill(index, strip)` over `data` cut into strips of `strip_len`, on the thread pool when
+/// `parallel` and the `work` is worth the hand-off (as [`par_for`] decides): each packed strip is
+/// written by one task.
+fn fill_strips<T: Send>(
+    data: &mut [T],
+    strip_len: usize,
+    parallel: bool,
+    work: usize,
+    fill: impl Fn(usize, &mut [T]) + Sync,
+) {
+    if parallel && work >= PARALLEL_MIN_WORK && num_threads() > 1 {
+        use rayon::prelude::*;
+        data.par_chunks_mut(strip_len)
+            .enumerate()
+            .for_each(|(i, strip)| fill(i, strip));
+    } else {
+        data.chunks_mut(strip_len)
+            .enumerate()
+            .for_each(|(i, strip)| fill(i, strip));
+    }
+}
+
+/// Rows `first..first + 16` of the row-major `rows x k` half-precision `src` (fewer at the end,
+/// none in a strip of padding past `rows`), widened into a pooled buffer; and how many there are.
+/// The caller [`give`]s the buffer back to `POOL_WIDE`.
+fn widen_strip(src: &[f16], first: usize, rows: usize, k: usize) -> (Vec<f32>, usize) {
+    let (first, count) = (first.min(rows), TILE.min(rows.saturating_sub(first)));
+    let mut wide = take(&POOL_WIDE, count * k);
+    src[first * k..(first + count) * k].convert_to_f32_slice(&mut wide[..count * k]);
+    (wide, count)
+}
+
 /// The left operand `a (m x k)` of a product, rounded to bf16 and laid out as the tile unit
 /// reads it: strips of 16 rows, each `k_pad / 32` contiguous 1 KiB tiles of 16 rows of 32 bf16
 /// (row `r`, column `kk` at `((r / 16 * steps + kk / 32) * 16 + r % 16) * 32 + kk % 32`), zero
@@ -248,10 +280,7 @@ impl PackedA {
             a.len()
         );
         Self::build(m, k, parallel, |r0, k_pad, out| {
-            // Strips past m (padding to 32 rows) have no rows: all zeros.
-            let (r0, rows) = (r0.min(m), TILE.min(m.saturating_sub(r0)));
-            let mut wide = take(&POOL_WIDE, rows * k);
-            a[r0 * k..(r0 + rows) * k].convert_to_f32_slice(&mut wide[..rows * k]);
+            let (wide, rows) = widen_strip(a, r0, m, k);
             // SAFETY: `wide` holds the strip's rows, row-major.
             unsafe { pack_a_strip(0, rows, k, MatRef::rows(&wide, 0, k), k_pad, out) };
             give(&POOL_WIDE, wide);
@@ -268,24 +297,14 @@ impl PackedA {
         let k_pad = k.next_multiple_of(KSTEP);
         let m_pad = m.next_multiple_of(BLOCK);
         let mut data = take(&POOL_A, m_pad * k_pad);
-        let shared = SharedMut(data.as_mut_ptr() as *mut f32);
-        let strip_len = TILE * k_pad;
-        let task = |strip: usize| {
-            // SAFETY: task `strip` alone writes rows 16 * strip.. of the packed buffer.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (shared.ptr() as *mut u16).add(strip * strip_len),
-                    strip_len,
-                )
-            };
-            fill(strip * TILE, k_pad, out)
-        };
-        let strips = m_pad / TILE;
-        if parallel {
-            par_for(strips, m_pad * k_pad * 16, task);
-        } else {
-            (0..strips).for_each(task);
-        }
+        let work = m_pad * k_pad * 16;
+        fill_strips(
+            &mut data[..m_pad * k_pad],
+            TILE * k_pad,
+            parallel,
+            work,
+            |strip, out| fill(strip * TILE, k_pad, out),
+        );
         Self { data, m, k, k_pad }
     }
 }
@@ -332,10 +351,7 @@ impl PackedB {
             b_t.len()
         );
         Self::build(k, n, parallel, |j0, k_pad, out| {
-            // Strips past n (padding to 32 columns) have no columns: all zeros.
-            let (j0, cols) = (j0.min(n), TILE.min(n.saturating_sub(j0)));
-            let mut wide = take(&POOL_WIDE, cols * k);
-            b_t[j0 * k..(j0 + cols) * k].convert_to_f32_slice(&mut wide[..cols * k]);
+            let (wide, cols) = widen_strip(b_t, j0, n, k);
             // SAFETY: `wide` holds the strip's columns, each k contiguous elements.
             unsafe { pack_b_strip(0, cols, k, MatRef::rows_t(&wide, 0, k), k_pad, out) };
             give(&POOL_WIDE, wide);
@@ -382,24 +398,14 @@ impl PackedB {
         let k_pad = k.next_multiple_of(KSTEP);
         let n_pad = n.next_multiple_of(BLOCK);
         let mut data = take(&POOL_B, k_pad / 2 * n_pad);
-        let shared = SharedMut(data.as_mut_ptr() as *mut f32);
-        let strip_len = k_pad / 2 * TILE;
-        let task = |strip: usize| {
-            // SAFETY: task `strip` alone writes columns 16 * strip.. of the packed buffer.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(
-                    (shared.ptr() as *mut u32).add(strip * strip_len),
-                    strip_len,
-                )
-            };
-            fill(strip * TILE, k_pad, out)
-        };
-        let strips = n_pad / TILE;
-        if parallel {
-            par_for(strips, k_pad * n_pad * 16, task);
-        } else {
-            (0..strips).for_each(task);
-        }
+        let (len, work) = (k_pad / 2 * n_pad, k_pad * n_pad * 16);
+        fill_strips(
+            &mut data[..len],
+            k_pad / 2 * TILE,
+            parallel,
+            work,
+            |strip, out| fill(strip * TILE, k_pad, out),
+        );
         Self { data, n, k, k_pad }
     }
 }
@@ -891,8 +897,6 @@ unsafe fn pack_b_strip(j0: usize, n: usize, k: usize, b: MatRef, k_pad: usize, o
         // Rows of b are contiguous (im2col columns, activations): two rows of 16 give one tile
         // row of 16 pairs, converted together and interleaved by one permute.
         let mask = ((1u32 << cols) - 1) as u16;
-        // SAFETY: the index vector is 64 bytes.
-        let interleave = unsafe { _mm512_loadu_si512(INTERLEAVE_PAIRS.as_ptr() as *const _) };
         let load = |kk: usize| {
             if kk < k {
                 // SAFETY: row kk of b holds `cols` contiguous elements from column j0
@@ -905,11 +909,7 @@ unsafe fn pack_b_strip(j0: usize, n: usize, k: usize, b: MatRef, k_pad: usize, o
             }
         };
         for p in 0..k_pad / 2 {
-            // VCVTNE2PS2BF16 puts row 2p in the low 16 lanes and row 2p+1 in the high ones.
-            let both = _mm512_cvtne2ps_pbh(load(2 * p + 1), load(2 * p));
-            // SAFETY: same size; any bits are a valid integer vector.
-            let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(both) };
-            let row = _mm512_permutexvar_epi16(interleave, both);
+            let row = vnni_pairs(load(2 * p), load(2 * p + 1));
             // SAFETY: 64 bytes of `out`.
             unsafe { _mm512_storeu_si512(out[p * TILE..].as_mut_ptr() as *mut __m512i, row) };
         }
@@ -935,18 +935,28 @@ unsafe fn pack_b_strip(j0: usize, n: usize, k: usize, b: MatRef, k_pad: usize, o
 /// a [`PackedB`] buffer whose strips are `strip_len` apart.
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
 unsafe fn pack_pair(lo: &[f32], hi: &[f32], p: usize, strip_len: usize, out: &mut [u32]) {
-    // SAFETY: the index vector is 64 bytes.
-    let interleave = unsafe { _mm512_loadu_si512(INTERLEAVE_PAIRS.as_ptr() as *const _) };
     for (s, (l, h)) in lo.chunks_exact(TILE).zip(hi.chunks_exact(TILE)).enumerate() {
         // SAFETY: 16 elements each.
         let (l, h) = unsafe { (_mm512_loadu_ps(l.as_ptr()), _mm512_loadu_ps(h.as_ptr())) };
-        // SAFETY: same size; any bits are a valid integer vector.
-        let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(h, l)) };
         let at = s * strip_len + p * TILE;
         let dst = out[at..at + TILE].as_mut_ptr() as *mut __m512i;
         // SAFETY: 64 bytes of `out`.
-        unsafe { _mm512_storeu_si512(dst, _mm512_permutexvar_epi16(interleave, both)) };
+        unsafe { _mm512_storeu_si512(dst, vnni_pairs(l, h)) };
     }
+}
+
+/// Two rows of 16 (b's rows 2p and 2p+1) as one tile row of 16 VNNI pairs: bf16 `lo[j]` in the
+/// low half of lane j, `hi[j]` in the high half.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+fn vnni_pairs(lo: __m512, hi: __m512) -> __m512i {
+    // VCVTNE2PS2BF16 puts `lo` in the low 16 words and `hi` in the high ones; one permute
+    // interleaves them.
+    // SAFETY: same size; any bits are a valid integer vector.
+    let both = unsafe { std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)) };
+    // SAFETY: the index vector is 64 bytes.
+    let interleave = unsafe { _mm512_loadu_si512(INTERLEAVE_PAIRS.as_ptr() as *const _) };
+    _mm512_permutexvar_epi16(interleave, both)
 }
 
 /// vpermw indices that interleave the low and high 16 words of a vector: 0, 16, 1, 17, ...

@@ -71,42 +71,40 @@ fn column_major(buf: &mut [f32], rows: usize) -> MatMut {
     }
 }
 
-/// `dst (d x m) [+]= scale * x^T (d x rows) . y (rows x m)`: the transpose of `y^T x`, the form
-/// the tile unit takes best. `dst` is the `(M, d)` gradient stored column-major, as
-/// [`column_major`] writes it; the large operand `y` (probabilities or their gradient) is then
-/// packed row by row, not through transposes, and only the `rows x d` slice `x` is transposed.
+/// `dst [+]= scale * y^T x`: a key or value gradient `(M, d)` kept column-major in `dst` (see
+/// [`column_major`]), from a block's `rows x M` probabilities or their gradient `y` and its
+/// `rows x d` slice `x`. On the tile unit it is computed as its transpose `x^T y` into the same
+/// buffer, so the large `y` is packed row by row instead of through transposes and only the
+/// small `x` is transposed.
 ///
 /// # Safety
-/// `x` addresses a valid `rows x d` region; `y` holds `rows x m`.
+/// `x` addresses a valid `rows x d` region; `dst` and `y` hold `d x m` and `rows x m`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn transposed_product(
+unsafe fn kv_grad(
     d: usize,
     m: usize,
     rows: usize,
     dst: &mut [f32],
     accumulate: bool,
-    x: MatRef,
     y: &[f32],
+    x: MatRef,
     scale: f32,
 ) {
-    // SAFETY: the caller vouches for x; dst and y hold d x m and rows x m.
+    let y_blk = MatRef::rows(y, 0, m);
+    // SAFETY: the caller's guarantees.
     unsafe {
-        sgemm(
-            d,
-            m,
-            rows,
-            MatMut::rows(dst, 0, m),
-            accumulate,
-            x.t(),
-            MatRef::rows(y, 0, m),
-            scale,
-            false,
-        )
+        if amx::wanted(d, m, rows) {
+            let dst = MatMut::rows(dst, 0, m);
+            sgemm(d, m, rows, dst, accumulate, x.t(), y_blk, scale, false)
+        } else {
+            let dst = column_major(dst, m);
+            sgemm(m, d, rows, dst, accumulate, y_blk.t(), x, scale, false)
+        }
     }
 }
 
 /// One (sample, head)'s operands that every query block of the backward multiplies by, packed
-/// for the tile unit once per task instead of once per block.
+/// for the tile unit once per task instead of once per block (the forward's [`PackedHead`]).
 struct BackwardHead {
     /// k^T (d x M), for the scores.
     k_t: amx::PackedB,
@@ -229,24 +227,16 @@ fn forward_task_impl<F: MulAdd>(
         // row0..row0 + rows of batch b (in `out` and `probs`).
         let packed = packed_kv.map(|heads| &heads[b * dims.heads + h]);
         unsafe {
-            match packed {
-                Some(head) => {
-                    let pq = amx::PackedA::pack(rows, d, q_blk, false);
-                    let dst = MatMut::rows(&mut scores, 0, stride);
-                    amx::gemm_packed(dst, false, &pq, 0..rows, &head.k_t, 0..m, scale, false);
-                }
-                None => sgemm(
-                    rows,
-                    m,
-                    d,
-                    MatMut::rows(&mut scores, 0, stride),
-                    false,
-                    q_blk,
-                    k_head.t(),
-                    scale,
-                    false,
-                ),
-            }
+            product(
+                packed.map(|head| &head.k_t),
+                rows,
+                m,
+                d,
+                MatMut::rows(&mut scores, 0, stride),
+                q_blk,
+                k_head.t(),
+                scale,
+            );
             if h > 0 {
                 // Restore the -inf padding the previous head zeroed.
                 for row in scores.chunks_exact_mut(stride) {
@@ -281,23 +271,16 @@ fn forward_task_impl<F: MulAdd>(
                 rs: c as isize,
                 cs: 1,
             };
-            match packed {
-                Some(head) => {
-                    let pp = amx::PackedA::pack(rows, m, MatRef::rows(&scores, 0, stride), false);
-                    amx::gemm_packed(dst, false, &pp, 0..rows, &head.v, 0..d, 1.0, false);
-                }
-                None => sgemm(
-                    rows,
-                    d,
-                    m,
-                    dst,
-                    false,
-                    MatRef::rows(&scores, 0, stride),
-                    v_head,
-                    1.0,
-                    false,
-                ),
-            }
+            product(
+                packed.map(|head| &head.v),
+                rows,
+                d,
+                m,
+                dst,
+                MatRef::rows(&scores, 0, stride),
+                v_head,
+                1.0,
+            );
             for (i, &inv) in inv_sums.iter().enumerate() {
                 for x in out.slice(out_offset + i * c, d) {
                     *x *= inv;
@@ -405,27 +388,12 @@ fn backward_task_impl<F: MulAdd>(
                 let q_blk = MatRef::rows(q, q_off, c);
                 let g_blk = MatRef::rows(grad, q_off, c);
                 let first = row0 == 0;
-                let tiles = amx::wanted(d, m, rows);
                 // SAFETY: views in bounds by the shape checks; this task alone writes head h of
                 // batch b in dq, dk and dv.
                 unsafe {
                     head_probs::<F>(&dims, rows, q_blk, k_head, packed, scale, p);
                     // dv += p^T g
-                    if tiles {
-                        transposed_product(d, m, rows, &mut dv_t, !first, g_blk, p, 1.0);
-                    } else {
-                        sgemm(
-                            m,
-                            d,
-                            rows,
-                            column_major(&mut dv_t, m),
-                            !first,
-                            MatRef::rows(p, 0, m).t(),
-                            g_blk,
-                            1.0,
-                            false,
-                        );
-                    }
+                    kv_grad(d, m, rows, &mut dv_t, !first, p, g_blk, 1.0);
                     // dp = g v^T
                     product(
                         packed.map(|p| &p.v_t),
@@ -463,21 +431,7 @@ fn backward_task_impl<F: MulAdd>(
                         scale,
                     );
                     // dk += scale ds^T q
-                    if tiles {
-                        transposed_product(d, m, rows, &mut dk_t, !first, q_blk, dp, scale);
-                    } else {
-                        sgemm(
-                            m,
-                            d,
-                            rows,
-                            column_major(&mut dk_t, m),
-                            !first,
-                            MatRef::rows(dp, 0, m).t(),
-                            q_blk,
-                            scale,
-                            false,
-                        );
-                    }
+                    kv_grad(d, m, rows, &mut dk_t, !first, dp, q_blk, scale);
                 }
                 row0 += rows;
             }

@@ -298,11 +298,7 @@ fn forward(g: &Geom, x: &[f32], weight: WeightData, bias: Bias, out: &mut [f32])
             WeightData::F16(w) => amx::PackedA::pack_f16_rows(g.c_out, k, w, true),
         }
     });
-    // The f32 products read the weight in f32 (an f16 one is widened for this call only).
-    let weight = match packed_weight {
-        Some(_) => std::borrow::Cow::Borrowed(&[][..]),
-        None => weight.to_f32(),
-    };
+    let weight = weight.for_f32_products(packed_weight.is_some());
     let weight = &weight[..];
     let task = |t: usize| {
         let (b, tile, block) = (t / (tiles * blocks), t / blocks % tiles, t % blocks);

@@ -174,11 +174,7 @@ impl WeightedKernel for Proj {
                     WeightData::F16(w) => amx::PackedB::pack_f16_columns(d.in_f, d.out_f, w, true),
                 }
             });
-        // The f32 products read the weight in f32 (an f16 one is widened for this call only).
-        let w = match packed_w {
-            Some(_) => std::borrow::Cow::Borrowed(&[][..]),
-            None => weight.to_f32(),
-        };
+        let w = weight.for_f32_products(packed_w.is_some());
         let w = &w[..];
         par_for(d.batch * row_blocks * col_blocks, d.work(), |t| {
             let b = t / (row_blocks * col_blocks);

@@ -100,22 +100,28 @@ pub fn widen(weight: &Tensor, dtype: DType) -> Result<Tensor> {
     let Some((start, end)) = layout.contiguous_offsets() else {
         return weight.to_dtype(dtype);
     };
-    let mut out = uninit_vec(end - start);
-    const BLOCK: usize = 1 << 16;
+    let out = match cpu {
+        CpuStorage::F16(data) => widen_half(&data[start..end]),
+        CpuStorage::BF16(data) => widen_half(&data[start..end]),
+        _ => return weight.to_dtype(dtype),
+    };
+    cpu_tensor(out, weight.dims())
+}
+
+/// Half-precision values in f32, converted in parallel blocks with the F16C (or AVX-512 BF16)
+/// instructions.
+pub(crate) fn widen_half<T: Sync>(data: &[T]) -> Vec<f32>
+where
+    [T]: half::slice::HalfFloatSliceExt,
+{
     use half::slice::HalfFloatSliceExt;
     use rayon::prelude::*;
-    match cpu {
-        CpuStorage::F16(data) => out
-            .par_chunks_mut(BLOCK)
-            .zip(data[start..end].par_chunks(BLOCK))
-            .for_each(|(o, i)| i.convert_to_f32_slice(o)),
-        CpuStorage::BF16(data) => out
-            .par_chunks_mut(BLOCK)
-            .zip(data[start..end].par_chunks(BLOCK))
-            .for_each(|(o, i)| i.convert_to_f32_slice(o)),
-        _ => return weight.to_dtype(dtype),
-    }
-    cpu_tensor(out, weight.dims())
+    const BLOCK: usize = 1 << 16;
+    let mut out = uninit_vec(data.len());
+    out.par_chunks_mut(BLOCK)
+        .zip(data.par_chunks(BLOCK))
+        .for_each(|(o, i)| i.convert_to_f32_slice(o));
+    out
 }
 
 /// The weight a fused convolution or projection of `xs` takes: an f16 weight kept half in

@@ -29,19 +29,15 @@ impl<'a> WeightData<'a> {
         })
     }
 
-    /// The weight in f32: borrowed, or widened into a fresh buffer for this call.
-    pub(crate) fn to_f32(self) -> std::borrow::Cow<'a, [f32]> {
+    /// The weight in f32 for the f32 products: borrowed, or an f16 one widened for this call
+    /// only; empty when it went to the tile unit `packed` and the f32 products never read it.
+    pub(crate) fn for_f32_products(self, packed: bool) -> std::borrow::Cow<'a, [f32]> {
+        if packed {
+            return std::borrow::Cow::Borrowed(&[]);
+        }
         match self {
             Self::F32(w) => std::borrow::Cow::Borrowed(w),
-            Self::F16(h) => {
-                use half::slice::HalfFloatSliceExt;
-                use rayon::prelude::*;
-                let mut out = super::uninit_vec(h.len());
-                out.par_chunks_mut(1 << 16)
-                    .zip(h.par_chunks(1 << 16))
-                    .for_each(|(o, i)| i.convert_to_f32_slice(o));
-                std::borrow::Cow::Owned(out)
-            }
+            Self::F16(h) => std::borrow::Cow::Owned(super::widen_half(h)),
         }
     }
 }

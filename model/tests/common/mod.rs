@@ -54,3 +54,50 @@ pub fn fixture_params(p: &serde_json::Value) -> EditParams {
         ..EditParams::default()
     }
 }
+
+/// A pipeline fixture's edit (`<name>.pipeline.*`): the request diffusers ran, with its initial
+/// latents, and the image diffusers made in f32.
+pub struct EditFixture {
+    pub prompt: String,
+    pub params: EditParams,
+    pub latents: Tensor,
+    pub input: image::RgbImage,
+    pub expected: image::RgbImage,
+}
+
+pub fn edit_fixture(name: &str) -> EditFixture {
+    use rl4pix_model::image_io::load_image;
+    let dir = pipelines_dir();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{name}.reference.json"))).unwrap(),
+    )
+    .unwrap();
+    let p = &json["pipeline"];
+    let latents = candle_core::safetensors::load(
+        dir.join(format!("{name}.pipeline.latents.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap()
+    .remove("latents")
+    .unwrap();
+    EditFixture {
+        prompt: p["prompt"].as_str().unwrap().to_string(),
+        params: fixture_params(p),
+        latents,
+        input: load_image(&dir.join(format!("{name}.pipeline.input.png"))).unwrap(),
+        expected: load_image(&dir.join(format!("{name}.pipeline.output.png"))).unwrap(),
+    }
+}
+
+/// Mean and largest absolute difference between two images, in 8-bit levels.
+pub fn level_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
+    assert_eq!(a.dimensions(), b.dimensions());
+    let diffs: Vec<u8> = a
+        .as_raw()
+        .iter()
+        .zip(b.as_raw())
+        .map(|(x, y)| x.abs_diff(*y))
+        .collect();
+    let mean = diffs.iter().map(|&d| d as f64).sum::<f64>() / diffs.len() as f64;
+    (mean, diffs.iter().copied().max().unwrap_or(0))
+}
